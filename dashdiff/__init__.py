@@ -1,0 +1,18 @@
+"""dashdiff: LoRA-Dash and AutoLoRA adapters for diffusers and transformers, built on PEFT."""
+
+from .config import AutoLoraConfig, LoraDashConfig
+from .dash import dash_step, launch_dash, selected_directions
+from .layer import DashdiffLinear
+from .ranks import determine_ranks, selection_weights
+
+__all__ = [
+    "AutoLoraConfig",
+    "DashdiffLinear",
+    "LoraDashConfig",
+    "dash_step",
+    "determine_ranks",
+    "launch_dash",
+    "selected_directions",
+    "selection_weights",
+]
+__version__ = "0.1.0"

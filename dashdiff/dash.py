@@ -1,0 +1,93 @@
+"""LoRA-Dash lifecycle from user code: count optimizer steps, launch, read the selection.
+
+``dash_step`` is called once per *optimizer* step (in accelerate: when
+``accelerator.sync_gradients`` is true and the fp16 scaler did not skip the step); evaluation,
+validation and generation never call it, so they never advance the warm-up (METHODS.md).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .launch import Selection
+from .layer import DashdiffLinear
+from .walk import iter_layers, resolve_adapter
+
+last_launch_seconds: float = 0.0  # wall-clock of the latest launch, for the scripts' log line
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _pack(sel: Selection, s: int) -> torch.Tensor:
+    idx = torch.full((s,), -1.0, dtype=torch.float64, device=sel.u_s.device)
+    idx[: sel.indices.numel()] = sel.indices.to(torch.float64)
+    return torch.cat([sel.u_s.flatten(), sel.v_s_t.flatten(), sel.sigma, sel.change_rate, idx])
+
+
+def _unpack(buf: torch.Tensor, out_f: int, in_f: int, s: int) -> Selection:
+    k = min(out_f, in_f)
+    sizes = [out_f * s, s * in_f, k, k, s]
+    u, v, sigma, rate, idx = torch.split(buf, sizes)
+    idx = idx[idx >= 0].long()
+    return Selection(indices=idx, u_s=u.view(out_f, s), v_s_t=v.view(s, in_f), sigma=sigma, change_rate=rate)
+
+
+def _launch(targets: list[tuple[str, DashdiffLinear, str]]) -> None:
+    """Launch the given layers. Under torch.distributed the SVD work is split round-robin over
+    the processes and each result is broadcast from its owner, so every process installs the
+    same directions before the next forward (METHODS.md, distributed)."""
+    global last_launch_seconds
+    t0 = time.perf_counter()
+    rank, world = _distributed()
+    for i, (_, layer, adapter) in enumerate(targets):
+        owner = i % world
+        if world == 1:
+            layer.apply_launch(adapter, layer.compute_launch(adapter))
+            continue
+        s = layer.dash_directions[adapter]
+        dev = layer.lora_A[adapter].weight.device
+        if rank == owner:
+            buf = _pack(layer.compute_launch(adapter), s).to(dev)
+        else:
+            k = min(layer.in_features, layer.out_features)
+            n = layer.out_features * s + s * layer.in_features + 2 * k + s
+            buf = torch.empty(n, dtype=torch.float64, device=dev)
+        dist.broadcast(buf, src=owner)
+        layer.apply_launch(adapter, _unpack(buf, layer.out_features, layer.in_features, s))
+    last_launch_seconds = time.perf_counter() - t0
+
+
+def dash_step(model, adapter_name: Optional[str] = None) -> bool:
+    """Advance every LoRA-Dash adapter (or only ``adapter_name``) by one optimizer step and launch
+    the layers that reach their ``dash_warmup_steps``. Returns True on the call that launched."""
+    due = [(n, layer, a) for n, layer, a in iter_layers(model, "dash", adapter_name) if layer.advance(a)]
+    if due:
+        _launch(due)
+    return bool(due)
+
+
+def launch_dash(model, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Launch now every not-yet-launched layer of the LoRA-Dash adapter; returns the selection
+    (see ``selected_directions``)."""
+    adapter = resolve_adapter(model, "dash", adapter_name)
+    _launch([(n, layer, a) for n, layer, a in iter_layers(model, "dash", adapter) if not layer.is_launched(a)])
+    return selected_directions(model, adapter)
+
+
+def selected_directions(model, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """``{module_name: LongTensor}``: per launched layer the chosen indices into the descending
+    singular values of ``W0``, ordered by descending change rate. Empty before launch."""
+    adapter = resolve_adapter(model, "dash", adapter_name)
+    return {
+        n: layer.dash_record[a]["indices"].clone()
+        for n, layer, a in iter_layers(model, "dash", adapter)
+        if layer.is_launched(a) and a in layer.dash_record
+    }

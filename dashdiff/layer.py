@@ -1,0 +1,319 @@
+"""dashdiff's tuner layer: one PEFT LoRA ``Linear`` subclass that holds, per adapter, a plain
+LoRA, a LoRA-Dash or an AutoLoRA adapter (so the three can share a model).
+
+Per-adapter state (all registered under ``lora_*`` names, so PEFT keeps them with the adapter):
+
+- LoRA-Dash: ``lora_dash_delta`` δ (s,) trainable from injection; ``lora_dash_U`` U_s (out, s) and
+  ``lora_dash_V`` V_sᵀ (s, in) frozen buffers, zero before launch; ``lora_dash_step`` (optimizer
+  steps counted) and ``lora_dash_launch_step`` (-1 before launch). ``lora_A``/``lora_B`` weights
+  and U_s/V_sᵀ are views into one (r+s × in) and one (out × r+s) storage, so the forward is a
+  single rank-(r+s) product (``functional.FusedDashLinear``).
+- AutoLoRA: ``lora_autolora_beta`` β (k,) trainable, ``lora_autolora_outer_steps``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .config import adapter_kind
+from .functional import FusedDashLinear
+from .launch import Selection, select_directions
+
+
+def _stock_save_hook(module: "DashdiffLinear", state_dict, prefix, local_metadata) -> None:
+    # PEFT's and diffusers' stock save paths go through get_peft_model_state_dict; the files they
+    # write load in stock loaders as plain rank-r LoRA and silently lose the dash term / α.
+    if not any(k != "lora" for k in module.adapter_kind.values()):
+        return
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "get_peft_model_state_dict" and "peft" in frame.f_code.co_filename:
+            warnings.warn(
+                    "dashdiff: a stock PEFT/diffusers save (get_peft_model_state_dict, save_pretrained, "
+                    "save_lora_weights) of LoRA-Dash / AutoLoRA layers writes a file that stock loaders read "
+                    "as a plain rank-r LoRA, dropping the dash term (δ, U_s, V_s) or AutoLoRA's α. Use "
+                    "dashdiff.export_lora(...) for a stock-loadable file and dashdiff.save_adapter(...) for "
+                    "the full training state.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        frame = frame.f_back
+
+
+
+class DashdiffLinear(LoraLinear):
+    """PEFT LoRA ``Linear`` whose adapters may be LoRA-Dash or AutoLoRA (see module docstring).
+
+    Only an exact ``nn.Linear`` base is accepted: the methods need the dense weight (SVD at
+    launch, merging), and subclasses such as quantized linears would give wrong results.
+    """
+
+    adapter_layer_names = LoraLayer.adapter_layer_names + ("lora_dash_delta", "lora_autolora_beta")
+    other_param_names = LoraLayer.other_param_names + (
+        "lora_dash_U",
+        "lora_dash_V",
+        "lora_dash_step",
+        "lora_dash_launch_step",
+        "lora_autolora_outer_steps",
+        "adapter_kind",
+        "dash_directions",
+        "dash_warmup_steps",
+        "autolora_settings",
+    )
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
+        base = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
+        if type(base) is not nn.Linear:
+            where = kwargs.get("current_key") or kwargs.get("target_name") or "a target module"
+            raise TypeError(
+                f"dashdiff: {where} is a {type(base).__module__}.{type(base).__name__}, not a dense "
+                "torch.nn.Linear. LoRA-Dash and AutoLoRA adapt dense nn.Linear layers only (they need the "
+                "dense weight for the launch SVD and for merging). Quantized linears (bitsandbytes 8/4-bit, "
+                "GPTQ, AWQ, ...) are not supported: load the base model in bf16/fp16. Otherwise remove this "
+                "module from target_modules."
+            )
+        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+        self._register_state_dict_hook(_stock_save_hook)
+        self.register_load_state_dict_post_hook(lambda module, keys: module._refresh_mirrors())
+
+    # ------------------------------------------------------------------ construction
+    def _ensure_containers(self) -> None:
+        if "lora_dash_delta" in self._modules:
+            return
+        self.lora_dash_delta = nn.ParameterDict({})
+        self.lora_dash_U = BufferDict({}, persistent=True)
+        self.lora_dash_V = BufferDict({}, persistent=True)
+        self.lora_dash_step = BufferDict({}, persistent=True)
+        self.lora_dash_launch_step = BufferDict({}, persistent=True)
+        self.lora_autolora_beta = nn.ParameterDict({})
+        self.lora_autolora_outer_steps = BufferDict({}, persistent=True)
+        self.adapter_kind: dict[str, str] = {}
+        self.dash_directions: dict[str, int] = {}
+        self.dash_warmup_steps: dict[str, int] = {}
+        self.autolora_settings: dict[str, dict] = {}
+        # Python mirrors of the step buffers: reading a GPU scalar per forward would sync.
+        self._dash_steps: dict[str, int] = {}
+        self._dash_launched: dict[str, bool] = {}
+        self._dash_storage: dict[str, tuple] = {}
+        self.dash_record: dict[str, dict[str, torch.Tensor]] = {}
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs: Any) -> None:
+        self._ensure_containers()
+        kind = adapter_kind(config)
+        if kind == "dash" and config.dash_directions > min(self.in_features, self.out_features):
+            where = kwargs.get("current_key") or kwargs.get("target_name") or "a target"
+            raise ValueError(
+                f"dashdiff: dash_directions s={config.dash_directions} exceeds min(out, in)="
+                f"{min(self.in_features, self.out_features)} of {where} ({self.out_features}x{self.in_features}): "
+                "lower dash_directions or remove this module from target_modules."
+            )
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        self.adapter_kind[adapter_name] = kind
+        a = self.lora_A[adapter_name].weight
+        if kind == "dash":
+            s = config.dash_directions
+            self.dash_directions[adapter_name] = s
+            self.dash_warmup_steps[adapter_name] = config.dash_warmup_steps
+            self.lora_dash_U[adapter_name] = torch.zeros(self.out_features, s, dtype=a.dtype, device=a.device)
+            self.lora_dash_V[adapter_name] = torch.zeros(s, self.in_features, dtype=a.dtype, device=a.device)
+            self.lora_dash_delta[adapter_name] = nn.Parameter(torch.zeros(s, dtype=a.dtype, device=a.device))
+            self.lora_dash_step[adapter_name] = torch.zeros((), dtype=torch.long, device=a.device)
+            self.lora_dash_launch_step[adapter_name] = torch.full((), -1, dtype=torch.long, device=a.device)
+            self._dash_steps[adapter_name] = 0
+            self._dash_launched[adapter_name] = False
+            self._fuse_storage(adapter_name)
+        elif kind == "autolora":
+            self.lora_autolora_beta[adapter_name] = nn.Parameter(torch.ones(r, dtype=a.dtype, device=a.device))
+            self.lora_autolora_outer_steps[adapter_name] = torch.zeros((), dtype=torch.long, device=a.device)
+            self.autolora_settings[adapter_name] = {
+                "threshold": config.autolora_threshold,
+                "rank_rule": config.autolora_rank_rule,
+            }
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    # ------------------------------------------------------------------ helpers
+    def base_scaling(self, adapter: str) -> float:
+        """``lora_alpha / r`` (``/ sqrt(r)`` with rslora): the scaling before any runtime scale."""
+        r, alpha = self.r[adapter], self.lora_alpha[adapter]
+        return alpha / math.sqrt(r) if self.use_rslora.get(adapter, False) else alpha / r
+
+    def runtime_scale(self, adapter: str) -> float:
+        """λ, the factor a user set through ``scale_layer`` / ``set_scale`` (1 by default)."""
+        return self.scaling[adapter] / self.base_scaling(adapter)
+
+    def _fuse_storage(self, adapter: str) -> tuple:
+        """(Re)build the concatenated storages from the current tensors and re-point the views.
+
+        ``Module.to`` / ``cast_training_params`` replace each parameter's and buffer's data
+        separately, which breaks the aliasing; the tensors themselves stay the source of truth.
+        """
+        r = self.r[adapter]
+        a_p, b_p = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        v, u = self.lora_dash_V[adapter], self.lora_dash_U[adapter]
+        a_cat = torch.cat([a_p.data, v.to(a_p.dtype)], 0)
+        b_cat = torch.cat([b_p.data, u.to(b_p.dtype)], 1)
+        a_p.data = a_cat[:r]
+        b_p.data = b_cat[:, :r]
+        self.lora_dash_V[adapter] = a_cat[r:]
+        self.lora_dash_U[adapter] = b_cat[:, r:]
+        delta = self.lora_dash_delta[adapter]
+        if delta.dtype != a_p.dtype or delta.device != a_p.device:
+            delta.data = delta.data.to(a_p)
+        key = (a_p.data_ptr(), b_p.data_ptr(), a_cat[r:].data_ptr(), b_cat[:, r:].data_ptr())
+        self._dash_storage[adapter] = (a_cat, b_cat, key)
+        return self._dash_storage[adapter]
+
+    def _storage(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        a_cat, b_cat, key = self._dash_storage[adapter]
+        now = (
+            self.lora_A[adapter].weight.data_ptr(),
+            self.lora_B[adapter].weight.data_ptr(),
+            self.lora_dash_V[adapter].data_ptr(),
+            self.lora_dash_U[adapter].data_ptr(),
+        )
+        if now != key:
+            a_cat, b_cat, _ = self._fuse_storage(adapter)
+        return a_cat, b_cat
+
+    def _refresh_mirrors(self) -> None:
+        for adapter in self.lora_dash_step.keys():
+            self._dash_steps[adapter] = int(self.lora_dash_step[adapter])
+            self._dash_launched[adapter] = int(self.lora_dash_launch_step[adapter]) >= 0
+
+    def autolora_alpha(self, adapter: str) -> torch.Tensor:
+        """α = softmax(β) in float64, (k,)."""
+        return torch.softmax(self.lora_autolora_beta[adapter].detach().to(torch.float64), 0)
+
+    # ------------------------------------------------------------------ LoRA-Dash lifecycle
+    def is_launched(self, adapter: str) -> bool:
+        return self._dash_launched.get(adapter, False)
+
+    def advance(self, adapter: str) -> bool:
+        """Count one optimizer step; True if this adapter should launch now."""
+        self._dash_steps[adapter] += 1
+        self.lora_dash_step[adapter].add_(1)
+        return not self._dash_launched[adapter] and self._dash_steps[adapter] >= self.dash_warmup_steps[adapter]
+
+    def compute_launch(self, adapter: str) -> Selection:
+        """The selection for this adapter from the frozen ``W0`` and ``scaling·B A`` now (no side effects)."""
+        if self.merged:
+            raise RuntimeError("dashdiff: unmerge the adapters before launching LoRA-Dash (the SVD is of W0 only)")
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        return select_directions(
+            self.get_base_layer().weight, a, b, self.base_scaling(adapter), self.dash_directions[adapter]
+        )
+
+    def apply_launch(self, adapter: str, sel: Selection, step: Optional[int] = None) -> None:
+        """Install a selection: U_s, V_sᵀ into the storage, δ = 0, the record kept for inspection."""
+        a_cat, b_cat = self._storage(adapter)
+        r = self.r[adapter]
+        with torch.no_grad():
+            a_cat[r:].copy_(sel.v_s_t)
+            b_cat[:, r:].copy_(sel.u_s)
+            self.lora_dash_delta[adapter].zero_()
+        step = self._dash_steps[adapter] if step is None else step
+        self.lora_dash_launch_step[adapter].fill_(step)
+        self._dash_launched[adapter] = True
+        self.dash_record[adapter] = {
+            "indices": sel.indices.detach().cpu().long(),
+            "sigma": sel.sigma.detach().cpu().to(torch.float64),
+            "change_rate": sel.change_rate.detach().cpu().to(torch.float64),
+        }
+
+    # ------------------------------------------------------------------ math
+    def plain_factors(self, adapter: str, keep: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This adapter as a plain LoRA with the scale folded in: ``ΔW = B' A'`` at runtime scale 1.
+
+        Returns A' (rank, in), B' (out, rank) in float32 (float64 for float64 adapters). LoRA-Dash:
+        rank r+s after launch (r before); AutoLoRA: the components in boolean mask ``keep``
+        (all if None) with α folded into B, α not renormalised.
+        """
+        kind = self.adapter_kind.get(adapter, "lora")
+        a = self.lora_A[adapter].weight.detach()
+        b = self.lora_B[adapter].weight.detach()
+        dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+        a, b = a.to(dt), b.to(dt) * self.base_scaling(adapter)
+        if kind == "dash" and self.is_launched(adapter):
+            u = self.lora_dash_U[adapter].detach().to(dt)
+            v = self.lora_dash_V[adapter].detach().to(dt)
+            d = self.lora_dash_delta[adapter].detach().to(dt)
+            a = torch.cat([a, v], 0)
+            b = torch.cat([b, u * d], 1)
+        elif kind == "autolora":
+            b = b * self.autolora_alpha(adapter).to(dt)
+            if keep is not None:
+                keep = keep.to(a.device)
+                a, b = a[keep], b[:, keep]
+        return a.contiguous(), b.contiguous()
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``ΔW`` (out, in) at the current runtime scale, base weight dtype; used by merge/unmerge."""
+        a, b = self.plain_factors(adapter)
+        dtype = self.get_base_layer().weight.dtype
+        return ((b @ a) * self.runtime_scale(adapter)).to(dtype)
+
+    def _compute_dtype(self, x: torch.Tensor, param_dtype: torch.dtype) -> tuple[torch.dtype, bool]:
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev), True
+        return param_dtype, False
+
+    def _dash_delta_out(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        r = self.r[adapter]
+        a_p, b_p = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        delta = self.lora_dash_delta[adapter]
+        a_cat, b_cat = self._storage(adapter)
+        scaling = self.scaling[adapter]
+        lam = self.runtime_scale(adapter)
+        if self._dash_launched[adapter]:
+            coef = torch.cat([torch.full((r,), scaling, dtype=delta.dtype, device=delta.device), delta.detach() * lam])
+        else:  # pre-launch: the rank-r slice only, no wasted work on zero directions
+            a_cat, b_cat = a_cat[:r], b_cat[:, :r]
+            coef = torch.full((r,), scaling, dtype=a_cat.dtype, device=a_cat.device)
+        cdt, autocast_on = self._compute_dtype(x, a_p.dtype)
+        x = self.lora_dropout[adapter](x)  # one mask shared by the LoRA and dash parts
+        args = (x.to(cdt), a_cat.to(cdt), b_cat.to(cdt), coef.to(cdt), a_p, b_p, delta, lam, r)
+        if autocast_on:
+            with torch.autocast(x.device.type, enabled=False):
+                return FusedDashLinear.apply(*args)
+        return FusedDashLinear.apply(*args)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        if kwargs.pop("adapter_names", None) is not None:
+            raise ValueError("dashdiff layers do not support mixed-batch `adapter_names`; call set_adapter instead")
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for adapter in self.active_adapters:
+            if adapter not in self.lora_A.keys():
+                continue
+            kind = self.adapter_kind.get(adapter, "lora")
+            if kind == "dash":
+                result = result + self._dash_delta_out(x, adapter)
+                continue
+            lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
+            h = lora_a(self.lora_dropout[adapter](self._cast_input_dtype(x, lora_a.weight.dtype)))
+            if kind == "autolora":
+                h = h * torch.softmax(self.lora_autolora_beta[adapter], 0).to(h.dtype)
+            result = result + lora_b(h) * self.scaling[adapter]
+        return result.to(result_dtype)
+
+    def __repr__(self) -> str:
+        return "dashdiff." + nn.Module.__repr__(self)
