@@ -1,0 +1,309 @@
+"""LoRA-Dash / AutoLoRA tuner layer: math, lifecycle, PEFT runtime controls and bad input."""
+
+import math
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import dashdiff
+from dashdiff import AutoLoraConfig, LoraDashConfig
+from dashdiff.functional import FusedDashLinear
+from dashdiff.launch import select_directions
+
+
+def decaying_weight(out_f: int, in_f: int, seed: int = 0, decades: float = 4.0) -> torch.Tensor:
+    """A weight with singular values decaying over ``decades`` orders of magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(out_f, in_f)
+    u, _ = torch.linalg.qr(torch.randn(out_f, k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(in_f, k, generator=g, dtype=torch.float64))
+    sigma = torch.logspace(0, -decades, k, dtype=torch.float64)
+    return (u * sigma) @ v.t()
+
+
+class Tiny(nn.Module):
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.q_proj = nn.Linear(32, 48)
+        self.o_proj = nn.Linear(48, 32)
+        with torch.no_grad():
+            self.q_proj.weight.copy_(decaying_weight(48, 32, seed).float())
+            self.o_proj.weight.copy_(decaying_weight(32, 48, seed + 1).float())
+
+    def forward(self, x):
+        return self.o_proj(torch.tanh(self.q_proj(x)))
+
+
+def dash_model(r=4, alpha=8, s=3, t=2, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = LoraDashConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "o_proj"], dash_warmup_steps=t,
+                         dash_directions=s, init_lora_weights="gaussian", **kw)
+    model = peft.get_peft_model(Tiny(seed), cfg)
+    with torch.no_grad():  # B != 0 so that ΔW carries information at launch
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model
+
+
+def layers(model):
+    return {n: layer for n, layer, _ in dashdiff.walk.iter_layers(model, "dash")}
+
+
+def reference_selection(w0, a, b, scaling, s):
+    """Independent float64 SVD computation of the top-s change-rate directions."""
+    u, sig, vh = torch.linalg.svd(w0.double(), full_matrices=False)
+    dw = scaling * b.double() @ a.double()
+    dsig = torch.diagonal(u.t() @ dw @ vh.t())
+    rate = dsig.abs() / sig
+    # METHODS.md: σ <= max(out, in)·eps32·σ_max is numerically zero and never selected
+    rate[sig <= max(w0.shape) * torch.finfo(torch.float32).eps * sig[0]] = -1
+    return torch.argsort(rate, descending=True)[:s], u, vh
+
+
+def test_launch_matches_float64_svd_selection():
+    for shape, seed in [((64, 40), 0), ((40, 64), 1), ((96, 96), 2)]:
+        w0 = decaying_weight(*shape, seed=seed, decades=5).float()
+        g = torch.Generator().manual_seed(seed)
+        a = torch.randn(4, shape[1], generator=g) * 0.1
+        b = torch.randn(shape[0], 4, generator=g) * 0.1
+        sel = select_directions(w0, a, b, 2.0, 8)
+        ref_idx, u, vh = reference_selection(w0, a, b, 2.0, 8)
+        assert sel.indices.tolist() == ref_idx.tolist()
+        # the stored directions are the singular pairs, up to a common sign per pair
+        for j, i in enumerate(sel.indices.tolist()):
+            sign = torch.sign(sel.u_s[:, j] @ u[:, i])
+            torch.testing.assert_close(sel.u_s[:, j] * sign, u[:, i], atol=1e-6, rtol=0)
+            torch.testing.assert_close(sel.v_s_t[j] * sign, vh[i], atol=1e-6, rtol=0)
+
+
+def test_numerically_zero_directions_are_not_eligible():
+    w0 = torch.zeros(16, 12)
+    w0[:3, :3] = torch.diag(torch.tensor([3.0, 2.0, 1.0]))  # rank 3
+    a, b = torch.randn(2, 12), torch.randn(16, 2)
+    sel = select_directions(w0, a, b, 1.0, 5)
+    assert sorted(sel.indices.tolist()) == [0, 1, 2]
+    assert sel.u_s.shape == (16, 5) and torch.all(sel.u_s[:, 3:] == 0) and torch.all(sel.v_s_t[3:] == 0)
+    assert torch.isnan(sel.change_rate[3:]).all()
+
+
+def test_fused_function_gradcheck():
+    torch.manual_seed(0)
+    r, s, n_in, n_out = 3, 2, 7, 5
+    a = torch.randn(r, n_in, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(n_out, r, dtype=torch.float64, requires_grad=True)
+    d = torch.randn(s, dtype=torch.float64, requires_grad=True)
+    v, u = torch.randn(s, n_in, dtype=torch.float64), torch.randn(n_out, s, dtype=torch.float64)
+    x = torch.randn(2, 4, n_in, dtype=torch.float64, requires_grad=True)
+    scaling, lam = 1.7, 0.6
+
+    def fused(x, a, b, d):
+        coef = torch.cat([torch.full((r,), scaling, dtype=torch.float64), d.detach() * lam])
+        return FusedDashLinear.apply(x, torch.cat([a.detach(), v]), torch.cat([b.detach(), u], 1), coef, a, b, d,
+                                     lam, r)
+
+    def reference(x, a, b, d):
+        return scaling * x @ a.t() @ b.t() + lam * x @ v.t() @ torch.diag(d) @ u.t()
+
+    torch.testing.assert_close(fused(x, a, b, d), reference(x, a, b, d))
+    assert torch.autograd.gradcheck(fused, (x, a, b, d))
+    gy = torch.randn(2, 4, n_out, dtype=torch.float64)
+    g1 = torch.autograd.grad(fused(x, a, b, d), (x, a, b, d), gy)
+    g2 = torch.autograd.grad(reference(x, a, b, d), (x, a, b, d), gy)
+    for p, q in zip(g1, g2):
+        torch.testing.assert_close(p, q)
+
+
+def test_lifecycle_forward_and_gradients():
+    model = dash_model(t=2)
+    x = torch.randn(6, 32)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    # evaluation forwards never advance the warm-up
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert all(layer._dash_steps["default"] == 0 for layer in layers(model).values())
+    model.train()
+    launched_at = []
+    for step in range(1, 4):
+        model(x).pow(2).mean().backward()
+        deltas = [layer.lora_dash_delta["default"] for layer in layers(model).values()]
+        if step <= 2:  # δ takes part before launch, with an exactly-zero gradient
+            assert all(d.grad is not None and torch.all(d.grad == 0) for d in deltas)
+        opt.step()
+        opt.zero_grad()
+        before = model(x).detach()
+        if dashdiff.dash_step(model):
+            launched_at.append(step)
+            # launch leaves the output unchanged (δ = 0)
+            torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-7)
+    assert launched_at == [2]
+    sel = dashdiff.selected_directions(model)
+    assert set(sel) == {"q_proj", "o_proj"} and all(v.numel() == 3 for v in sel.values())
+
+    # gradients reach A, B and δ only
+    model(x).pow(2).mean().backward()
+    for n, p in model.named_parameters():
+        trainable = any(k in n for k in ("lora_A", "lora_B", "lora_dash_delta"))
+        assert p.requires_grad == trainable, n
+        if trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+    for layer in layers(model).values():
+        assert not layer.lora_dash_U["default"].requires_grad and not layer.lora_dash_V["default"].requires_grad
+
+    # the dash forward equals W0 x + b + scaling·BAx + U_s diag(δ) V_sᵀ x
+    for layer in layers(model).values():
+        with torch.no_grad():
+            layer.lora_dash_delta["default"].normal_(0, 0.3)
+    layer = layers(model)["q_proj"]
+    xin = torch.randn(5, 32)
+    w0, bias = layer.base_layer.weight, layer.base_layer.bias
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    u, v, d = layer.lora_dash_U["default"], layer.lora_dash_V["default"], layer.lora_dash_delta["default"]
+    expected = xin @ w0.t() + bias + 2.0 * xin @ a.t() @ b.t() + xin @ v.t() @ torch.diag(d) @ u.t()
+    torch.testing.assert_close(layer(xin), expected, rtol=1e-5, atol=1e-6)
+    # the stored directions are the ones the selection names
+    rec = layer.dash_record["default"]
+    ref_idx, uu, vh = reference_selection(w0.detach(), a.detach(), b.detach(), 2.0, 3)
+    assert torch.allclose(rec["sigma"], torch.linalg.svdvals(w0.double()), rtol=1e-8, atol=1e-10)
+
+
+def test_selection_equals_reference_at_launch_time():
+    model = dash_model(t=1)
+    snapshot = {n: (layer.base_layer.weight.detach().clone(), layer.lora_A["default"].weight.detach().clone(),
+                    layer.lora_B["default"].weight.detach().clone()) for n, layer in layers(model).items()}
+    assert dashdiff.dash_step(model)
+    for n, idx in dashdiff.selected_directions(model).items():
+        ref, _, _ = reference_selection(*snapshot[n], 2.0, 3)
+        assert idx.tolist() == ref.tolist(), n
+
+
+def test_training_updates_views_and_survives_dtype_moves():
+    model = dash_model(t=1)
+    dashdiff.dash_step(model)
+    x = torch.randn(4, 32)
+    layer = layers(model)["q_proj"]
+    a_before = layer.lora_A["default"].weight.detach().clone()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    u_before = layer.lora_dash_U["default"].clone()
+    model(x).pow(2).mean().backward()
+    opt.step()
+    assert not torch.equal(layer.lora_A["default"].weight, a_before)
+    # frozen directions are untouched by the optimizer and by weight decay
+    torch.testing.assert_close(layer.lora_dash_U["default"], u_before, rtol=0, atol=0)
+    # a dtype round trip breaks the storage aliasing: the layer re-fuses and stays exact
+    ref = model(x).detach()
+    model.double()
+    torch.testing.assert_close(model(x.double()).float(), ref, rtol=1e-5, atol=1e-6)
+    model.float()
+    torch.testing.assert_close(model(x), ref, rtol=1e-6, atol=1e-6)
+    a_cat, _ = layer._storage("default")
+    assert layer.lora_A["default"].weight.data_ptr() == a_cat.data_ptr()
+
+
+def test_runtime_scale_merge_disable_and_multiple_adapters():
+    model = dash_model(r=4, alpha=12, t=1)  # lora_alpha != r
+    dashdiff.dash_step(model)
+    for layer in layers(model).values():
+        with torch.no_grad():
+            layer.lora_dash_delta["default"].normal_(0, 0.5)
+    x = torch.randn(3, 32)
+    with model.disable_adapter():
+        base = model(x)
+    layer = layers(model)["q_proj"]
+    xin = torch.randn(3, 32)
+    full = layer(xin) - layer.base_layer(xin)
+    layer.scale_layer(0.5)
+    torch.testing.assert_close(layer(xin) - layer.base_layer(xin), 0.5 * full, rtol=1e-5, atol=1e-6)
+    layer.unscale_layer()
+    layer.set_scale("default", 0.5)
+    torch.testing.assert_close(layer(xin) - layer.base_layer(xin), 0.5 * full, rtol=1e-5, atol=1e-6)
+    layer.set_scale("default", 1.0)
+    out = model(x)
+    model.merge_adapter()
+    torch.testing.assert_close(model(x), out, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(model(x), out, rtol=1e-5, atol=1e-5)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(x), base)
+    # a second adapter on the same layers, switched by name
+    model.add_adapter("other", LoraDashConfig(r=2, lora_alpha=2, target_modules=["q_proj", "o_proj"],
+                                              dash_warmup_steps=1, dash_directions=2))
+    assert dashdiff.dash_step(model, adapter_name="other")
+    assert dashdiff.selected_directions(model, "other")["q_proj"].numel() == 2
+    model.set_adapter("other")
+    with torch.no_grad():
+        other = model(x)
+    model.set_adapter("default")
+    torch.testing.assert_close(model(x), out, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(other, out)
+    with pytest.raises(ValueError, match="several LoRA-Dash adapters"):
+        dashdiff.selected_directions(model)
+
+
+def test_autolora_forward_and_ranks():
+    torch.manual_seed(0)
+    cfg = AutoLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], init_lora_weights="gaussian")
+    model = peft.get_peft_model(Tiny(), cfg)
+    layer = {n: m for n, m, _ in dashdiff.walk.iter_layers(model, "autolora")}["q_proj"]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    alpha = dashdiff.selection_weights(model)["q_proj"]
+    assert alpha.dtype == torch.float64 and torch.allclose(alpha, torch.full((4,), 0.25, dtype=torch.float64))
+    xin = torch.randn(3, 32)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    beta = torch.tensor([2.0, 1.0, 0.5, -1.0])
+    with torch.no_grad():
+        layer.lora_autolora_beta["default"].copy_(beta)
+    expected = layer.base_layer(xin) + 2.0 * xin @ a.t() @ torch.diag(torch.softmax(beta, 0)) @ b.t()
+    torch.testing.assert_close(layer(xin), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="before any AutoLoRA outer"):
+        dashdiff.determine_ranks(model)
+    for _, m, ad in dashdiff.walk.iter_layers(model, "autolora"):
+        m.lora_autolora_outer_steps[ad].add_(1)
+    ranks = dashdiff.determine_ranks(model)
+    expected_rank = int((torch.softmax(beta.double(), 0) >= 0.25).sum())
+    assert ranks["q_proj"] == expected_rank == 1 and ranks["o_proj"] == 4  # uniform β: α_j = 1/k >= 1/k
+    assert dashdiff.determine_ranks(model, rule="published")["q_proj"] == int((beta / beta.sum() >= 0.25).sum())
+    with torch.no_grad():
+        layer.lora_autolora_beta["default"].copy_(torch.tensor([-1.0, -1.0, 0.5, 0.2]))
+    with pytest.raises(ValueError, match="undefined"):
+        dashdiff.determine_ranks(model, rule="published")
+
+
+def test_bad_inputs():
+    class WithConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.lin = nn.Linear(4, 4)
+
+    with pytest.raises(TypeError, match="not a dense torch.nn.Linear.*bf16/fp16"):
+        peft.get_peft_model(WithConv(), LoraDashConfig(r=2, target_modules=["conv"]))
+
+    class FakeQuantLinear(nn.Linear):
+        pass
+
+    m = WithConv()
+    m.lin = FakeQuantLinear(4, 4)
+    with pytest.raises(TypeError, match="FakeQuantLinear"):
+        peft.get_peft_model(m, AutoLoraConfig(r=2, target_modules=["lin"]))
+    with pytest.raises(ValueError, match=r"dash_directions s=9 exceeds min\(out, in\)=4"):
+        peft.get_peft_model(WithConv(), LoraDashConfig(r=2, target_modules=["lin"], dash_directions=9))
+    for bad in [dict(use_dora=True), dict(lora_bias=True), dict(fan_in_fan_out=True), dict(init_lora_weights="pissa"),
+                dict(init_lora_weights="olora"), dict(layer_replication=[(0, 1)])]:
+        with pytest.raises(ValueError, match="does not define these LoraConfig options"):
+            LoraDashConfig(r=2, target_modules=["lin"], **bad)
+        with pytest.raises(ValueError, match="does not define"):
+            AutoLoraConfig(r=2, target_modules=["lin"], **bad)
+    with pytest.raises(ValueError, match="no LoRA-Dash adapter"):
+        dashdiff.selected_directions(peft.get_peft_model(WithConv(), AutoLoraConfig(r=2, target_modules=["lin"])))
+
+
+def test_rslora_scaling_is_kept():
+    model = dash_model(r=4, alpha=8, t=1, use_rslora=True)
+    layer = layers(model)["q_proj"]
+    assert layer.base_scaling("default") == pytest.approx(8 / math.sqrt(4))
+    assert layer.runtime_scale("default") == pytest.approx(1.0)
