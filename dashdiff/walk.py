@@ -23,10 +23,12 @@ def components(obj) -> list[tuple[str, nn.Module]]:
 
 
 def base_model(module: nn.Module) -> nn.Module:
-    """The model under PEFT's wrappers (``PeftModel`` -> ``LoraModel`` -> model)."""
+    """The model under DDP / torch.compile / PEFT wrappers (``PeftModel`` -> ``LoraModel`` -> model)."""
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTuner
 
+    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or hasattr(module, "_orig_mod"):
+        module = module.module if hasattr(module, "module") else module._orig_mod
     if isinstance(module, PeftModel):
         module = module.base_model
     if isinstance(module, BaseTuner):

@@ -1,0 +1,35 @@
+"""Running scripts the way users do: ``accelerate launch``, with two real CPU processes where asked."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def accelerate_launch(script: str, *args: str, processes: int = 1, timeout: int = 300,
+                      env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``accelerate launch`` on ``script``; two processes use the only launch line that really
+    starts two on CPU here (``ACCELERATE_USE_CPU=1 ... --multi_gpu``, see ECOSYSTEM.md)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no"]
+    if processes > 1:
+        full_env["ACCELERATE_USE_CPU"] = "1"
+        cmd += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", _free_port()]
+    else:
+        cmd += ["--num_processes", "1", "--cpu"]
+    proc = subprocess.run(cmd + [script, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
