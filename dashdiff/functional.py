@@ -16,42 +16,42 @@ class FusedDashLinear(torch.autograd.Function):
     """Inputs (leading dims of ``x`` are flattened to N):
 
     x: (..., in); a_cat: (k, in); b_cat: (out, k); coef: (k,) — compute-dtype tensors, k = r+s
-    (or r before launch); a, b, delta: the trainable parameters, only routed for their
-    gradients; lam: the runtime scale multiplying δ; r: the LoRA rank.
-    Returns (..., out).
+    (or r before launch); a, b, delta: the trainable parameters, passed only to receive their
+    gradients; lam: the runtime scale multiplying δ; r: the LoRA rank. Returns (..., out).
     """
 
     @staticmethod
     def forward(ctx, x, a_cat, b_cat, coef, a, b, delta, lam: float, r: int):
-        h = x @ a_cat.t()  # (N, k)
-        y = (h * coef) @ b_cat.t()
-        ctx.save_for_backward(x, h, a_cat, b_cat, coef)
-        ctx.lam, ctx.r = lam, r
-        ctx.dtypes = (a.dtype, b.dtype, delta.dtype)
-        ctx.delta_shape = delta.shape
-        return y
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2.mm(a_cat.t())  # (N, k)
+        hs = h * coef
+        y = hs.mm(b_cat.t())
+        ctx.save_for_backward(x2, h, hs, a_cat, b_cat, coef)
+        ctx.meta = (lam, r, x.shape, a.dtype, b.dtype, delta.dtype, delta.shape[0])
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, h, a_cat, b_cat, coef = ctx.saved_tensors
-        r, lam = ctx.r, ctx.lam
-        k = h.shape[-1]
-        in_f, out_f = x.shape[-1], grad_y.shape[-1]
-        x2, h2, gy2 = x.reshape(-1, in_f), h.reshape(-1, k), grad_y.reshape(-1, out_f)
-
-        g_hs = gy2 @ b_cat  # (N, k): gradient w.r.t. c ⊙ h
+        x2, h, hs, a_cat, b_cat, coef = ctx.saved_tensors
+        lam, r, x_shape, a_dt, b_dt, d_dt, s = ctx.meta
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        g_hs = g.mm(b_cat)  # (N, k): gradient w.r.t. c ⊙ h
         g_h = g_hs * coef
-        grad_x = grad_a = grad_b = grad_delta = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g_h @ a_cat).reshape(x.shape)
-        if ctx.needs_input_grad[4]:
-            grad_a = (g_h[:, :r].t() @ x2).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[5]:
-            grad_b = (gy2.t() @ (h2[:, :r] * coef[:r])).to(ctx.dtypes[1])
-        if ctx.needs_input_grad[6]:
-            s = ctx.delta_shape[0]
-            if k > r:
-                grad_delta = (lam * (g_hs[:, r:] * h2[:, r:]).sum(0)).to(ctx.dtypes[2])
+        need = ctx.needs_input_grad
+        grad_x = g_h.mm(a_cat).view(x_shape) if need[0] else None
+        grad_a = grad_b = grad_delta = None
+        if need[4]:
+            grad_a = g_h[:, :r].t().mm(x2)
+            grad_a = grad_a if grad_a.dtype == a_dt else grad_a.to(a_dt)
+        if need[5]:
+            grad_b = g.t().mm(hs[:, :r])
+            grad_b = grad_b if grad_b.dtype == b_dt else grad_b.to(b_dt)
+        if need[6]:
+            if h.shape[1] > r:
+                grad_delta = (g_hs[:, r:] * h[:, r:]).sum(0)
+                if lam != 1.0:
+                    grad_delta = grad_delta * lam
+                grad_delta = grad_delta if grad_delta.dtype == d_dt else grad_delta.to(d_dt)
             else:  # before launch: δ takes part (DDP sees it) with an exactly-zero gradient
-                grad_delta = torch.zeros(s, dtype=ctx.dtypes[2], device=grad_y.device)
+                grad_delta = torch.zeros(s, dtype=d_dt, device=g.device)
         return grad_x, None, None, None, grad_a, grad_b, grad_delta, None, None

@@ -106,6 +106,7 @@ class DashdiffLinear(LoraLinear):
         self._dash_steps: dict[str, int] = {}
         self._dash_launched: dict[str, bool] = {}
         self._dash_storage: dict[str, tuple] = {}
+        self._base_scaling: dict[str, float] = {}
         self.dash_record: dict[str, dict[str, torch.Tensor]] = {}
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs: Any) -> None:
@@ -120,6 +121,7 @@ class DashdiffLinear(LoraLinear):
             )
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
         self.adapter_kind[adapter_name] = kind
+        self._base_scaling[adapter_name] = self.base_scaling(adapter_name)
         a = self.lora_A[adapter_name].weight
         if kind == "dash":
             s = config.dash_directions
@@ -155,35 +157,37 @@ class DashdiffLinear(LoraLinear):
     def _fuse_storage(self, adapter: str) -> tuple:
         """(Re)build the concatenated storages from the current tensors and re-point the views.
 
-        ``Module.to`` / ``cast_training_params`` replace each parameter's and buffer's data
-        separately, which breaks the aliasing; the tensors themselves stay the source of truth.
+        Storages: ``a_cat = [A; V_sᵀ]`` (r+s, in), ``b_cat = [B, U_s]`` (out, r+s) and
+        ``c_cat = [base_scaling·1_r; δ]`` (r+s,). ``Module.to`` / ``cast_training_params`` replace
+        each parameter's and buffer's data separately, which breaks the aliasing; the tensors
+        themselves stay the source of truth, so re-fusing loses nothing.
         """
         r = self.r[adapter]
         a_p, b_p = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        delta = self.lora_dash_delta[adapter]
         v, u = self.lora_dash_V[adapter], self.lora_dash_U[adapter]
         a_cat = torch.cat([a_p.data, v.to(a_p.dtype)], 0)
         b_cat = torch.cat([b_p.data, u.to(b_p.dtype)], 1)
+        c_cat = torch.cat([torch.full((r,), self._base_scaling[adapter], dtype=a_p.dtype, device=a_p.device),
+                           delta.data.to(a_p)])
         a_p.data = a_cat[:r]
         b_p.data = b_cat[:, :r]
+        delta.data = c_cat[r:]
         self.lora_dash_V[adapter] = a_cat[r:]
         self.lora_dash_U[adapter] = b_cat[:, r:]
-        delta = self.lora_dash_delta[adapter]
-        if delta.dtype != a_p.dtype or delta.device != a_p.device:
-            delta.data = delta.data.to(a_p)
-        key = (a_p.data_ptr(), b_p.data_ptr(), a_cat[r:].data_ptr(), b_cat[:, r:].data_ptr())
-        self._dash_storage[adapter] = (a_cat, b_cat, key)
+        key = (a_p.data_ptr(), b_p.data_ptr(), delta.data_ptr())
+        self._dash_storage[adapter] = (a_cat, b_cat, c_cat, a_p, b_p, delta, key)
         return self._dash_storage[adapter]
 
     def _storage(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-        a_cat, b_cat, key = self._dash_storage[adapter]
-        now = (
-            self.lora_A[adapter].weight.data_ptr(),
-            self.lora_B[adapter].weight.data_ptr(),
-            self.lora_dash_V[adapter].data_ptr(),
-            self.lora_dash_U[adapter].data_ptr(),
-        )
-        if now != key:
-            a_cat, b_cat, _ = self._fuse_storage(adapter)
+        """The (r+s × in) and (out × r+s) storages, re-fused if anything moved the views apart."""
+        a_cat, b_cat, _, a_p, b_p, delta, key = self._dash_storage[adapter]
+        views = (self.lora_dash_V[adapter].data_ptr(), self.lora_dash_U[adapter].data_ptr())
+        r = self.r[adapter]
+        if (a_p.data_ptr(), b_p.data_ptr(), delta.data_ptr()) != key or views != (
+            a_cat[r:].data_ptr(), b_cat[:, r:].data_ptr()
+        ):
+            a_cat, b_cat = self._fuse_storage(adapter)[:2]
         return a_cat, b_cat
 
     def _refresh_mirrors(self) -> None:
@@ -270,24 +274,29 @@ class DashdiffLinear(LoraLinear):
         return param_dtype, False
 
     def _dash_delta_out(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        # Hot path (every forward of every targeted layer): few lookups, no per-call concatenation.
+        a_cat, b_cat, c_cat, a_p, b_p, delta, key = self._dash_storage[adapter]
+        if (a_p.data_ptr(), b_p.data_ptr(), delta.data_ptr()) != key:  # Module.to() moved the views apart
+            a_cat, b_cat, c_cat = self._fuse_storage(adapter)[:3]
         r = self.r[adapter]
-        a_p, b_p = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        delta = self.lora_dash_delta[adapter]
-        a_cat, b_cat = self._storage(adapter)
-        scaling = self.scaling[adapter]
-        lam = self.runtime_scale(adapter)
-        if self._dash_launched[adapter]:
-            coef = torch.cat([torch.full((r,), scaling, dtype=delta.dtype, device=delta.device), delta.detach() * lam])
-        else:  # pre-launch: the rank-r slice only, no wasted work on zero directions
-            a_cat, b_cat = a_cat[:r], b_cat[:, :r]
-            coef = torch.full((r,), scaling, dtype=a_cat.dtype, device=a_cat.device)
-        cdt, autocast_on = self._compute_dtype(x, a_p.dtype)
-        x = self.lora_dropout[adapter](x)  # one mask shared by the LoRA and dash parts
-        args = (x.to(cdt), a_cat.to(cdt), b_cat.to(cdt), coef.to(cdt), a_p, b_p, delta, lam, r)
-        if autocast_on:
-            with torch.autocast(x.device.type, enabled=False):
-                return FusedDashLinear.apply(*args)
-        return FusedDashLinear.apply(*args)
+        lam = self.scaling[adapter] / self._base_scaling[adapter]
+        coef = c_cat  # [scaling·1_r; δ]: the runtime scale λ multiplies all of it
+        if not self._dash_launched[adapter]:  # pre-launch: the rank-r slice only
+            a_cat, b_cat, coef = a_cat[:r], b_cat[:, :r], c_cat[:r]
+        if lam != 1.0:
+            coef = coef * lam
+        dropout = self.lora_dropout[adapter]
+        if not isinstance(dropout, nn.Identity):
+            x = dropout(x)  # one mask shared by the LoRA and dash parts
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            cdt = torch.get_autocast_dtype(dev)
+            with torch.autocast(dev, enabled=False):
+                return FusedDashLinear.apply(x.to(cdt), a_cat.to(cdt), b_cat.to(cdt), coef.to(cdt), a_p, b_p,
+                                             delta, lam, r)
+        if x.dtype != a_cat.dtype:
+            x = x.to(a_cat.dtype)
+        return FusedDashLinear.apply(x, a_cat, b_cat, coef, a_p, b_p, delta, lam, r)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
