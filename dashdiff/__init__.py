@@ -2,6 +2,7 @@
 
 from .config import AutoLoraConfig, LoraDashConfig
 from .dash import dash_step, launch_dash, selected_directions
+from .prefetch import prefetch_spectra
 from .layer import DashdiffLinear
 from .ranks import determine_ranks, selection_weights
 
@@ -12,7 +13,13 @@ __all__ = [
     "dash_step",
     "determine_ranks",
     "launch_dash",
+    "prefetch_spectra",
     "selected_directions",
     "selection_weights",
 ]
 __version__ = "0.1.0"
+
+from .export import export_lora  # noqa: E402
+from .state import load_adapter, save_adapter  # noqa: E402
+
+__all__ += ["export_lora", "load_adapter", "save_adapter"]

@@ -46,6 +46,8 @@ def _launch(targets: list[tuple[str, DashdiffLinear, str]]) -> None:
     same directions before the next forward (METHODS.md, distributed)."""
     global last_launch_seconds
     t0 = time.perf_counter()
+    for handle in {id(h): h for h in (getattr(layer, "_prefetcher", None) for _, layer, _ in targets) if h}.values():
+        handle.wait()
     rank, world = _distributed()
     for i, (_, layer, adapter) in enumerate(targets):
         owner = i % world

@@ -39,19 +39,35 @@ class Selection:
     change_rate: torch.Tensor
 
 
-def spectrum(w0: torch.Tensor) -> Spectrum:
-    """Float64 thin SVD of ``w0`` (out, in) through ``eigh`` of its smaller Gram matrix."""
+@dataclass
+class GramEig:
+    """The expensive, training-independent half of a launch: eigenvectors (k, k) and singular values
+    (k,) descending of the smaller Gram matrix of ``W0`` (``W0 W0ᵀ`` when ``wide`` (out <= in),
+    else ``W0ᵀ W0``). Cacheable: it depends on the frozen weight only."""
+
+    evecs: torch.Tensor
+    sigma: torch.Tensor
+    wide: bool
+
+
+def gram_eig(w0: torch.Tensor) -> GramEig:
+    """Float64 eigendecomposition of ``w0``'s (out, in) smaller Gram matrix."""
     w = w0.detach().to(torch.float64)
+    wide = w.shape[0] <= w.shape[1]
+    evals, evecs = torch.linalg.eigh(w @ w.t() if wide else w.t() @ w)
+    return GramEig(evecs=evecs.flip(1), sigma=evals.flip(0).clamp_min(0).sqrt(), wide=wide)
+
+
+def spectrum(w0: torch.Tensor, eig: GramEig | None = None) -> Spectrum:
+    """Float64 thin SVD of ``w0`` (out, in), from ``eig`` (computed if not given)."""
+    eig = gram_eig(w0) if eig is None else eig
+    w = w0.detach().to(torch.float64)
+    evecs, sigma = eig.evecs.to(w.device), eig.sigma.to(w.device)
     out_f, in_f = w.shape
-    wide = out_f <= in_f
-    gram = w @ w.t() if wide else w.t() @ w
-    evals, evecs = torch.linalg.eigh(gram)
-    evals, evecs = evals.flip(0), evecs.flip(1)  # descending
-    sigma = evals.clamp_min(0).sqrt()
     # σ ≤ max(out, in)·eps32·σ_max is numerically zero: not eligible (METHODS.md).
     eligible = sigma > max(out_f, in_f) * _EPS32 * sigma[0]
     safe = torch.where(eligible, sigma, torch.ones_like(sigma))
-    if wide:
+    if eig.wide:
         u = evecs
         v = (w.t() @ u) / safe
     else:
@@ -70,16 +86,17 @@ def diagonal_projection(spec: Spectrum, a: torch.Tensor, b: torch.Tensor, scalin
 
 
 def select_directions(
-    w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, s: int
+    w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, s: int, eig: GramEig | None = None
 ) -> Selection:
-    """Top-``s`` directions of ``w0`` by change rate ``|Δσ_i| / σ_i`` under ``ΔW = scaling·B A``."""
+    """Top-``s`` directions of ``w0`` by change rate ``|Δσ_i| / σ_i`` under ``ΔW = scaling·B A``;
+    ``eig`` is a precomputed ``gram_eig(w0)`` (see ``dashdiff.prefetch``)."""
     out_f, in_f = w0.shape
     if s > min(out_f, in_f):
         raise ValueError(
             f"dash_directions s={s} exceeds min(out, in)={min(out_f, in_f)} of a {out_f}x{in_f} layer: "
             "lower dash_directions or leave this layer out of target_modules."
         )
-    spec = spectrum(w0)
+    spec = spectrum(w0, eig)
     dsigma = diagonal_projection(spec, a, b, scaling)
     rate = dsigma.abs() / torch.where(spec.eligible, spec.sigma, torch.ones_like(spec.sigma))
     rate = torch.where(spec.eligible, rate, torch.full_like(rate, float("nan")))

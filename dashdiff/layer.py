@@ -27,7 +27,7 @@ from torch import nn
 
 from .config import adapter_kind
 from .functional import FusedDashLinear
-from .launch import Selection, select_directions
+from .launch import GramEig, Selection, select_directions
 
 
 def _stock_save_hook(module: "DashdiffLinear", state_dict, prefix, local_metadata) -> None:
@@ -107,6 +107,7 @@ class DashdiffLinear(LoraLinear):
         self._dash_launched: dict[str, bool] = {}
         self._dash_storage: dict[str, tuple] = {}
         self._base_scaling: dict[str, float] = {}
+        self.eig_cache: dict[str, "GramEig"] = {}  # filled ahead of launch by dashdiff.prefetch
         self.dash_record: dict[str, dict[str, torch.Tensor]] = {}
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs: Any) -> None:
@@ -215,7 +216,8 @@ class DashdiffLinear(LoraLinear):
             raise RuntimeError("dashdiff: unmerge the adapters before launching LoRA-Dash (the SVD is of W0 only)")
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         return select_directions(
-            self.get_base_layer().weight, a, b, self.base_scaling(adapter), self.dash_directions[adapter]
+            self.get_base_layer().weight, a, b, self.base_scaling(adapter), self.dash_directions[adapter],
+            eig=self.eig_cache.pop(adapter, None),
         )
 
     def apply_launch(self, adapter: str, sel: Selection, step: Optional[int] = None) -> None:

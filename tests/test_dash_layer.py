@@ -307,3 +307,24 @@ def test_rslora_scaling_is_kept():
     layer = layers(model)["q_proj"]
     assert layer.base_scaling("default") == pytest.approx(8 / math.sqrt(4))
     assert layer.runtime_scale("default") == pytest.approx(1.0)
+
+
+def test_prefetched_spectra_give_the_same_launch():
+    plain, pre = dash_model(t=2, seed=3), dash_model(t=2, seed=3)
+    handle = dashdiff.prefetch_spectra(pre)
+    handle.wait()
+    assert all("default" in layer.eig_cache for layer in layers(pre).values())
+    x = torch.randn(4, 32)
+    for m in (plain, pre):
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        torch.manual_seed(1)
+        for _ in range(2):
+            m(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            dashdiff.dash_step(m)
+    a, b = dashdiff.selected_directions(plain), dashdiff.selected_directions(pre)
+    assert {k: v.tolist() for k, v in a.items()} == {k: v.tolist() for k, v in b.items()}
+    for n in layers(plain):
+        torch.testing.assert_close(layers(pre)[n].lora_dash_U["default"].abs(), layers(plain)[n].lora_dash_U["default"].abs())
+    assert all(not layer.eig_cache for layer in layers(pre).values())  # consumed at launch
