@@ -23,3 +23,7 @@ from .export import export_lora  # noqa: E402
 from .state import load_adapter, save_adapter  # noqa: E402
 
 __all__ += ["export_lora", "load_adapter", "save_adapter"]
+
+from .callbacks import LoraDashCallback  # noqa: E402
+
+__all__ += ["LoraDashCallback"]

@@ -1,0 +1,868 @@
+#!/usr/bin/env python
+"""Fine-tune a causal LM on LLM-Adapters commonsense data with LoRA, LoRA-Dash or AutoLoRA.
+
+The command line of LLM-Adapters' ``finetune.py`` (the pipeline LoRA-Dash's LLM numbers were
+produced with), the published LoRA-Dash recipe as defaults, plus the LoRA-Dash and AutoLoRA
+options::
+
+    accelerate launch train/commonsense_dash.py --base_model <llama folder or hub id> \
+        --data_path commonsense_170k.json --output_dir out/llama-dash --adapter_name dash \
+        --mixed_precision bf16
+    python train/commonsense_eval.py --dataset all --base_model <same> --lora_weights out/llama-dash
+
+Runs on one or several GPUs (``accelerate launch``, bf16 / fp16) or with plain ``python`` on CPU.
+
+Writes to ``--output_dir``: ``adapter_config.json`` + ``adapter_model.safetensors`` (a plain PEFT
+LoRA that stock ``PeftModel.from_pretrained`` loads; LoRA-Dash exports at rank r+s),
+``dashdiff_adapter.safetensors`` (dashdiff's full adapter state), ``training_log.jsonl`` (one
+JSON object per optimizer step, evaluation and event), ``run.json`` (settings, processes,
+timings, results), ``checkpoint-<step>/`` folders that resume exactly, ``merged/`` with
+``--export_merged``, and for AutoLoRA the rank report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+if __package__ in (None, ""):
+    # Run as a script: make the repository's dashdiff importable without installing it.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from dashdiff.commonsense import TEMPLATES, load_records, tokenize_example  # noqa: E402
+
+ADAPTERS = ("lora", "dash", "autolora")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+LOG_NAME = "training_log.jsonl"
+RUN_RECORD = "run.json"
+STATE_FILE = "dashdiff_adapter.safetensors"
+CHECKPOINT_STATE = "trainer_state.json"
+IGNORE = -100
+# Settings a checkpoint's trajectory depends on: resuming with other values would not be exact.
+_TRAJECTORY_KEYS = (
+    "base_model", "data_path", "batch_size", "micro_batch_size", "num_epochs", "max_train_steps",
+    "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "cutoff_len", "val_set_size",
+    "adapter_name", "target_modules", "lora_r", "lora_alpha", "lora_dropout", "train_on_inputs",
+    "prompt_template", "seed", "dash_warmup_steps", "dash_directions", "autolora_val_fraction",
+    "autolora_mode", "autolora_search_epochs", "autolora_beta_lr", "autolora_threshold",
+    "autolora_rank_rule", "autolora_retrain",
+)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def parse_target_modules(value: str) -> list[str]:
+    """``'["q_proj","k_proj"]'`` (LLM-Adapters' JSON list) or ``q_proj,k_proj`` -> list of names."""
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError:
+            # fire (LLM-Adapters' CLI) also accepted single-quoted Python lists.
+            names = [n.strip().strip("'\"") for n in text.strip("[]").split(",")]
+    else:
+        names = text.split(",")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise argparse.ArgumentTypeError(f"--target_modules: expected a list of module names, got {value!r}")
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("--target_modules: no module names given")
+    return names
+
+
+def _bool(value: str) -> bool:
+    low = value.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    g = p.add_argument_group("model and data (LLM-Adapters flags)")
+    g.add_argument("--base_model", required=True,
+                   help="AutoModelForCausalLM folder or hub id, or a reserved tiny name (tiny-llama)")
+    g.add_argument("--data_path", required=True, help="LLM-Adapters JSON list of {instruction, input, output}")
+    g.add_argument("--output_dir", required=True)
+    g.add_argument("--prompt_template", choices=TEMPLATES, default="llm_adapters",
+                   help="llm_adapters: the published indented strings (needed to reproduce published "
+                        "numbers); alpaca: the clean Alpaca form")
+    g.add_argument("--cutoff_len", type=int, default=256)
+    g.add_argument("--val_set_size", type=int, default=120,
+                   help="held-out examples for the evaluation loss (not trained on)")
+    g.add_argument("--train_on_inputs", type=_bool, nargs="?", const=True, default=True,
+                   help="false: only response tokens enter the loss")
+
+    g = p.add_argument_group("training (LLM-Adapters flags, LoRA-Dash recipe defaults)")
+    g.add_argument("--batch_size", type=int, default=16, help="global batch: examples per optimizer step")
+    g.add_argument("--micro_batch_size", type=int, default=4, help="examples per forward, per process")
+    g.add_argument("--num_epochs", type=float, default=3)
+    g.add_argument("--max_train_steps", type=int, default=None,
+                   help="stop after this many optimizer steps (overrides --num_epochs; the schedule spans it)")
+    g.add_argument("--learning_rate", type=float, default=2e-4)
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--warmup_steps", type=int, default=100, help="learning-rate warm-up, then linear decay to 0")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping (Trainer's default is 1)")
+    g.add_argument("--eval_step", type=int, default=80, help="evaluate every N optimizer steps")
+    g.add_argument("--save_step", type=int, default=80, help="checkpoint every N optimizer steps")
+    g.add_argument("--checkpoints_total_limit", type=int, default=3)
+    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    g.add_argument("--use_gradient_checkpointing", action="store_true")
+    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                   help="default: accelerate's config (no on CPU); the frozen base is loaded in this dtype, "
+                        "the adapter trains in float32")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--logging_steps", type=int, default=10, help="console log interval (the jsonl has every step)")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="allow an --output_dir that holds another run's files")
+
+    g = p.add_argument_group("adapter")
+    g.add_argument("--adapter_name", choices=ADAPTERS, default="dash",
+                   help="lora: stock PEFT LoRA (the LLM-Adapters baseline); dash: LoRA-Dash; autolora: AutoLoRA")
+    g.add_argument("--target_modules", type=parse_target_modules, default=list(DEFAULT_TARGETS),
+                   help='JSON list (\'["q_proj","k_proj"]\') or comma list')
+    g.add_argument("--lora_r", type=int, default=32)
+    g.add_argument("--lora_alpha", type=float, default=64)
+    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument("--dash_warmup_steps", type=int, default=None,
+                   help="LoRA-Dash: optimizer steps before the launch; default ceil(100 / accumulation), "
+                        "accumulation = batch_size // micro_batch_size (the published 100 training micro-batches)")
+    g.add_argument("--dash_directions", type=int, default=8, help="LoRA-Dash: s, directions per layer")
+    g.add_argument("--dash_prefetch_spectra", action="store_true",
+                   help="LoRA-Dash: compute the launch's W0 spectra in the background during the pre-launch steps "
+                        "(host memory 8·k² bytes per layer, ~21 GB for LLaMA-7B's 160 targets)")
+    g.add_argument("--export_merged", action="store_true", help="also write the merged model to <output_dir>/merged")
+
+    g = p.add_argument_group("AutoLoRA")
+    g.add_argument("--autolora_val_fraction", type=float, default=0.3,
+                   help="part of the training set used as the search's validation split (published code: 0.3)")
+    g.add_argument("--autolora_mode", choices=("darts", "first_order", "darts_unrolled"), default="darts")
+    g.add_argument("--autolora_search_epochs", type=float, default=1.0, help="epochs of the bi-level search")
+    g.add_argument("--autolora_beta_lr", type=float, default=3e-4)
+    g.add_argument("--autolora_threshold", type=float, default=None, help="λ; default 1/k")
+    g.add_argument("--autolora_rank_rule", choices=("softmax", "published"), default="softmax")
+    g.add_argument("--autolora_retrain", type=_bool, nargs="?", const=True, default=True,
+                   help="true: retrain a fresh LoRA with the found ranks on the whole training set (published); "
+                        "false: export the searched adapter with the pruned components dropped")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and validate the command line (``argv=None`` reads ``sys.argv``); builds no model."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check the settings that need no model or data; fill the derived defaults."""
+    positive = ("batch_size", "micro_batch_size", "cutoff_len", "eval_step", "save_step", "lora_r",
+                "dash_directions", "logging_steps")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.batch_size % args.micro_batch_size:
+        raise ValueError(
+            f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {args.micro_batch_size}"
+        )
+    if args.num_epochs <= 0 and args.max_train_steps is None:
+        raise ValueError("--num_epochs must be > 0")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise ValueError("--max_train_steps must be >= 1")
+    if args.val_set_size < 0 or args.warmup_steps < 0 or args.checkpoints_total_limit < 0:
+        raise ValueError("--val_set_size, --warmup_steps and --checkpoints_total_limit must be >= 0")
+    if args.learning_rate <= 0 or args.max_grad_norm < 0 or not 0 <= args.lora_dropout < 1:
+        raise ValueError("need --learning_rate > 0, --max_grad_norm >= 0 and 0 <= --lora_dropout < 1")
+    if not 0 < args.autolora_val_fraction < 1:
+        raise ValueError(f"--autolora_val_fraction must be in (0, 1), got {args.autolora_val_fraction}")
+    if args.autolora_search_epochs <= 0:
+        raise ValueError("--autolora_search_epochs must be > 0")
+    accumulation = args.batch_size // args.micro_batch_size
+    if args.dash_warmup_steps is None:
+        args.dash_warmup_steps = math.ceil(100 / accumulation)
+    if args.dash_warmup_steps < 0:
+        raise ValueError("--dash_warmup_steps must be >= 0")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    # Tokens whose prediction enters the loss: labels[1:] that are not -100 (the causal shift).
+    targets: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.targets = sum(1 for t in self.labels[1:] if t != IGNORE)
+
+
+def split_records(records: list[dict], val_set_size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, val): ``val_set_size`` records drawn at random (seeded), as LLM-Adapters' train_test_split."""
+    if val_set_size >= len(records):
+        raise ValueError(
+            f"--val_set_size {val_set_size} leaves no training data: the data file has {len(records)} records"
+        )
+    perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [records[i] for i in perm[val_set_size:]], [records[i] for i in perm[:val_set_size]]
+
+
+def search_split(train: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """AutoLoRA's (search-train, search-val) split, carved from the training records only."""
+    n_val = round(len(train) * fraction)
+    if not 0 < n_val < len(train):
+        raise ValueError(
+            f"--autolora_val_fraction {fraction} of {len(train)} training records leaves an empty split"
+        )
+    # A different stream than split_records', so the two splits are independent.
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    return [train[i] for i in perm[n_val:]], [train[i] for i in perm[:n_val]]
+
+
+def tokenize_records(records: list[dict], tokenizer: Any, args: argparse.Namespace) -> list[Example]:
+    out = []
+    for rec in records:
+        enc = tokenize_example(tokenizer, rec, cutoff_len=args.cutoff_len, train_on_inputs=args.train_on_inputs,
+                               template=args.prompt_template)
+        out.append(Example(enc["input_ids"], enc["labels"]))
+    return out
+
+
+def collate(examples: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded tensors (length rounded up to a multiple of 8, as LLM-Adapters' collator).
+
+    Right, not left as LLM-Adapters: without explicit position ids a left-padded sample's positions
+    shift with the padding, so its loss would depend on what it is batched with; right padding is
+    invisible to the real tokens of a causal model."""
+    length = max(len(e.input_ids) for e in examples)
+    length = -(-length // 8) * 8
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+class BatchPlan:
+    """Which examples every optimizer step uses, as a pure function of (seed, step).
+
+    Epoch ``e`` visits the examples in a permutation seeded by ``seed + e``; each optimizer step takes
+    the next ``micro_per_step`` micro-batches of that order (the last step of an epoch may take fewer,
+    and the last micro-batch may be short), and micro-batch ``j`` of a step runs on process
+    ``j % num_processes``. So a step sees the same examples on any number of processes, and resuming
+    needs nothing but the step counter (no sampler or dataloader state to restore).
+    """
+
+    def __init__(self, num_examples: int, micro_batch_size: int, micro_per_step: int, seed: int) -> None:
+        self.n, self.micro, self.per_step, self.seed = num_examples, micro_batch_size, micro_per_step, seed
+        self.micro_per_epoch = math.ceil(num_examples / micro_batch_size)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / micro_per_step)
+        self._order: tuple[int, list[int]] = (-1, [])
+
+    def order(self, epoch: int) -> list[int]:
+        if self._order[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            self._order = (epoch, torch.randperm(self.n, generator=gen).tolist())
+        return self._order[1]
+
+    def step(self, step: int) -> tuple[int, list[list[int]]]:
+        """(epoch, micro-batches as index lists) of 0-based optimizer step ``step``."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = self.order(epoch)
+        first = within * self.per_step
+        last = min(first + self.per_step, self.micro_per_epoch)
+        return epoch, [order[m * self.micro : (m + 1) * self.micro] for m in range(first, last)]
+
+
+def micro_seed(seed: int, step: int, micro_index: int) -> int:
+    """Seed for one micro-batch's randomness (dropout): a function of its place in the run only, so
+    resumed and multi-process runs draw the masks an uninterrupted 1-process run draws."""
+    return int(np.random.SeedSequence([seed, step, micro_index]).generate_state(1)[0])
+
+
+# --------------------------------------------------------------------------- model
+
+
+def resolve_base_model(name: str) -> str:
+    if Path(name).exists():
+        return name
+    from dashdiff.tiny import resolve_model  # reserved tiny names; imported lazily (pulls in diffusers)
+
+    return resolve_model(name)
+
+
+def check_base_dense(config: Any, adapter: str) -> None:
+    """A pre-quantized checkpoint cannot take LoRA-Dash / AutoLoRA: say so before loading 7B weights."""
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None and adapter != "lora":
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        raise TypeError(
+            f"--base_model is quantized ({method}); LoRA-Dash and AutoLoRA need dense nn.Linear weights (the "
+            "launch SVD and merging read them). Load an unquantized bf16/fp16 checkpoint, or use --adapter_name lora."
+        )
+
+
+def load_base_model(args: argparse.Namespace, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_base_model(args.base_model)
+    check_base_dense(AutoConfig.from_pretrained(path), args.adapter_name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        # Pad positions are masked out of attention and loss; any id will do (LLM-Adapters used unk = 0).
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.config.use_cache = False  # no KV cache while training (and required by gradient checkpointing)
+    return model, tokenizer
+
+
+def adapter_config(args: argparse.Namespace, kind: str) -> Any:
+    from peft import LoraConfig
+
+    from dashdiff import AutoLoraConfig, LoraDashConfig
+
+    common = dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                  target_modules=list(args.target_modules), bias="none", task_type="CAUSAL_LM")
+    if kind == "dash":
+        return LoraDashConfig(**common, dash_warmup_steps=args.dash_warmup_steps,
+                              dash_directions=args.dash_directions)
+    if kind == "autolora":
+        return AutoLoraConfig(**common, autolora_threshold=args.autolora_threshold,
+                              autolora_rank_rule=args.autolora_rank_rule)
+    return LoraConfig(**common)  # stock PEFT LoRA: exactly the LLM-Adapters baseline
+
+
+def add_adapter(model: Any, config: Any, seed: int) -> Any:
+    """``get_peft_model`` with the adapter's trainable tensors in float32 (the base may be bf16/fp16:
+    fp16 gradient scaling needs float32 parameters, and bf16 updates of small LoRA steps round away).
+
+    The initial ``lora_A`` is drawn from ``seed`` whatever ran before. A non-dense target (a
+    quantized linear) raises dashdiff's TypeError here, unchanged."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(model, config)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
+def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def summed_token_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum (not mean) of the next-token cross-entropies of the labelled tokens, in float32.
+
+    The caller divides by the token count of the whole optimizer step (all micro-batches on all
+    processes), so the gradient is the global per-token mean whatever the batch is split into."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logits = logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """What every phase of one run shares."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    out: Path
+    pad_id: int
+    log: Any  # dashdiff.training.StepLog (writes on the main process only)
+    fingerprint: str
+    weight_dtype: torch.dtype
+    model: Any = None  # the model being trained (as prepared); checkpoints save and load its adapter
+    last_checkpoint: Optional[Path] = None
+    timings: dict[str, float] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    def print(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            print(message, flush=True)
+
+
+def trajectory_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in _TRAJECTORY_KEYS}
+
+
+def micro_per_step(args: argparse.Namespace) -> int:
+    """Micro-batches per optimizer step over all processes (LLM-Adapters' batch_size // micro_batch_size)."""
+    return args.batch_size // args.micro_batch_size
+
+
+@torch.no_grad()
+def evaluation_loss(run: Run, model: Any, examples: list[Example]) -> float:
+    """Mean per-token loss over ``examples`` (dropout off), shared out over the processes.
+
+    Runs on the module under DDP: evaluation needs no gradient sync, and processes may hold
+    different numbers of batches."""
+    net = run.accelerator.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    micro = run.args.micro_batch_size
+    chunks = [examples[i : i + micro] for i in range(0, len(examples), micro)][run.rank :: run.world]
+    total = torch.zeros(2, dtype=torch.float64, device=run.accelerator.device)
+    for chunk in chunks:
+        total[0] += summed_token_loss(net, collate(chunk, run.pad_id, run.accelerator.device)).double()
+        total[1] += sum(e.targets for e in chunk)
+    total = run.accelerator.reduce(total, reduction="sum")
+    net.train(was_training)
+    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+def directions_digest(model: Any) -> str:
+    """SHA-256 of every launched layer's U_s and V_sᵀ: equal on all processes iff they selected alike."""
+    from dashdiff.walk import iter_layers
+
+    h = hashlib.sha256()
+    for name, layer, adapter in iter_layers(model, "dash"):
+        h.update(name.encode())
+        for t in (layer.lora_dash_U[adapter], layer.lora_dash_V[adapter]):
+            h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def record_launch(run: Run, model: Any, step: int) -> None:
+    """Check that every process installed the same directions, and log the launch."""
+    from accelerate.utils import gather_object
+
+    import dashdiff
+    from dashdiff import dash as dash_module
+
+    net = run.accelerator.unwrap_model(model)
+    digests = gather_object([directions_digest(net)])
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"LoRA-Dash launch differs between processes (direction digests {digests})")
+    selected = dashdiff.selected_directions(net)
+    run.results["dash_launch_step"] = step
+    run.log.write({
+        "event": "dash_launch", "phase": "train", "step": step, "seconds": dash_module.last_launch_seconds,
+        "layers": len(selected), "num_processes": run.world, "direction_digests": digests,
+    })
+    run.print(f"LoRA-Dash launched after optimizer step {step}: {len(selected)} layers, "
+              f"{dash_module.last_launch_seconds:.2f} s, same directions on {run.world} process(es)")
+
+
+def save_checkpoint(run: Run, phase: str, step: int, extra: dict[str, Any], info: dict[str, Any]) -> Path:
+    """``checkpoint-<step>/`` (``checkpoint-search-<step>/``): accelerate's state (prepared optimizer,
+    grad scaler, RNG) with the full dashdiff adapter state instead of the model weights (the hooks of
+    ``dashdiff.training.register_state_hooks``), plus ``extra_state.pt`` (scheduler, β optimizer) and
+    the step counter."""
+    from dashdiff import training as T
+
+    acc = run.accelerator
+    path = run.out / T.checkpoint_name(phase, step)
+    if acc.is_main_process:
+        T.prune_checkpoints(run.out, run.args.checkpoints_total_limit)
+    acc.wait_for_everyone()
+    acc.save_state(str(path))
+    if acc.is_main_process:
+        torch.save(extra, path / "extra_state.pt")
+        T.write_checkpoint_info(path, {"phase": phase, "step": step, "fingerprint": run.fingerprint,
+                                       "trajectory": trajectory_settings(run.args), "num_processes": run.world,
+                                       **info})
+    acc.wait_for_everyone()
+    run.last_checkpoint = path
+    run.log.write({"event": "checkpoint", "phase": phase, "step": step, "path": path.name})
+    return path
+
+
+def load_checkpoint(run: Run, ckpt: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore a checkpoint into the prepared objects; returns (extra_state, info)."""
+    from dashdiff import training as T
+
+    info = T.read_checkpoint_info(ckpt.path)
+    if info.get("fingerprint") != run.fingerprint:
+        saved = info.get("trajectory", {})
+        now = trajectory_settings(run.args)
+        diff = {k: (saved.get(k), now[k]) for k in now if json.dumps(saved.get(k)) != json.dumps(now[k])}
+        raise T.TrainingError(
+            f"--resume_from_checkpoint {ckpt.path}: the checkpoint was made with other settings, so resuming would "
+            f"not continue that run: {', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in diff.items()) or 'unknown'}"
+        )
+    run.accelerator.load_state(str(ckpt.path))
+    extra = torch.load(ckpt.path / "extra_state.pt", map_location="cpu", weights_only=False)
+    run.last_checkpoint = ckpt.path
+    return extra, info
+
+
+def train_step(run: Run, model: Any, examples: list[Example], micro: list[list[int]], step: int,
+               phase: str) -> torch.Tensor:
+    """Forward/backward of this process's micro-batches of one optimizer step; returns the summed
+    token loss over this process's micro-batches (the caller reduces and normalises it).
+
+    Each micro-batch's loss is ``sum of token losses · world / tokens of the whole step``: DDP
+    averages gradients over the processes, so the update is the per-token mean over the global
+    batch, exactly as one process accumulating all micro-batches would compute it."""
+    from dashdiff import training as T
+
+    acc = run.accelerator
+    tokens = sum(examples[i].targets for batch in micro for i in batch)
+    mine = list(range(run.rank, len(micro), run.world))
+    ghost = not mine  # the short last step of an epoch may leave a process without a micro-batch:
+    if ghost:  # it still runs one with weight 0, so DDP's gradient all-reduce has every process
+        mine = [0]
+    scale = 0.0 if ghost or tokens == 0 else run.world / tokens
+    total = torch.zeros((), dtype=torch.float32, device=acc.device)
+    for n, j in enumerate(mine):
+        batch = collate([examples[i] for i in micro[j]], run.pad_id, acc.device)
+        torch.manual_seed(T.step_seed(run.args.seed, step, j))  # dropout masks: a function of (step, j) only
+        sync = acc.no_sync(model) if n < len(mine) - 1 else contextlib.nullcontext()
+        with sync:
+            loss = summed_token_loss(model, batch)
+            T.check_finite_loss(loss, step, phase, run.last_checkpoint)
+            acc.backward(loss * scale)
+        if not ghost:
+            total += loss.detach()
+    return total
+
+
+def fit(run: Run, model: Any, examples: list[Example], val_examples: list[Example], kind: str,
+        resume: Any = None) -> Any:
+    """The training phase (LoRA, LoRA-Dash, or AutoLoRA's retrain): AdamW, linear warm-up and decay,
+    one ``dash_step`` per optimizer step that the grad scaler did not skip. Returns the prepared model."""
+    from transformers import get_linear_schedule_with_warmup
+
+    import dashdiff
+
+    args, acc = run.args, run.accelerator
+    plan = BatchPlan(len(examples), args.micro_batch_size, micro_per_step(args), args.seed)
+    total_steps = args.max_train_steps or math.ceil(args.num_epochs * plan.steps_per_epoch)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.learning_rate,
+                                  weight_decay=args.weight_decay)
+    # The scheduler is stepped here, once per optimizer step; accelerate's prepared scheduler would
+    # step once per process and make the schedule depend on the number of processes.
+    scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    run.model = model
+
+    step = 0
+    if resume is not None:
+        extra, info = load_checkpoint(run, resume)
+        scheduler.load_state_dict(extra["scheduler"])
+        step = info["step"]
+        run.print(f"resumed from {resume.path} at optimizer step {step}")
+    params = trainable_parameters(model)
+    run.print(f"training {kind}: {len(examples)} examples, {plan.steps_per_epoch} optimizer steps per epoch, "
+              f"{total_steps} steps, global batch {args.batch_size} = {micro_per_step(args)} micro-batches of "
+              f"{args.micro_batch_size} over {run.world} process(es); {sum(p.numel() for p in params):,} "
+              "trainable parameters")
+    model.train()
+    t0 = time.perf_counter()
+    while step < total_steps:
+        epoch, micro = plan.step(step)
+        tokens = sum(examples[i].targets for batch in micro for i in batch)
+        loss_sum = train_step(run, model, examples, micro, step, "train")
+        grad_norm = acc.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm > 0 else None
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        skipped = bool(getattr(optimizer, "step_was_skipped", False))
+        if not skipped:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        launched = kind == "dash" and not skipped and dashdiff.dash_step(model)
+
+        loss = float(acc.reduce(loss_sum, reduction="sum")) / max(tokens, 1)
+        row = {"phase": "train", "step": step, "epoch": round(step / plan.steps_per_epoch, 4), "loss": loss,
+               "lr": lr, "tokens": tokens, "skipped": skipped}
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        run.log.write(row)
+        if step % args.logging_steps == 0 or step == total_steps:
+            run.print(f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} lr {lr:.3g}")
+        if launched:
+            record_launch(run, model, step)
+        if val_examples and (step % args.eval_step == 0 or step == total_steps):
+            eval_loss = evaluation_loss(run, model, val_examples)
+            run.log.write({"event": "eval", "phase": "train", "step": step, "eval_loss": eval_loss})
+            run.results["eval_loss"] = eval_loss
+            run.print(f"step {step}: eval loss {eval_loss:.4f}")
+        if step % args.save_step == 0 or step == total_steps:
+            save_checkpoint(run, "train", step, {"scheduler": scheduler.state_dict()},
+                            {"ranks": run.results.get("autolora_ranks")})
+        run.results["final_loss"] = loss
+    run.timings["train_s"] = run.timings.get("train_s", 0.0) + time.perf_counter() - t0
+    run.results["train_steps"] = total_steps
+    return model
+
+
+# --------------------------------------------------------------------------- AutoLoRA search
+
+
+def search(run: Run, model: Any, train_ex: list[Example], val_ex: list[Example], resume: Any = None) -> Any:
+    """AutoLoRA's bi-level search: per step an inner AdamW step of A, B on a training batch and a
+    hypergradient step of β on a validation batch (dashdiff.autolora.BilevelStep). Returns the
+    prepared model. The loss here is each micro-batch's per-token mean (BilevelStep averages over
+    micro-batches)."""
+    from dashdiff import training as T
+    from dashdiff.autolora import DEFAULT_BETA_BETAS, BilevelStep
+    from dashdiff.walk import iter_layers
+
+    args, acc = run.args, run.accelerator
+    per_step = micro_per_step(args)
+    if per_step % run.world:
+        raise T.TrainingError(
+            f"AutoLoRA search: batch_size // micro_batch_size = {per_step} micro-batches per step must be a multiple "
+            f"of the {run.world} processes"
+        )
+    plan = BatchPlan(len(train_ex), args.micro_batch_size, per_step, args.seed)
+    val_plan = BatchPlan(len(val_ex), args.micro_batch_size, per_step, args.seed + 1)
+    total_steps = math.ceil(args.autolora_search_epochs * plan.steps_per_epoch)
+    root = model
+    weights = [p for _, layer, a in iter_layers(root, "autolora")
+               for p in (layer.lora_A[a].weight, layer.lora_B[a].weight)]
+    betas = [layer.lora_autolora_beta[a] for _, layer, a in iter_layers(root, "autolora")]
+    weight_opt = torch.optim.AdamW(weights, lr=args.learning_rate, weight_decay=args.weight_decay)
+    beta_opt = torch.optim.Adam(betas, lr=args.autolora_beta_lr, betas=DEFAULT_BETA_BETAS)
+    model, weight_opt = acc.prepare(model, weight_opt)
+    run.model = model
+    # BilevelStep counts its micro-batch calls against the accelerator's accumulation setting.
+    acc.gradient_accumulation_steps = per_step // run.world
+    bilevel = BilevelStep(model, weight_opt, beta_opt, mode=args.autolora_mode, accelerator=acc,
+                          max_grad_norm=args.max_grad_norm or None)
+
+    def loss_fn(net: Any, batch: dict[str, Any]) -> torch.Tensor:
+        # The dropout masks travel with the batch, so BilevelStep's repeated passes agree.
+        torch.manual_seed(batch["seed"])
+        return summed_token_loss(net, batch) / max(batch["targets"], 1)
+
+    def micro_batch(ex: list[Example], idx: list[int], seed: int) -> dict[str, Any]:
+        batch = collate([ex[i] for i in idx], run.pad_id, acc.device)
+        return {**batch, "seed": seed, "targets": sum(ex[i].targets for i in idx)}
+
+    step = 0
+    if resume is not None:
+        extra, info = load_checkpoint(run, resume)
+        beta_opt.load_state_dict(extra["beta_optimizer"])
+        step = info["step"]
+        run.print(f"resumed the AutoLoRA search from {resume.path} at step {step}")
+    run.print(f"AutoLoRA search ({args.autolora_mode}): {len(train_ex)} train / {len(val_ex)} validation examples, "
+              f"{total_steps} steps")
+    model.train()
+    t0 = time.perf_counter()
+    try:
+        while step < total_steps:
+            _, micro = plan.step(step)
+            _, val_micro = val_plan.step(step)  # the validation split cycles at its own pace
+            for j in range(run.rank, per_step, run.world):
+                # An epoch's last step may be short: repeat its micro-batches, as BilevelStep needs a full count.
+                tb = micro_batch(train_ex, micro[j % len(micro)], T.step_seed(args.seed, step, j))
+                vb = micro_batch(val_ex, val_micro[j % len(val_micro)], T.step_seed(args.seed + 1, step, j))
+                out = bilevel.step(tb, vb, loss_fn)
+            step += 1
+            run.log.write({"phase": "search", "step": step, "loss": out["train_loss"], "val_loss": out["val_loss"],
+                           "skipped": out["skipped"]})
+            if step % args.logging_steps == 0 or step == total_steps:
+                run.print(f"search step {step}/{total_steps} train loss {out['train_loss']:.4f} "
+                          f"val loss {out['val_loss'] if out['val_loss'] is None else round(out['val_loss'], 4)}")
+            if step % args.save_step == 0 and step < total_steps:
+                save_checkpoint(run, "search", step, {"beta_optimizer": beta_opt.state_dict()}, {})
+    finally:
+        acc.gradient_accumulation_steps = 1
+    run.timings["search_s"] = time.perf_counter() - t0
+    run.results["search_steps"] = total_steps
+    return model
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def export_outputs(run: Run, model: Any, tokenizer: Any) -> dict[str, Any]:
+    """The PEFT adapter folder (plain LoRA, stock-loadable), dashdiff's full state, and the merged
+    model with --export_merged. Main process only."""
+    import dashdiff
+
+    args, out = run.args, run.out
+    net = run.accelerator.unwrap_model(model)
+    threshold = args.autolora_threshold
+    dashdiff.export_lora(net, out, format="peft", threshold=threshold)
+    dashdiff.save_adapter(net, out / STATE_FILE)
+    if args.export_merged:
+        dashdiff.export_lora(net, out / "merged", format="merged", threshold=threshold)
+        tokenizer.save_pretrained(out / "merged")
+    cfg = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+    ranks = [cfg["r"], *cfg.get("rank_pattern", {}).values()]
+    exported = {"adapter_dir": str(out), "max_rank": max(ranks), "min_rank": min(ranks),
+                "merged_dir": str(out / "merged") if args.export_merged else None}
+    # Serving stacks size their LoRA buffers by a maximum rank (vLLM --max-lora-rank, TGI / LoRAX
+    # similar): a LoRA-Dash export has rank r + s, not r.
+    run.print(f"exported a plain PEFT LoRA to {out} (rank {exported['max_rank']}"
+              + (f" = r {args.lora_r} + s {args.dash_directions}" if args.adapter_name == "dash" else "")
+              + "; serving stacks need a max LoRA rank >= that)")
+    return exported
+
+
+def write_rank_report(run: Run, model: Any) -> dict[str, int]:
+    """The per-layer ranks the search found; ``autolora_ranks.md`` / ``.json`` (+ ``.png`` with
+    matplotlib) in the output folder."""
+    import importlib.util
+
+    import dashdiff
+    from dashdiff.rank_report import write_rank_report as write_report
+
+    net = run.accelerator.unwrap_model(model)
+    ranks = dashdiff.determine_ranks(net, threshold=run.args.autolora_threshold)
+    if run.accelerator.is_main_process:
+        write_report(net, run.out, threshold=run.args.autolora_threshold,
+                     plot=importlib.util.find_spec("matplotlib") is not None)
+    run.log.write({"event": "autolora_ranks", "phase": "search", "step": run.results.get("search_steps", 0),
+                   "ranks": ranks})
+    return ranks
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train, export and record one run; returns the run record (also in <output_dir>/dashdiff_run.json)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    import dashdiff
+    from dashdiff import training as T
+
+    validate_args(args)
+    t_start = time.perf_counter()
+    # broadcast_buffers=False: DDP would otherwise copy rank 0's buffers at every forward, a
+    # collective per forward that also needs equal forward counts; dashdiff's buffers (U_s, V_s,
+    # step counters) are made identical on every process by construction.
+    accelerator = Accelerator(mixed_precision=args.mixed_precision,
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    out = Path(args.output_dir)
+    fingerprint = T.args_fingerprint(trajectory_settings(args))
+    resume = T.resolve_resume(out, args.resume_from_checkpoint)
+    T.check_output_dir(out, fingerprint, args.resume_from_checkpoint, args.overwrite_output_dir)
+    if accelerator.is_main_process and args.overwrite_output_dir and resume is None:
+        T.clear_for_overwrite(out)
+
+    # Data first: a bad file fails in a second, before any model is loaded.
+    records = load_records(args.data_path, stage="train")
+    train_records, val_records = split_records(records, args.val_set_size, args.seed)
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    kind = args.adapter_name
+    # BilevelStep's finite differences need float32 weights: the AutoLoRA search keeps the base in float32.
+    model, tokenizer = load_base_model(args, torch.float32 if kind == "autolora" else weight_dtype)
+    if args.use_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(accelerator.device)
+
+    run = Run(args=args, accelerator=accelerator, out=out, pad_id=tokenizer.pad_token_id,
+              log=T.StepLog(out / T.STEP_LOG, enabled=accelerator.is_main_process), fingerprint=fingerprint,
+              weight_dtype=weight_dtype)
+    if resume is not None:
+        order = {"search": 0, "train": 1}
+        point = (order[resume.phase], resume.step)
+        run.log.truncate(lambda r: (order.get(r.get("phase"), 2), r.get("step", 0)) <= point)
+        run.log.write({"event": "resume", "phase": resume.phase, "step": resume.step, "path": str(resume.path)})
+    record = {
+        "script": "train/commonsense_dash.py", "fingerprint": fingerprint, "args": T.run_arguments(args),
+        "method": kind, "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+        "device": str(accelerator.device), "status": "running",
+        "data": {"records": len(records), "train": len(train_records), "val": len(val_records)},
+        "versions": {"torch": torch.__version__, "dashdiff": dashdiff.__version__},
+    }
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        T.write_run_record(out, record)
+    T.register_state_hooks(accelerator, lambda: accelerator.unwrap_model(run.model), dashdiff.save_adapter,
+                           dashdiff.load_adapter)
+
+    val_ex = tokenize_records(val_records, tokenizer, args)
+    if kind == "autolora":
+        # The search's validation split comes out of the training records; --val_set_size stays the
+        # held-out evaluation set, as in LLM-Adapters. The retrain uses all training records.
+        search_records, search_val_records = search_split(train_records, args.autolora_val_fraction, args.seed)
+        record["data"].update(search_train=len(search_records), search_val=len(search_val_records))
+        ranks = None
+        if resume is not None and resume.phase == "train":  # the search is over: its ranks were recorded
+            ranks = T.read_checkpoint_info(resume.path).get("ranks")
+        if ranks is None:
+            model = add_adapter(model, adapter_config(args, "autolora"), args.seed)
+            model = search(run, model, tokenize_records(search_records, tokenizer, args),
+                           tokenize_records(search_val_records, tokenizer, args), resume)
+            ranks = write_rank_report(run, model)
+            resume = None  # a search checkpoint has been used up; the retrain starts fresh
+        run.results["autolora_ranks"] = ranks
+        if args.autolora_retrain:
+            from dashdiff.autolora import retrain_config
+
+            # A fresh plain LoRA with the found per-layer ranks on the frozen base (now in the training dtype).
+            base = accelerator.unwrap_model(model)
+            base = base.unload() if hasattr(base, "unload") else base
+            accelerator.free_memory()
+            base.to(weight_dtype)
+            cfg = retrain_config(ranks, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
+                                 task_type="CAUSAL_LM")
+            model = add_adapter(base, cfg, args.seed)
+            model = fit(run, model, tokenize_records(train_records, tokenizer, args), val_ex, "lora", resume)
+    else:
+        model = add_adapter(model, adapter_config(args, kind), args.seed)
+        if kind == "dash" and args.dash_prefetch_spectra:
+            dashdiff.prefetch_spectra(model)
+        model = fit(run, model, tokenize_records(train_records, tokenizer, args), val_ex, kind, resume)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        record["export"] = export_outputs(run, model, tokenizer)
+    run.timings["total_s"] = time.perf_counter() - t_start
+    record.update(status="done", results=run.results, timings=run.timings)
+    if accelerator.is_main_process:
+        T.write_run_record(out, record)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return record
+
+
+if __name__ == "__main__":
+    from dashdiff.training import TrainingError
+
+    try:
+        main(parse_args())
+    except TrainingError as err:  # the user's input or folders: one clear line, no traceback
+        sys.exit(f"error: {err}")
