@@ -43,7 +43,7 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
 def _config_file(name: str) -> dict:
-    for folder in (CONFIGS, ROOT / "bench" / "configs"):
+    for folder in (CONFIGS, ROOT / ".gpu" / "configs"):  # .gpu: a copy carried to the GPU machine
         if (folder / name).exists():
             cfg = json.loads((folder / name).read_text())
             return {k: v for k, v in cfg.items() if not k.startswith("_")}
@@ -132,7 +132,8 @@ def dense_dash_forward(self: DashdiffLinear, x: torch.Tensor, *args, **kwargs) -
 
 
 def make_method(base, method: str, r: int, s: int, targets: list[str], train_dtype: torch.dtype):
-    m = copy.deepcopy(base)
+    # Every method gets its own module tree but shares the frozen base weights (a 7B model fits once).
+    m = copy.deepcopy(base, memo={id(t): t for t in list(base.parameters()) + list(base.buffers())})
     common = dict(target_modules=targets, init_lora_weights="gaussian", lora_alpha=r)
     if method == "lora_r":
         m = peft.get_peft_model(m, LoraConfig(r=r, **common))

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs the real-size benchmarks on a GPU machine and appends their tables to BENCHMARKS.md-gpu.
+# Usage: bash bench/gpu_suite.sh SECTION...   (sections: step-sdxl step-llama launch-sdxl launch-llama infer-sdxl autolora)
+set -uo pipefail
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+OUTFILE=${OUT:-.}/gpu_tables.md
+run() { echo "+ $*"; python3 "$@" | tee -a "$OUTFILE"; }
+for section in "$@"; do
+  case $section in
+    step-sdxl)   run bench/step_time.py --model sdxl --device cuda --dtype bfloat16 --rank 4 --steps 30 --warmup 10 ;;
+    step-llama)  run bench/step_time.py --model llama7b --device cuda --dtype bfloat16 --rank 32 --steps 30 --warmup 10 ;;
+    launch-sdxl) run bench/launch_time.py --model sdxl --device cuda --dtype bfloat16 --rank 4 ;;
+    launch-llama) run bench/launch_time.py --model llama7b --device cuda --dtype bfloat16 --rank 32 --sections launch,overlap ;;
+    infer-sdxl)  run bench/infer_time.py --model sdxl --device cuda --dtype bfloat16 --rank 4 ;;
+    autolora)    run bench/autolora_cost.py --device cuda ;;
+    *) echo "unknown section $section"; exit 2 ;;
+  esac
+done
