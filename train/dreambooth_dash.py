@@ -1182,8 +1182,11 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
     train_encoders: list[nn.Module] = models.text_encoders if args.train_text_encoder else []
     phase_name = resume.phase if resume is not None else ("search" if args.method == "autolora" else "train")
     ranks: Optional[dict[str, int]] = None
+    alphas: dict[str, list[float]] = {}  # AutoLoRA: α per layer at the end of the search, for the report
     if args.method == "autolora" and phase_name == "train":
-        ranks = {k: int(v) for k, v in T.read_checkpoint_info(resume.path)["autolora_ranks"].items()}
+        info = T.read_checkpoint_info(resume.path)
+        ranks = {k: int(v) for k, v in info["autolora_ranks"].items()}
+        alphas.update(info.get("autolora_alphas", {}))
         models.unet.add_adapter(retrain_adapter_config(args, ranks))
     else:
         models.unet.add_adapter(adapter_config(args, args.lora_layers))
@@ -1300,7 +1303,9 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
             return bilevel.step(inputs, val_batch(step, micro), guarded_loss)
 
         run_loop(phase, start, search_step, bilevel_mode=True)
-        return dashdiff.determine_ranks(accelerator.unwrap_model(unet))
+        root = accelerator.unwrap_model(unet)
+        alphas.update({n: a.tolist() for n, a in dashdiff.selection_weights(root).items()})
+        return dashdiff.determine_ranks(root)
 
     # ================================================================ the step loop
     state = {"launch": None}
@@ -1373,6 +1378,9 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
                 if bilevel_mode:
                     phase.scheduler.step()
                 step += 1
+                # The phase the step's loss was computed in (a launch happens after its step).
+                if args.method == "dash":
+                    label = "dash" if state["launch"] is not None else "pre-launch"
                 row = {"step": step, "phase": label, "phase_kind": phase.name, "loss": sum(losses) / len(losses),
                        "lr": phase.scheduler.get_last_lr()[0], "epoch": epoch}
                 if bilevel_mode and out.get("val_loss") is not None:
@@ -1388,15 +1396,13 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
                                     state["launch"]["seconds"])
                         if on_event:
                             on_event("launch", {"host": host(), "step": step})
-                if args.method == "dash":
-                    row["phase"] = "dash" if state["launch"] is not None else "pre-launch"
                 steps_log.write(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", phase=row["phase"])
                 if args.report_to != "none":
                     accelerator.log({"loss": row["loss"], "lr": row["lr"]}, step=step)
                 if step % args.checkpointing_steps == 0:
-                    save_checkpoint(phase, step, {"autolora_ranks": ranks} if ranks else {})
+                    save_checkpoint(phase, step, {"autolora_ranks": ranks, "autolora_alphas": alphas} if ranks else {})
                 if step >= phase.max_steps:
                     break
             if (args.validation_prompt and phase.name == "train" and (epoch + 1) % args.validation_epochs == 0
@@ -1431,7 +1437,7 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
         accelerator.free_memory()
         unet = root
         unet.delete_adapters("default")
-        set_seed(T.step_seed(args.seed, 99))  # the fresh LoRA's init does not depend on how the search ran
+        torch.manual_seed(T.step_seed(args.seed, 99))  # the fresh LoRA's init does not depend on how the search ran
         unet.add_adapter(retrain_adapter_config(args, ranks))
         if weight_dtype != torch.float32:
             from diffusers.training_utils import cast_training_params
@@ -1467,7 +1473,7 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
         if args.save_reference_output:
             save_reference_output(final_host, models, args, device, output_dir)
         if ranks is not None:
-            _write_ranks(output_dir, ranks, args)
+            _write_ranks(output_dir, ranks, alphas, args)
         record.update(status="done", global_step=phase.max_steps, seconds=round(time.time() - started, 2),
                       dash_launch=state["launch"], autolora_ranks=ranks,
                       lora_weights=str(output_dir / "pytorch_lora_weights.safetensors"))
@@ -1491,12 +1497,12 @@ def _rank_histogram(ranks: dict[str, int]) -> str:
     return ", ".join(f"rank {r}: {n} layers" for r, n in sorted(hist.items()))
 
 
-def _write_ranks(output_dir: Path, ranks: dict[str, int], args) -> None:
-    """autolora_ranks.json (and the shared rank report where dashdiff provides one)."""
-    from dashdiff.safeio import write_json
+def _write_ranks(output_dir: Path, ranks: dict[str, int], alphas: dict[str, list[float]], args) -> None:
+    """autolora_ranks.md / .json (+ .png with matplotlib): per layer the rank found and α."""
+    from dashdiff.rank_report import write_rank_report
 
-    write_json({"initial_rank": args.rank, "threshold": args.autolora_threshold, "rule": args.autolora_rank_rule,
-                "ranks": ranks}, output_dir / "autolora_ranks.json")
+    plot = importlib.util.find_spec("matplotlib") is not None
+    write_rank_report((ranks, alphas), output_dir, threshold=args.autolora_threshold, plot=plot)
 
 
 def final_validation(args, models: Models, model_path: str, output_dir: Path, dtype, device) -> list[str]:
