@@ -1158,334 +1158,343 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
     if accelerator.is_main_process:
         T.write_run_record(output_dir, record)
 
-    # ---- class images
-    if args.with_prior_preservation:
-        generate_class_images(args, models, accelerator)
-    classes = class_items(args)
-
-    # ---- devices and precisions: frozen weights in the mixed-precision dtype, trainable in fp32.
-    # The AutoLoRA search keeps the UNet in fp32 (its finite-difference hypergradient needs it).
-    device = accelerator.device
-    vae_dtype = torch.float32 if (family == "sdxl" and not args.pretrained_vae_model_name_or_path) else weight_dtype
-    models.vae.to(device, vae_dtype)
-    unet_dtype = torch.float32 if args.method == "autolora" else weight_dtype
-    models.unet.to(device, unet_dtype)
-    for te in models.text_encoders:
-        te.to(device, weight_dtype)
-    if args.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            for te in models.text_encoders:
-                te.gradient_checkpointing_enable()
-
-    # ---- adapters
-    train_encoders: list[nn.Module] = models.text_encoders if args.train_text_encoder else []
-    phase_name = resume.phase if resume is not None else ("search" if args.method == "autolora" else "train")
-    ranks: Optional[dict[str, int]] = None
-    alphas: dict[str, list[float]] = {}  # AutoLoRA: α per layer at the end of the search, for the report
-    if args.method == "autolora" and phase_name == "train":
-        info = T.read_checkpoint_info(resume.path)
-        ranks = {k: int(v) for k, v in info["autolora_ranks"].items()}
-        alphas.update(info.get("autolora_alphas", {}))
-        models.unet.add_adapter(retrain_adapter_config(args, ranks))
-    else:
-        models.unet.add_adapter(adapter_config(args, args.lora_layers))
-    for te in train_encoders:
-        te.add_adapter(adapter_config(args, TEXT_ENCODER_LAYERS))
-    if weight_dtype != torch.float32:
-        from diffusers.training_utils import cast_training_params
-
-        cast_training_params([models.unet, *train_encoders], dtype=torch.float32)
-
-    def host() -> AdapterHost:
-        return AdapterHost(accelerator.unwrap_model(unet), [accelerator.unwrap_model(t) for t in encoders])
-
-    T.register_state_hooks(accelerator, host, dashdiff.save_adapter, dashdiff.load_adapter)
-
-    # ---- data
-    cache = PromptCache()
-    prior = bool(classes)
-    search_items, val_items = items, []
-    if args.method == "autolora":
-        from dashdiff.autolora import split_indices
-
-        try:
-            train_idx, val_idx = split_indices(len(items), args.autolora_val_fraction, args.seed)
-        except ValueError as err:
-            raise TrainingError(f"AutoLoRA validation split: {err}") from None
-        search_items = [items[i] for i in train_idx]
-        val_items = [items[i] for i in val_idx]
-        record["autolora_split"] = {"train": [str(i.path) for i in search_items], "validation": [str(i.path) for i in val_items]}
-
-    def dataset_for(part: Sequence[Item], with_classes: bool = True) -> DreamBoothDataset:
-        ds = DreamBoothDataset(part, classes if with_classes else [], args.resolution, args.center_crop,
-                               args.random_flip, args.image_interpolation_mode, args.seed)
-        if args.cache_latents:
-            cache_latents(ds, models, device, vae_dtype)
-        return ds
-
-    if args.pre_compute_text_embeddings:
-        cache.get(models, [i.prompt for i in items] + [c.prompt for c in classes] + [args.instance_prompt], args, device)
-    loss_fn = LossFn(models, args, cache, train_encoders, prior)
-    val_dataset = dataset_for(val_items, with_classes=False) if val_items else None
-
-    unet = models.unet
-    encoders: list[nn.Module] = list(train_encoders)
-    steps_log = T.StepLog(output_dir / T.STEP_LOG, enabled=accelerator.is_main_process)
-    if resume is not None:
-        order = {"search": 0, "train": 1}
-        steps_log.truncate(lambda r: (order[r["phase_kind"]], r["step"]) <= (order[resume.phase], resume.step))
     last_checkpoint: list[Optional[Path]] = [resume.path if resume else None]
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("dreambooth-dash", config={k: v for k, v in T.run_arguments(args).items()
-                                                              if isinstance(v, (int, float, str, bool))})
+    try:
+        # ---- class images
+        if args.with_prior_preservation:
+            generate_class_images(args, models, accelerator)
+        classes = class_items(args)
 
-    def setup_phase(name: str, part: Sequence[Item], steps: Optional[int]) -> Phase:
-        """Prepare model, optimizer, scheduler and data loader for one phase."""
-        nonlocal unet, encoders
-        dataloader = accelerator.prepare(make_dataloader(dataset_for(part), args))
-        updates = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
-        if steps is None:
-            steps = args.num_train_epochs * updates
-        lr_scale = accelerator.num_processes * args.train_batch_size * args.gradient_accumulation_steps if args.scale_lr else 1
-        groups = param_groups(args, accelerator.unwrap_model(unet), [accelerator.unwrap_model(t) for t in encoders])
-        for g in groups:
-            g["lr"] *= lr_scale
-            # AutoLoRA: β is the outer variable, stepped by its own optimizer, never by the weights'.
-            g["params"] = [p for p in g["params"] if not any(p is b for b in betas_of(unet))]
-        optimizer = make_optimizer(args, groups)
-        scheduler = make_scheduler(args, optimizer, steps, accelerator.num_processes)
-        unet, optimizer, scheduler, *encoders = accelerator.prepare(unet, optimizer, scheduler, *encoders)
-        loss_fn.train_encoders = list(encoders)  # the prepared (DDP) modules, so their gradients are reduced
-        return Phase(name, name, steps, dataloader, optimizer, scheduler, updates)
+        # ---- devices and precisions: frozen weights in the mixed-precision dtype, trainable in fp32.
+        # The AutoLoRA search keeps the UNet in fp32 (its finite-difference hypergradient needs it).
+        device = accelerator.device
+        vae_dtype = torch.float32 if (family == "sdxl" and not args.pretrained_vae_model_name_or_path) else weight_dtype
+        models.vae.to(device, vae_dtype)
+        unet_dtype = torch.float32 if args.method == "autolora" else weight_dtype
+        models.unet.to(device, unet_dtype)
+        for te in models.text_encoders:
+            te.to(device, weight_dtype)
+        if args.gradient_checkpointing:
+            models.unet.enable_gradient_checkpointing()
+            if args.train_text_encoder:
+                for te in models.text_encoders:
+                    te.gradient_checkpointing_enable()
 
-    def betas_of(model: nn.Module) -> list[nn.Parameter]:
-        return [p for n, p in accelerator.unwrap_model(model).named_parameters() if "lora_autolora_beta" in n]
-
-    # ================================================================ AutoLoRA search
-    def run_search() -> dict[str, int]:
-        from dashdiff.autolora import BilevelStep
-
-        phase = setup_phase("search", search_items, args.autolora_search_steps)
-        args.autolora_search_steps = phase.max_steps
-        # β's optimizer is prepared too, so save_state / load_state carry its Adam moments.
-        beta_opt = accelerator.prepare_optimizer(
-            torch.optim.Adam(betas_of(unet), lr=args.autolora_meta_lr, betas=(0.5, 0.999)))
-        bilevel = BilevelStep(unet, weight_optimizer=phase.optimizer, beta_optimizer=beta_opt, mode=args.autolora_hypergradient,
-                              rollback=args.autolora_rollback, accelerator=accelerator,
-                              max_grad_norm=args.max_grad_norm)
-        start = resume.step if resume is not None and resume.phase == "search" else 0
-        if start:
-            accelerator.load_state(str(resume.path))
-
-        def val_batch(step: int, micro: int) -> dict[str, Any]:
-            gen = T.step_generator(args.seed, _VAL_PICK, step, micro, accelerator.process_index)
-            idx = torch.randint(0, len(val_dataset), (args.train_batch_size,), generator=gen).tolist()
-            batch = collate([val_dataset.example(i, step) for i in idx])
-            vgen = T.step_generator(args.seed, _VAL_NOISE, step, micro, accelerator.process_index)
-            inputs = draw_inputs(batch, models, vgen, device, args, vae_dtype)
-            inputs["prior"] = False
-            return inputs
-
-        def guarded_loss(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-            # Every loss pass (inner, validation, finite differences) is checked on every process;
-            # BilevelStep puts w, β and the optimizers back when this raises.
-            loss = loss_fn(model, inputs)
-            T.check_finite_loss(accelerator.reduce(loss.detach().clone(), "mean"), guarded_loss.step, "search",
-                                last_checkpoint[0])
-            return loss
-
-        def search_step(batch, step: int, micro: int) -> dict[str, Any]:
-            gen = T.step_generator(args.seed, _NOISE, 0, step, micro, accelerator.process_index)
-            torch.manual_seed(T.step_seed(args.seed, _DROPOUT, 0, step, micro, accelerator.process_index))
-            inputs = draw_inputs(batch, models, gen, device, args, vae_dtype)
-            guarded_loss.step = step
-            return bilevel.step(inputs, val_batch(step, micro), guarded_loss)
-
-        run_loop(phase, start, search_step, bilevel_mode=True)
-        root = accelerator.unwrap_model(unet)
-        alphas.update({n: a.tolist() for n, a in dashdiff.selection_weights(root).items()})
-        return dashdiff.determine_ranks(root)
-
-    # ================================================================ the step loop
-    state = {"launch": None}
-
-    def train_step(batch, step: int, micro: int):
-        gen = T.step_generator(args.seed, _NOISE, 1, step, micro, accelerator.process_index)
-        # Dropout uses the global RNG: reseed it from the position so a resume draws the same masks.
-        torch.manual_seed(T.step_seed(args.seed, _DROPOUT, 1, step, micro, accelerator.process_index))
-        inputs = draw_inputs(batch, models, gen, device, args, vae_dtype)
-        with accelerator.accumulate(unet, *encoders):
-            loss = loss_fn(unet, inputs)
-            mean = accelerator.reduce(loss.detach(), "mean")  # NaN anywhere stops every process together
-            T.check_finite_loss(mean, step, current_phase[0].name, last_checkpoint[0])
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm:
-                accelerator.clip_grad_norm_(trainable([unet, *encoders]), args.max_grad_norm)
-            current_phase[0].optimizer.step()
-            current_phase[0].scheduler.step()
-            current_phase[0].optimizer.zero_grad(set_to_none=True)
-        return {"train_loss": float(mean)}
-
-    current_phase: list[Optional[Phase]] = [None]
-
-    def save_checkpoint(phase: Phase, step: int, extra: dict) -> None:
-        name = T.checkpoint_name(phase.name, step)
-        path = output_dir / name
-        if accelerator.is_main_process:
-            T.prune_checkpoints(output_dir, args.checkpoints_total_limit)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(path))
-        if accelerator.is_main_process:
-            T.write_checkpoint_info(path, {"phase": phase.name, "step": step, "method": args.method,
-                                           "fingerprint": fingerprint, **extra})
-        accelerator.wait_for_everyone()
-        last_checkpoint[0] = path
-        logger.info("saved %s", path)
-
-    def run_loop(phase: Phase, start: int, step_fn, bilevel_mode: bool = False) -> None:
-        """Epochs over the phase's data from optimizer step ``start``: skip what a resume has seen."""
-        current_phase[0] = phase
-        label = {"search": "search", "train": "retrain" if args.method == "autolora" else "train"}[phase.name]
-        bar = _progress(phase.max_steps, start, not accelerator.is_local_main_process, label)
-        step = start
-        num_epochs = math.ceil(phase.max_steps / phase.updates_per_epoch)
-        first_epoch = start // phase.updates_per_epoch
-        skip = (start % phase.updates_per_epoch) * args.gradient_accumulation_steps
-        accum = args.gradient_accumulation_steps
-        for epoch in range(first_epoch, num_epochs):
-            unet.train()
-            for t in encoders:
-                t.train()
-            phase.dataloader.set_epoch(epoch)
-            loader = phase.dataloader
-            if epoch == first_epoch and skip:
-                loader = accelerator.skip_first_batches(phase.dataloader, skip)
-                loader.set_epoch(epoch)
-            micro = 0
-            losses: list[float] = []
-            n_batches = len(phase.dataloader) - (skip if epoch == first_epoch else 0)
-            for i, batch in enumerate(loader):
-                out = step_fn(batch, step, micro)
-                losses.append(out["train_loss"])
-                micro += 1
-                # An optimizer step ends after `accum` micro-batches or at the end of the epoch
-                # (accelerate syncs at the end of the data loader too).
-                if micro < accum and i + 1 < n_batches:
-                    continue
-                micro = 0
-                skipped = bool(out.get("skipped")) if bilevel_mode else accelerator.optimizer_step_was_skipped
-                if bilevel_mode:
-                    phase.scheduler.step()
-                step += 1
-                # The phase the step's loss was computed in (a launch happens after its step).
-                if args.method == "dash":
-                    label = "dash" if state["launch"] is not None else "pre-launch"
-                row = {"step": step, "phase": label, "phase_kind": phase.name, "loss": sum(losses) / len(losses),
-                       "lr": phase.scheduler.get_last_lr()[0], "epoch": epoch}
-                if bilevel_mode and out.get("val_loss") is not None:
-                    row["val_loss"] = out["val_loss"]
-                losses = []
-                if args.method == "dash" and not skipped:
-                    if dashdiff.dash_step(host()):
-                        state["launch"] = {"step": step, "seconds": dashdiff.dash.last_launch_seconds,
-                                           "directions": args.dash_directions,
-                                           "layers": sum(1 for _ in dashdiff.walk.iter_layers(host(), "dash"))}
-                        logger.info("LoRA-Dash launched after optimizer step %d: %d directions in each of %d layers, "
-                                    "chosen in %.2f s", step, args.dash_directions, state["launch"]["layers"],
-                                    state["launch"]["seconds"])
-                        if on_event:
-                            on_event("launch", {"host": host(), "step": step})
-                steps_log.write(row)
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", phase=row["phase"])
-                if args.report_to != "none":
-                    accelerator.log({"loss": row["loss"], "lr": row["lr"]}, step=step)
-                if step % args.checkpointing_steps == 0:
-                    save_checkpoint(phase, step, {"autolora_ranks": ranks, "autolora_alphas": alphas} if ranks else {})
-                if step >= phase.max_steps:
-                    break
-            if (args.validation_prompt and phase.name == "train" and (epoch + 1) % args.validation_epochs == 0
-                    and step < phase.max_steps):
-                validate(f"epoch-{epoch + 1}")
-            if step >= phase.max_steps:
-                break
-        bar.close()
-
-    def validate(tag: str) -> None:
-        if not accelerator.is_main_process:
-            return
-        was_training = unet.training
-        # --train_text_encoder adapts every text encoder, so the list is all or nothing.
-        texts = [accelerator.unwrap_model(t) for t in encoders] if encoders else models.text_encoders
-        pipe = build_pipeline(models, accelerator.unwrap_model(unet), texts, weight_dtype)
-        images = render(pipe, args.validation_prompt, args.num_validation_images, args, device)
-        folder = output_dir / "validation"
-        folder.mkdir(exist_ok=True)
-        for i, img in enumerate(images):
-            img.save(folder / f"{tag}-{i}.png")
-        unet.train(was_training)
-
-    # ================================================================ run the phases
-    if args.method == "autolora" and phase_name == "search":
-        ranks = run_search()
-        if on_event:
-            on_event("search_end", {"host": host(), "ranks": ranks})
-        logger.info("AutoLoRA search done: per-layer ranks %s", _rank_histogram(ranks))
-        # Retrain: a fresh plain LoRA with the found ranks, on all instance images.
-        root = accelerator.unwrap_model(unet)
-        accelerator.free_memory()
-        unet = root
-        unet.delete_adapters("default")
-        torch.manual_seed(T.step_seed(args.seed, 99))  # the fresh LoRA's init does not depend on how the search ran
-        unet.add_adapter(retrain_adapter_config(args, ranks))
+        # ---- adapters
+        train_encoders: list[nn.Module] = models.text_encoders if args.train_text_encoder else []
+        phase_name = resume.phase if resume is not None else ("search" if args.method == "autolora" else "train")
+        ranks: Optional[dict[str, int]] = None
+        alphas: dict[str, list[float]] = {}  # AutoLoRA: α per layer at the end of the search, for the report
+        if args.method == "autolora" and phase_name == "train":
+            info = T.read_checkpoint_info(resume.path)
+            ranks = {k: int(v) for k, v in info["autolora_ranks"].items()}
+            alphas.update(info.get("autolora_alphas", {}))
+            models.unet.add_adapter(retrain_adapter_config(args, ranks))
+        else:
+            models.unet.add_adapter(adapter_config(args, args.lora_layers))
+        for te in train_encoders:
+            te.add_adapter(adapter_config(args, TEXT_ENCODER_LAYERS))
         if weight_dtype != torch.float32:
             from diffusers.training_utils import cast_training_params
 
-            unet.to(dtype=weight_dtype)
-            cast_training_params([unet], dtype=torch.float32)
-        resume = None
-    phase = setup_phase("train", items, args.max_train_steps)
-    args.max_train_steps = phase.max_steps
-    start = 0
-    if resume is not None and resume.phase == "train":
-        accelerator.load_state(str(resume.path))
-        start = resume.step
-        if args.method == "dash":
-            launched = [l.lora_dash_launch_step[a] for _, l, a in dashdiff.walk.iter_layers(host(), "dash")]
-            if launched and int(launched[0]) >= 0:
-                state["launch"] = {"step": int(launched[0]), "seconds": None, "directions": args.dash_directions,
-                                   "layers": len(launched), "restored": True}
-    run_loop(phase, start, train_step)
-    accelerator.wait_for_everyone()
-    if on_event:
-        on_event("end", {"host": host(), "step": phase.max_steps})
+            cast_training_params([models.unet, *train_encoders], dtype=torch.float32)
 
-    # ================================================================ outputs
-    final_host = host()
-    if accelerator.is_main_process:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "not launched yet" is reported in the record instead
-            dashdiff.export_lora(final_host, output_dir, format="diffusers")
-            if args.output_kohya_format:
-                dashdiff.export_lora(final_host, output_dir, format="kohya")
-        dashdiff.save_adapter(final_host, output_dir / T.ADAPTER_STATE)
-        if args.save_reference_output:
-            save_reference_output(final_host, models, args, device, output_dir)
-        if ranks is not None:
-            _write_ranks(output_dir, ranks, alphas, args)
-        record.update(status="done", global_step=phase.max_steps, seconds=round(time.time() - started, 2),
-                      dash_launch=state["launch"], autolora_ranks=ranks,
-                      lora_weights=str(output_dir / "pytorch_lora_weights.safetensors"))
-        images = []
-        if args.validation_prompt:
-            images = final_validation(args, models, model_path, output_dir, weight_dtype, device)
-        record["validation_images"] = images
-        (output_dir / "README.md").write_text(model_card(args, family, record, images), encoding="utf-8")
-        T.write_run_record(output_dir, record)
-        logger.info("done: %s (stock-loadable LoRA), %s (full dashdiff state)", output_dir / "pytorch_lora_weights.safetensors",
-                    output_dir / T.ADAPTER_STATE)
-    accelerator.wait_for_everyone()
+        def host() -> AdapterHost:
+            return AdapterHost(accelerator.unwrap_model(unet), [accelerator.unwrap_model(t) for t in encoders])
+
+        T.register_state_hooks(accelerator, host, dashdiff.save_adapter, dashdiff.load_adapter)
+
+        # ---- data
+        cache = PromptCache()
+        prior = bool(classes)
+        search_items, val_items = items, []
+        if args.method == "autolora":
+            from dashdiff.autolora import split_indices
+
+            try:
+                train_idx, val_idx = split_indices(len(items), args.autolora_val_fraction, args.seed)
+            except ValueError as err:
+                raise TrainingError(f"AutoLoRA validation split: {err}") from None
+            search_items = [items[i] for i in train_idx]
+            val_items = [items[i] for i in val_idx]
+            record["autolora_split"] = {"train": [str(i.path) for i in search_items], "validation": [str(i.path) for i in val_items]}
+
+        def dataset_for(part: Sequence[Item], with_classes: bool = True) -> DreamBoothDataset:
+            ds = DreamBoothDataset(part, classes if with_classes else [], args.resolution, args.center_crop,
+                                   args.random_flip, args.image_interpolation_mode, args.seed)
+            if args.cache_latents:
+                cache_latents(ds, models, device, vae_dtype)
+            return ds
+
+        if args.pre_compute_text_embeddings:
+            cache.get(models, [i.prompt for i in items] + [c.prompt for c in classes] + [args.instance_prompt], args, device)
+        loss_fn = LossFn(models, args, cache, train_encoders, prior)
+        val_dataset = dataset_for(val_items, with_classes=False) if val_items else None
+
+        unet = models.unet
+        encoders: list[nn.Module] = list(train_encoders)
+        steps_log = T.StepLog(output_dir / T.STEP_LOG, enabled=accelerator.is_main_process)
+        if resume is not None:
+            order = {"search": 0, "train": 1}
+            steps_log.truncate(lambda r: (order[r["phase_kind"]], r["step"]) <= (order[resume.phase], resume.step))
+        if accelerator.is_main_process and args.report_to != "none":
+            accelerator.init_trackers("dreambooth-dash", config={k: v for k, v in T.run_arguments(args).items()
+                                                                  if isinstance(v, (int, float, str, bool))})
+
+        def setup_phase(name: str, part: Sequence[Item], steps: Optional[int]) -> Phase:
+            """Prepare model, optimizer, scheduler and data loader for one phase."""
+            nonlocal unet, encoders
+            dataloader = accelerator.prepare(make_dataloader(dataset_for(part), args))
+            updates = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+            if steps is None:
+                steps = args.num_train_epochs * updates
+            lr_scale = accelerator.num_processes * args.train_batch_size * args.gradient_accumulation_steps if args.scale_lr else 1
+            groups = param_groups(args, accelerator.unwrap_model(unet), [accelerator.unwrap_model(t) for t in encoders])
+            for g in groups:
+                g["lr"] *= lr_scale
+                # AutoLoRA: β is the outer variable, stepped by its own optimizer, never by the weights'.
+                g["params"] = [p for p in g["params"] if not any(p is b for b in betas_of(unet))]
+            optimizer = make_optimizer(args, groups)
+            scheduler = make_scheduler(args, optimizer, steps, accelerator.num_processes)
+            unet, optimizer, scheduler, *encoders = accelerator.prepare(unet, optimizer, scheduler, *encoders)
+            loss_fn.train_encoders = list(encoders)  # the prepared (DDP) modules, so their gradients are reduced
+            return Phase(name, name, steps, dataloader, optimizer, scheduler, updates)
+
+        def betas_of(model: nn.Module) -> list[nn.Parameter]:
+            return [p for n, p in accelerator.unwrap_model(model).named_parameters() if "lora_autolora_beta" in n]
+
+        # ================================================================ AutoLoRA search
+        def run_search() -> dict[str, int]:
+            from dashdiff.autolora import BilevelStep
+
+            phase = setup_phase("search", search_items, args.autolora_search_steps)
+            args.autolora_search_steps = phase.max_steps
+            # β's optimizer is prepared too, so save_state / load_state carry its Adam moments.
+            beta_opt = accelerator.prepare_optimizer(
+                torch.optim.Adam(betas_of(unet), lr=args.autolora_meta_lr, betas=(0.5, 0.999)))
+            bilevel = BilevelStep(unet, weight_optimizer=phase.optimizer, beta_optimizer=beta_opt, mode=args.autolora_hypergradient,
+                                  rollback=args.autolora_rollback, accelerator=accelerator,
+                                  max_grad_norm=args.max_grad_norm)
+            start = resume.step if resume is not None and resume.phase == "search" else 0
+            if start:
+                accelerator.load_state(str(resume.path))
+
+            def val_batch(step: int, micro: int) -> dict[str, Any]:
+                gen = T.step_generator(args.seed, _VAL_PICK, step, micro, accelerator.process_index)
+                idx = torch.randint(0, len(val_dataset), (args.train_batch_size,), generator=gen).tolist()
+                batch = collate([val_dataset.example(i, step) for i in idx])
+                vgen = T.step_generator(args.seed, _VAL_NOISE, step, micro, accelerator.process_index)
+                inputs = draw_inputs(batch, models, vgen, device, args, vae_dtype)
+                inputs["prior"] = False
+                return inputs
+
+            def guarded_loss(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+                # Every loss pass (inner, validation, finite differences) is checked on every process;
+                # BilevelStep puts w, β and the optimizers back when this raises.
+                loss = loss_fn(model, inputs)
+                T.check_finite_loss(accelerator.reduce(loss.detach().clone(), "mean"), guarded_loss.step, "search",
+                                    last_checkpoint[0])
+                return loss
+
+            def search_step(batch, step: int, micro: int) -> dict[str, Any]:
+                gen = T.step_generator(args.seed, _NOISE, 0, step, micro, accelerator.process_index)
+                torch.manual_seed(T.step_seed(args.seed, _DROPOUT, 0, step, micro, accelerator.process_index))
+                inputs = draw_inputs(batch, models, gen, device, args, vae_dtype)
+                guarded_loss.step = step
+                return bilevel.step(inputs, val_batch(step, micro), guarded_loss)
+
+            run_loop(phase, start, search_step, bilevel_mode=True)
+            root = accelerator.unwrap_model(unet)
+            alphas.update({n: a.tolist() for n, a in dashdiff.selection_weights(root).items()})
+            return dashdiff.determine_ranks(root)
+
+        # ================================================================ the step loop
+        state = {"launch": None}
+
+        def train_step(batch, step: int, micro: int):
+            gen = T.step_generator(args.seed, _NOISE, 1, step, micro, accelerator.process_index)
+            # Dropout uses the global RNG: reseed it from the position so a resume draws the same masks.
+            torch.manual_seed(T.step_seed(args.seed, _DROPOUT, 1, step, micro, accelerator.process_index))
+            inputs = draw_inputs(batch, models, gen, device, args, vae_dtype)
+            with accelerator.accumulate(unet, *encoders):
+                loss = loss_fn(unet, inputs)
+                mean = accelerator.reduce(loss.detach(), "mean")  # NaN anywhere stops every process together
+                T.check_finite_loss(mean, step, current_phase[0].name, last_checkpoint[0])
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(trainable([unet, *encoders]), args.max_grad_norm)
+                current_phase[0].optimizer.step()
+                current_phase[0].scheduler.step()
+                current_phase[0].optimizer.zero_grad(set_to_none=True)
+            return {"train_loss": float(mean)}
+
+        current_phase: list[Optional[Phase]] = [None]
+
+        def save_checkpoint(phase: Phase, step: int, extra: dict) -> None:
+            name = T.checkpoint_name(phase.name, step)
+            path = output_dir / name
+            if accelerator.is_main_process:
+                T.prune_checkpoints(output_dir, args.checkpoints_total_limit)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(path))
+            if accelerator.is_main_process:
+                T.write_checkpoint_info(path, {"phase": phase.name, "step": step, "method": args.method,
+                                               "fingerprint": fingerprint, **extra})
+            accelerator.wait_for_everyone()
+            last_checkpoint[0] = path
+            logger.info("saved %s", path)
+
+        def run_loop(phase: Phase, start: int, step_fn, bilevel_mode: bool = False) -> None:
+            """Epochs over the phase's data from optimizer step ``start``: skip what a resume has seen."""
+            current_phase[0] = phase
+            label = {"search": "search", "train": "retrain" if args.method == "autolora" else "train"}[phase.name]
+            bar = _progress(phase.max_steps, start, not accelerator.is_local_main_process, label)
+            step = start
+            num_epochs = math.ceil(phase.max_steps / phase.updates_per_epoch)
+            first_epoch = start // phase.updates_per_epoch
+            skip = (start % phase.updates_per_epoch) * args.gradient_accumulation_steps
+            accum = args.gradient_accumulation_steps
+            for epoch in range(first_epoch, num_epochs):
+                unet.train()
+                for t in encoders:
+                    t.train()
+                phase.dataloader.set_epoch(epoch)
+                loader = phase.dataloader
+                if epoch == first_epoch and skip:
+                    loader = accelerator.skip_first_batches(phase.dataloader, skip)
+                    loader.set_epoch(epoch)
+                micro = 0
+                losses: list[float] = []
+                n_batches = len(phase.dataloader) - (skip if epoch == first_epoch else 0)
+                for i, batch in enumerate(loader):
+                    out = step_fn(batch, step, micro)
+                    losses.append(out["train_loss"])
+                    micro += 1
+                    # An optimizer step ends after `accum` micro-batches or at the end of the epoch
+                    # (accelerate syncs at the end of the data loader too).
+                    if micro < accum and i + 1 < n_batches:
+                        continue
+                    micro = 0
+                    skipped = bool(out.get("skipped")) if bilevel_mode else accelerator.optimizer_step_was_skipped
+                    if bilevel_mode:
+                        phase.scheduler.step()
+                    step += 1
+                    # The phase the step's loss was computed in (a launch happens after its step).
+                    if args.method == "dash":
+                        label = "dash" if state["launch"] is not None else "pre-launch"
+                    row = {"step": step, "phase": label, "phase_kind": phase.name, "loss": sum(losses) / len(losses),
+                           "lr": phase.scheduler.get_last_lr()[0], "epoch": epoch}
+                    if bilevel_mode and out.get("val_loss") is not None:
+                        row["val_loss"] = out["val_loss"]
+                    losses = []
+                    if args.method == "dash" and not skipped:
+                        if dashdiff.dash_step(host()):
+                            state["launch"] = {"step": step, "seconds": dashdiff.dash.last_launch_seconds,
+                                               "directions": args.dash_directions,
+                                               "layers": sum(1 for _ in dashdiff.walk.iter_layers(host(), "dash"))}
+                            logger.info("LoRA-Dash launched after optimizer step %d: %d directions in each of %d layers, "
+                                        "chosen in %.2f s", step, args.dash_directions, state["launch"]["layers"],
+                                        state["launch"]["seconds"])
+                            if on_event:
+                                on_event("launch", {"host": host(), "step": step})
+                    steps_log.write(row)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", phase=row["phase"])
+                    if args.report_to != "none":
+                        accelerator.log({"loss": row["loss"], "lr": row["lr"]}, step=step)
+                    if step % args.checkpointing_steps == 0:
+                        save_checkpoint(phase, step, {"autolora_ranks": ranks, "autolora_alphas": alphas} if ranks else {})
+                    if step >= phase.max_steps:
+                        break
+                if (args.validation_prompt and phase.name == "train" and (epoch + 1) % args.validation_epochs == 0
+                        and step < phase.max_steps):
+                    validate(f"epoch-{epoch + 1}")
+                if step >= phase.max_steps:
+                    break
+            bar.close()
+
+        def validate(tag: str) -> None:
+            if not accelerator.is_main_process:
+                return
+            was_training = unet.training
+            # --train_text_encoder adapts every text encoder, so the list is all or nothing.
+            texts = [accelerator.unwrap_model(t) for t in encoders] if encoders else models.text_encoders
+            pipe = build_pipeline(models, accelerator.unwrap_model(unet), texts, weight_dtype)
+            images = render(pipe, args.validation_prompt, args.num_validation_images, args, device)
+            folder = output_dir / "validation"
+            folder.mkdir(exist_ok=True)
+            for i, img in enumerate(images):
+                img.save(folder / f"{tag}-{i}.png")
+            unet.train(was_training)
+
+        # ================================================================ run the phases
+        if args.method == "autolora" and phase_name == "search":
+            ranks = run_search()
+            if on_event:
+                on_event("search_end", {"host": host(), "ranks": ranks})
+            logger.info("AutoLoRA search done: per-layer ranks %s", _rank_histogram(ranks))
+            # Retrain: a fresh plain LoRA with the found ranks, on all instance images.
+            root = accelerator.unwrap_model(unet)
+            accelerator.free_memory()
+            unet = root
+            unet.delete_adapters("default")
+            torch.manual_seed(T.step_seed(args.seed, 99))  # the fresh LoRA's init does not depend on how the search ran
+            unet.add_adapter(retrain_adapter_config(args, ranks))
+            if weight_dtype != torch.float32:
+                from diffusers.training_utils import cast_training_params
+
+                unet.to(dtype=weight_dtype)
+                cast_training_params([unet], dtype=torch.float32)
+            resume = None
+        phase = setup_phase("train", items, args.max_train_steps)
+        args.max_train_steps = phase.max_steps
+        start = 0
+        if resume is not None and resume.phase == "train":
+            accelerator.load_state(str(resume.path))
+            start = resume.step
+            if args.method == "dash":
+                launched = [l.lora_dash_launch_step[a] for _, l, a in dashdiff.walk.iter_layers(host(), "dash")]
+                if launched and int(launched[0]) >= 0:
+                    state["launch"] = {"step": int(launched[0]), "seconds": None, "directions": args.dash_directions,
+                                       "layers": len(launched), "restored": True}
+        run_loop(phase, start, train_step)
+        accelerator.wait_for_everyone()
+        if on_event:
+            on_event("end", {"host": host(), "step": phase.max_steps})
+
+        # ================================================================ outputs
+        final_host = host()
+        if accelerator.is_main_process:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "not launched yet" is reported in the record instead
+                dashdiff.export_lora(final_host, output_dir, format="diffusers")
+                if args.output_kohya_format:
+                    dashdiff.export_lora(final_host, output_dir, format="kohya")
+            dashdiff.save_adapter(final_host, output_dir / T.ADAPTER_STATE)
+            if args.save_reference_output:
+                save_reference_output(final_host, models, args, device, output_dir)
+            if ranks is not None:
+                _write_ranks(output_dir, ranks, alphas, args)
+            record.update(status="done", global_step=phase.max_steps, seconds=round(time.time() - started, 2),
+                          dash_launch=state["launch"], autolora_ranks=ranks,
+                          lora_weights=str(output_dir / "pytorch_lora_weights.safetensors"))
+            images = []
+            if args.validation_prompt:
+                images = final_validation(args, models, model_path, output_dir, weight_dtype, device)
+            record["validation_images"] = images
+            (output_dir / "README.md").write_text(model_card(args, family, record, images), encoding="utf-8")
+            T.write_run_record(output_dir, record)
+            logger.info("done: %s (stock-loadable LoRA), %s (full dashdiff state)", output_dir / "pytorch_lora_weights.safetensors",
+                        output_dir / T.ADAPTER_STATE)
+        accelerator.wait_for_everyone()
+    except T.NonFiniteLossError as err:
+        # Leave a record of why there are no final weights; the last good checkpoint stays as it was.
+        if accelerator.is_main_process:
+            record.update(status="stopped: non-finite loss", error=str(err),
+                          last_checkpoint=str(last_checkpoint[0]) if last_checkpoint[0] else None)
+            T.write_run_record(output_dir, record)
+        accelerator.end_training()
+        raise
     accelerator.end_training()
     return record
 

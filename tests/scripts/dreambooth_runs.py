@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("dreambooth_dash", ROOT / "train" / "dreambooth_dash.py")
 db = importlib.util.module_from_spec(spec)
+sys.modules["dreambooth_dash"] = db  # dataclasses look their module up there
 spec.loader.exec_module(db)
 
 
