@@ -337,6 +337,7 @@ def check_outputs(folder: Path, kohya: bool, validation: bool) -> dict:
 
 
 def check_stock_results(results: list[dict], expected_files: int) -> None:
+    print(json.dumps(results, indent=1))  # shown with pytest -s: the measured errors
     assert len(results) == expected_files
     for r in results:
         assert r["output_err"] < 1e-4 and r["embeds_err"] < 1e-4, r

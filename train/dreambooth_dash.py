@@ -87,7 +87,6 @@ Differences from the diffusers scripts
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import logging
@@ -214,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text_encoder_lr", type=float, default=None, help="Learning rate of the text encoder adapters (default: --learning_rate).")
     g.add_argument("--adam_weight_decay_text_encoder", type=float, default=None)
     g.add_argument("--pre_compute_text_embeddings", action="store_true",
-                   help="Encode the prompts once and free the text encoders (not with --train_text_encoder).")
+                   help="Encode every prompt once before training (frozen text encoders are otherwise run once per "
+                        "new prompt and cached; not with --train_text_encoder).")
     g.add_argument("--tokenizer_max_length", type=int, default=None)
     g.add_argument("--text_encoder_use_attention_mask", action="store_true")
 
@@ -1027,7 +1027,10 @@ def model_card(args, family: str, record: dict, images: list[str]) -> str:
         "```python",
         "import torch",
         f"from diffusers import {'StableDiffusionXLPipeline' if family == 'sdxl' else 'StableDiffusionPipeline'} as Pipeline",
-        f"pipe = Pipeline.from_pretrained({base!r}, torch_dtype=torch.float16).to('cuda')",
+        *(["from dashdiff.tiny import resolve_model  # tiny-sd / tiny-sdxl are dashdiff's local test models",
+            f"pipe = Pipeline.from_pretrained(resolve_model({base!r}))"]
+          if base in ("tiny-sd", "tiny-sdxl") else
+          [f"pipe = Pipeline.from_pretrained({base!r}, torch_dtype=torch.float16).to('cuda')"]),
         "pipe.load_lora_weights('path/to/this/folder')  # pytorch_lora_weights.safetensors",
         f"image = pipe({args.instance_prompt!r}, cross_attention_kwargs={{'scale': 1.0}}).images[0]",
         "```",
