@@ -195,6 +195,15 @@ def test_bad_instance_data_is_named(db, tmp_path):
     assert [i.prompt for i in got] == ["sks toy on grass"]
     with pytest.raises(T.TrainingError, match="no caption column 'caption'"):
         items(instance_data_dir=None, dataset_name=str(ds), caption_column="caption")
+    # AutoLoRA needs held-out images: refused before anything is written
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "a.png").write_bytes((ROOT / "assets" / "subject" / "toycat_2.png").read_bytes())
+    argv = base(tmp_path / "never", "tiny-sd", "--method", "autolora", "--max_train_steps", "1")
+    argv[argv.index("--instance_data_dir") + 1] = str(one)
+    with pytest.raises(T.TrainingError, match="AutoLoRA validation split .* 1 example"):
+        run(db, argv)
+    assert not (tmp_path / "never").exists()
 
 
 def test_unknown_lora_layer_lists_valid_names(db):

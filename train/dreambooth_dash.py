@@ -500,7 +500,8 @@ def check_images(files: Sequence[Path]) -> None:
 
 
 def instance_items(args: argparse.Namespace) -> list[Item]:
-    """The instance images with their prompts (caption or --instance_prompt), checked."""
+    """The instance images with their prompts (caption or --instance_prompt), checked; without
+    --repeats (applied after the AutoLoRA split, so no image lands on both sides)."""
     if args.instance_data_dir is not None:
         folder = Path(args.instance_data_dir)
         files = image_files(folder, "--instance_data_dir")
@@ -540,7 +541,7 @@ def instance_items(args: argparse.Namespace) -> list[Item]:
         if not items:
             raise TrainingError(f"--dataset_name {folder} holds no images")
         check_images([i.path for i in items])
-    return items * args.repeats
+    return items
 
 
 class DreamBoothDataset(Dataset):
@@ -922,7 +923,6 @@ class Phase:
     """One optimisation phase: 'train' (LoRA / LoRA-Dash / AutoLoRA retrain) or 'search'."""
 
     name: str
-    label: str  # the progress-bar phase before launch etc.
     max_steps: int
     dataloader: Any
     optimizer: Any
@@ -1130,7 +1130,15 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
         logger.info("--resume_from_checkpoint latest: no checkpoint in %s, starting a new run", output_dir)
     T.check_output_dir(output_dir, fingerprint, args.resume_from_checkpoint if resume else None,
                        args.overwrite_output_dir)
-    items = instance_items(args)
+    unique_items = instance_items(args)
+    split: Optional[tuple[list[int], list[int]]] = None  # AutoLoRA: (search-train, search-validation) indices
+    if args.method == "autolora":
+        from dashdiff.autolora import split_indices
+
+        try:
+            split = split_indices(len(unique_items), args.autolora_val_fraction, args.seed)
+        except ValueError as err:
+            raise TrainingError(f"AutoLoRA validation split of the instance images: {err}") from None
     if resume is not None:
         if args.method != "autolora" and resume.phase == "search":
             raise TrainingError(f"{resume.path} is an AutoLoRA search checkpoint; this run is --method {args.method}")
@@ -1153,6 +1161,9 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
         "model_path": model_path, "num_processes": accelerator.num_processes, "status": "running",
         "dashdiff_version": dashdiff.__version__, "resumed_from": str(resume.path) if resume else None,
     }
+    if split is not None:
+        record["autolora_split"] = {part: [str(unique_items[i].path) for i in idx]
+                                    for part, idx in zip(("train", "validation"), split)}
     previous = T.read_run_record(output_dir)
     if resume is not None and previous and previous.get("fingerprint") != fingerprint:
         logger.warning("resuming a run started with other arguments (hash %s, now %s)", previous.get("fingerprint"),
@@ -1210,17 +1221,11 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
         # ---- data
         cache = PromptCache()
         prior = bool(classes)
+        items = unique_items * args.repeats
         search_items, val_items = items, []
-        if args.method == "autolora":
-            from dashdiff.autolora import split_indices
-
-            try:
-                train_idx, val_idx = split_indices(len(items), args.autolora_val_fraction, args.seed)
-            except ValueError as err:
-                raise TrainingError(f"AutoLoRA validation split: {err}") from None
-            search_items = [items[i] for i in train_idx]
-            val_items = [items[i] for i in val_idx]
-            record["autolora_split"] = {"train": [str(i.path) for i in search_items], "validation": [str(i.path) for i in val_items]}
+        if split is not None:
+            search_items = [unique_items[i] for i in split[0]] * args.repeats
+            val_items = [unique_items[i] for i in split[1]]
 
         def dataset_for(part: Sequence[Item], with_classes: bool = True) -> DreamBoothDataset:
             ds = DreamBoothDataset(part, classes if with_classes else [], args.resolution, args.center_crop,
@@ -1261,7 +1266,7 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
             scheduler = make_scheduler(args, optimizer, steps, accelerator.num_processes)
             unet, optimizer, scheduler, *encoders = accelerator.prepare(unet, optimizer, scheduler, *encoders)
             loss_fn.train_encoders = list(encoders)  # the prepared (DDP) modules, so their gradients are reduced
-            return Phase(name, name, steps, dataloader, optimizer, scheduler, updates)
+            return Phase(name, steps, dataloader, optimizer, scheduler, updates)
 
         def betas_of(model: nn.Module) -> list[nn.Parameter]:
             return [p for n, p in accelerator.unwrap_model(model).named_parameters() if "lora_autolora_beta" in n]
