@@ -229,18 +229,6 @@ def split_records(records: list[dict], val_set_size: int, seed: int) -> tuple[li
     return [records[i] for i in perm[val_set_size:]], [records[i] for i in perm[:val_set_size]]
 
 
-def search_split(train: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """AutoLoRA's (search-train, search-val) split, carved from the training records only."""
-    n_val = round(len(train) * fraction)
-    if not 0 < n_val < len(train):
-        raise ValueError(
-            f"--autolora_val_fraction {fraction} of {len(train)} training records leaves an empty split"
-        )
-    # A different stream than split_records', so the two splits are independent.
-    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1)).tolist()
-    return [train[i] for i in perm[n_val:]], [train[i] for i in perm[:n_val]]
-
-
 def tokenize_records(records: list[dict], tokenizer: Any, args: argparse.Namespace) -> list[Example]:
     out = []
     for rec in records:
@@ -817,7 +805,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if kind == "autolora":
         # The search's validation split comes out of the training records; --val_set_size stays the
         # held-out evaluation set, as in LLM-Adapters. The retrain uses all training records.
-        search_records, search_val_records = search_split(train_records, args.autolora_val_fraction, args.seed)
+        from dashdiff.autolora import split_train_val
+
+        search_records, search_val_records = split_train_val(train_records, args.autolora_val_fraction, args.seed)
         record["data"].update(search_train=len(search_records), search_val=len(search_val_records))
         ranks = None
         if resume is not None and resume.phase == "train":  # the search is over: its ranks were recorded
