@@ -177,12 +177,14 @@ class DashdiffLinear(LoraLinear):
         self.lora_dash_V[adapter] = a_cat[r:]
         self.lora_dash_U[adapter] = b_cat[:, r:]
         key = (a_p.data_ptr(), b_p.data_ptr(), delta.data_ptr())
-        self._dash_storage[adapter] = (a_cat, b_cat, c_cat, a_p, b_p, delta, key)
+        self._dash_storage[adapter] = (a_cat, b_cat, c_cat, key)
         return self._dash_storage[adapter]
 
     def _storage(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The (r+s × in) and (out × r+s) storages, re-fused if anything moved the views apart."""
-        a_cat, b_cat, _, a_p, b_p, delta, key = self._dash_storage[adapter]
+        a_cat, b_cat, _, key = self._dash_storage[adapter]
+        a_p, b_p = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        delta = self.lora_dash_delta[adapter]
         views = (self.lora_dash_V[adapter].data_ptr(), self.lora_dash_U[adapter].data_ptr())
         r = self.r[adapter]
         if (a_p.data_ptr(), b_p.data_ptr(), delta.data_ptr()) != key or views != (
@@ -277,8 +279,11 @@ class DashdiffLinear(LoraLinear):
 
     def _dash_delta_out(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         # Hot path (every forward of every targeted layer): few lookups, no per-call concatenation.
-        a_cat, b_cat, c_cat, a_p, b_p, delta, key = self._dash_storage[adapter]
-        if (a_p.data_ptr(), b_p.data_ptr(), delta.data_ptr()) != key:  # Module.to() moved the views apart
+        a_cat, b_cat, c_cat, key = self._dash_storage[adapter]
+        a_p, b_p = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        delta = self.lora_dash_delta[adapter]
+        # Module.to() / PEFT's adapter-dtype cast replace data or whole Parameters: re-fuse then.
+        if (a_p.data_ptr(), b_p.data_ptr(), delta.data_ptr()) != key:
             a_cat, b_cat, c_cat = self._fuse_storage(adapter)[:3]
         r = self.r[adapter]
         lam = self.scaling[adapter] / self._base_scaling[adapter]

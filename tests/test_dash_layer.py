@@ -328,3 +328,28 @@ def test_prefetched_spectra_give_the_same_launch():
     for n in layers(plain):
         torch.testing.assert_close(layers(pre)[n].lora_dash_U["default"].abs(), layers(plain)[n].lora_dash_U["default"].abs())
     assert all(not layer.eig_cache for layer in layers(pre).values())  # consumed at launch
+
+
+def test_half_precision_base_trains_the_models_own_parameters():
+    # PEFT upcasts half-precision adapters to float32 by replacing the Parameter objects: the
+    # fused path must follow the model's current parameters, before and after launch.
+    torch.manual_seed(0)
+    cfg = LoraDashConfig(r=4, lora_alpha=4, target_modules=["q_proj", "o_proj"], dash_warmup_steps=1,
+                         dash_directions=2, init_lora_weights="gaussian")
+    model = peft.get_peft_model(Tiny().to(torch.bfloat16), cfg)
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    for launched in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x).float().pow(2).mean()
+        loss.backward()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                assert p.dtype == torch.float32 and p.grad is not None, n
+                if "lora_B" in n or ("lora_dash_delta" in n and launched):
+                    assert p.grad.abs().sum() > 0, n
+        model.zero_grad()
+        if not launched:
+            dashdiff.launch_dash(model)
+            for layer in layers(model).values():
+                with torch.no_grad():
+                    layer.lora_dash_delta["default"].fill_(0.1)
