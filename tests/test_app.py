@@ -1,0 +1,386 @@
+"""The demo app: Renderer directly, the served app through gradio_client, and a real browser.
+
+Adapters are made here on the tiny SD model: one LoRA-Dash adapter (launched, δ ≠ 0) and a plain
+LoRA with *the same* A and B, so LoRA and LoRA-Dash images differ by the dash term alone; an
+AutoLoRA adapter; and a LoRA for tiny-sdxl, whose cross-attention shapes differ (the "LoRA for
+another base model" case). Each is written both ways, plain (``export_lora``) and full state
+(``save_adapter``), as ``make demo`` does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dashdiff
+from dashdiff.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+STEPS = 4  # a 64 px, 4-step render of the tiny model takes ~0.1 s
+
+
+def _load_module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+app = _load_module("dashdiff_app", REPO / "app.py")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny model gains nothing from intra-op threads, and on a busy 2-core machine OpenMP's
+    waiting threads made each 4-step render take seconds instead of ~0.1 s (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _fill(pipe, pattern: str, std: float, seed: int, mean: float = 0.0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if pattern in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std + mean)
+
+
+def _dash_config():
+    return dashdiff.LoraDashConfig(r=4, lora_alpha=4, target_modules=TARGETS, dash_warmup_steps=1, dash_directions=2)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Any]:
+    """Folders ``lora``, ``dash``, ``autolora``, ``sdxl`` and ``retrained``, each with both files
+    (``retrained`` also with an AutoLoRA rank report); ``records``: the LoRA-Dash selection per
+    layer; ``report_ranks``: the ranks in the report."""
+    from peft import LoraConfig
+
+    root = tmp_path_factory.mktemp("adapters")
+    dash = tiny_sd_pipeline()
+    dash.unet.add_adapter(_dash_config())
+    _fill(dash, "lora_B", 0.3, 1)
+    dashdiff.launch_dash(dash.unet)
+    _fill(dash, "lora_dash_delta", 2.0, 2)
+
+    lora = tiny_sd_pipeline()
+    lora.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS))
+    same = {n: p for n, p in dash.unet.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+    with torch.no_grad():
+        for n, p in lora.unet.named_parameters():
+            if n in same:
+                p.copy_(same[n])
+
+    auto = tiny_sd_pipeline()
+    auto.unet.add_adapter(dashdiff.AutoLoraConfig(r=4, lora_alpha=4, target_modules=TARGETS))
+    _fill(auto, "lora_B", 0.3, 3)
+    _fill(auto, "lora_autolora_beta", 0.5, 4, mean=1.0)
+
+    sdxl = tiny_sdxl_pipeline()
+    sdxl.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS))
+    _fill(sdxl, "lora_B", 0.3, 5)
+
+    out = {}
+    for name, pipe in (("dash", dash), ("lora", lora), ("autolora", auto), ("sdxl", sdxl)):
+        dashdiff.export_lora(pipe, root / name)
+        dashdiff.save_adapter(pipe, root / name)
+        out[name] = root / name
+    out["records"] = {n: l.dash_record["default"]["indices"].tolist()
+                      for n, l, _ in dashdiff.walk.iter_layers(dash, "dash")}
+    # A retrained AutoLoRA, as the training script leaves it: a plain LoRA (full state and export)
+    # plus the search's rank report beside it.
+    from dashdiff.rank_report import write_rank_report
+
+    retrained = root / "retrained"
+    dashdiff.export_lora(lora, retrained)
+    dashdiff.save_adapter(lora, retrained)
+    ranks = {f"layer{i}": i % 4 + 1 for i in range(6)}
+    alphas = {n: torch.softmax(torch.arange(4.0) * (i + 1), 0) for i, n in enumerate(ranks)}
+    write_rank_report((ranks, alphas), retrained, plot=False)
+    out["retrained"], out["report_ranks"] = retrained, list(ranks.values())
+    return out
+
+
+@pytest.fixture(scope="module")
+def renderer(files):
+    """One Renderer for the module: LoRA from its plain file, LoRA-Dash and AutoLoRA from their
+    full-state files (converted on load). Tests that load bad files check the slots survive."""
+    r = app.Renderer("tiny-sd", device="cpu")
+    r.load("lora", files["lora"] / app.PLAIN_FILE)
+    r.load("dash", files["dash"] / app.STATE_FILE)
+    r.load("autolora", files["autolora"] / app.STATE_FILE)
+    yield r
+    r.close()
+
+
+def _px(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB")).astype(np.int16)
+
+
+def _differ(a: Image.Image, b: Image.Image) -> float:
+    return float(np.abs(_px(a) - _px(b)).mean())
+
+
+# --------------------------------------------------------------------------- Renderer, no gradio
+
+
+def test_render_same_seed_identical_methods_differ(renderer, files):
+    first = renderer.render("a photo of sks cat", seed=3, steps=STEPS)
+    assert [im.size for im in first] == [(64, 64)] * 4  # base, LoRA, LoRA-Dash, AutoLoRA
+    again = renderer.render("a photo of sks cat", seed=3, steps=STEPS)
+    for a, b in zip(first, again):
+        assert np.array_equal(_px(a), _px(b)), "same seed, same settings must give the same pixels"
+    base, lora, dash, auto = first
+    assert _differ(base, lora) > 1 and _differ(lora, dash) > 1 and _differ(base, auto) > 1
+    # another seed gives another image
+    assert _differ(renderer.render("a photo of sks cat", seed=4, steps=STEPS, methods=["base"])[0], base) > 1
+    # scale 0 switches the adapter off: LoRA-Dash at λ = 0 is the base model exactly
+    zero = renderer.render("a photo of sks cat", seed=3, steps=STEPS, scale=0.0, methods=["dash"])[0]
+    assert np.array_equal(_px(zero), _px(base))
+
+
+def test_full_state_file_renders_like_its_plain_export(renderer, files):
+    before = renderer.render("a toy", seed=1, steps=STEPS, methods=["dash"])[0]
+    other = app.Renderer("tiny-sd", device="cpu")
+    try:
+        other.load("dash", files["dash"] / app.PLAIN_FILE)
+        plain = other.render("a toy", seed=1, steps=STEPS, methods=["dash"])[0]
+    finally:
+        other.close()
+    assert np.array_equal(_px(before), _px(plain))
+    # the slot's adapter is loaded once, under one name, and switched, not reloaded
+    names = {a for v in renderer.pipe.get_list_adapters().values() for a in v}
+    assert names == {renderer.adapters[s].adapter_name for s in app.SLOTS}
+
+
+def test_inspect_records_match_the_trained_adapter(renderer, files):
+    data = renderer.inspect("dash")
+    assert data.method == "dash" and len(data.dash) == len(files["records"])
+    assert {l.name: l.indices.tolist() for l in data.dash} == files["records"]
+    layer = data.dash[0]
+    assert layer.sigma.shape == layer.change_rate.shape and layer.launch_step == 0
+    assert torch.all(layer.selected_rates >= layer.median_rate)
+    auto = renderer.inspect(str(files["autolora"] / app.STATE_FILE))
+    assert auto.method == "autolora" and all(1 <= l.rank <= 4 for l in auto.autolora)
+    with pytest.raises(app.RenderError, match="plain LoRA file"):
+        renderer.inspect(str(files["dash"] / app.PLAIN_FILE))
+    # a retrained AutoLoRA: the ranks and α come from the rank report beside the file, or the report itself
+    for source in (files["retrained"] / app.STATE_FILE, files["retrained"] / app.RANK_REPORT):
+        data = renderer.inspect(str(source))
+        assert data.method == "autolora" and [l.rank for l in data.autolora] == files["report_ranks"]
+        assert app.RANK_REPORT in data.note
+    assert renderer.inspect(str(files["lora"] / app.STATE_FILE)).method == "lora"  # no report: nothing to show
+
+
+def test_plots_are_images(renderer):
+    from dashdiff import inspect_plots as plots
+
+    data = renderer.inspect("dash")
+    for img in (plots.plot_dash_overview(data.dash), plots.plot_dash_layer(data.dash[0]),
+                plots.plot_autolora(renderer.inspect("autolora").autolora)):
+        assert img.format == "PNG" and img.size[0] >= 600 and img.size[1] >= 300
+        assert _px(img).std() > 10  # something was drawn
+    assert plots.short_name("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q") == \
+        "down1.att0.tb0.attn1.to_q"
+
+
+def test_bad_files_are_refused_and_slots_survive(renderer, files, tmp_path):
+    kept = {s: a.adapter_name for s, a in renderer.adapters.items()}
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    not_lora = tmp_path / "weights.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"conv.weight": torch.zeros(2, 2)}, str(not_lora))
+    cases = [
+        (corrupt, "not a readable .safetensors"),
+        (not_lora, "not a LoRA"),
+        (files["sdxl"] / app.PLAIN_FILE, "different base model"),
+        (files["sdxl"] / app.STATE_FILE, "trained on another base model"),
+        (tmp_path / "missing.safetensors", "no such file"),
+    ]
+    for path, message in cases:
+        with pytest.raises(app.RenderError, match=message):
+            renderer.load("lora", path)
+    assert {s: a.adapter_name for s, a in renderer.adapters.items()} == kept
+    assert len(renderer.render("still works", steps=STEPS, methods=["lora"])) == 1
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"prompt": "   "}, "Enter a prompt"),
+        ({"steps": 0}, "Steps must be from 1"),
+        ({"steps": 2.5}, "whole number"),
+        ({"width": 60}, "Width must be from 64"),
+        ({"height": 100}, "multiple of 8"),
+        ({"width": 4096}, "Width must be from 64 to 2048"),
+        ({"guidance": float("nan")}, "Guidance"),
+        ({"seed": -1}, "Seed"),
+    ],
+)
+def test_bad_inputs_are_refused(renderer, change, message):
+    kwargs = dict(prompt="a cat", seed=0, steps=STEPS, guidance=7.5, width=64, height=64, scale=1.0) | change
+    with pytest.raises(app.RenderError, match=message):
+        renderer.render(**kwargs)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_missing_gradio_gives_a_one_line_hint(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
+    assert app.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == app.INSTALL_HINT and "dashdiff[app]" in err
+
+
+def test_defaults_and_demo_banner(tmp_path, files):
+    args = app.parse_args([])
+    assert (args.base, args.host, args.port, args.lora) == ("tiny-sd", "127.0.0.1", 7860, None)
+    state = app.build_state(args, demo_dir=tmp_path / "nothing")
+    try:
+        assert "make demo" in state.banner and state.renderer.available() == ["base"]
+    finally:
+        state.renderer.close()
+    # a demo folder as make demo writes it: plain files render, their full-state siblings inspect
+    demo = tmp_path / "demo"
+    for slot in ("lora", "dash"):
+        (demo / slot).mkdir(parents=True)
+        for name in (app.PLAIN_FILE, app.STATE_FILE):
+            (demo / slot / name).write_bytes((files[slot] / name).read_bytes())
+    state = app.build_state(args, demo_dir=demo)
+    try:
+        assert "AutoLoRA" in state.banner and "LoRA-Dash," not in state.banner
+        assert state.renderer.adapters["dash"].source.name == app.PLAIN_FILE
+        assert state.renderer.inspect("dash").method == "dash"
+    finally:
+        state.renderer.close()
+
+
+# --------------------------------------------------------------------------- served app
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(renderer):
+    state = app.AppState(renderer=renderer, max_upload_mb=1, default_steps=STEPS)
+    port = _free_port()
+    demo = app.launch(state, "127.0.0.1", port, block=False)
+    url = f"http://127.0.0.1:{port}/"
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server, verbose=False)
+
+
+def _generate(client, prompt="a photo of sks cat", steps=STEPS, width=64, seed=5, with_base=True):
+    """/generate with the UI's inputs in order: prompt, negative, seed, steps, guidance, width,
+    height, LoRA scale, also-render-base."""
+    return client.predict(prompt, "", seed, steps, 7.5, width, 64, 1.0, with_base, api_name="/generate")
+
+
+def test_client_renders_side_by_side(client):
+    gallery, pair, note = _generate(client)
+    assert [g["caption"] for g in gallery] == ["Base model", "LoRA", "LoRA-Dash", "AutoLoRA"]
+    images = [Image.open(g["image"]) for g in gallery]
+    assert all(im.format == "PNG" and im.size == (64, 64) for im in images)
+    lora, dash = images[1], images[2]
+    assert _differ(lora, dash) > 1  # the dash term is all that differs between the two files
+    slider = [Image.open(p) for p in pair]
+    assert np.array_equal(_px(slider[0]), _px(lora)) and np.array_equal(_px(slider[1]), _px(dash))
+    gallery2, _, _ = _generate(client)
+    for a, b in zip(gallery, gallery2):
+        assert np.array_equal(_px(Image.open(a["image"])), _px(Image.open(b["image"])))
+    assert "seed 5" in note
+
+
+def test_client_errors_then_recovers(client, files, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a safetensors file at all")
+    calls = [
+        (lambda: _generate(client, prompt=""), "Enter a prompt"),
+        (lambda: _generate(client, steps=500), "500"),  # gradio's own slider check or ours
+        (lambda: _generate(client, width=60), "60"),
+        (lambda: client.predict("LoRA", handle_file(str(corrupt)), api_name="/load_adapter"), "not a readable"),
+        (lambda: client.predict("LoRA", handle_file(str(files["sdxl"] / app.PLAIN_FILE)), api_name="/load_adapter"),
+         "different base model"),
+        (lambda: client.predict(None, handle_file(str(files["dash"] / app.PLAIN_FILE)), api_name="/inspect"),
+         "plain LoRA file"),
+    ]
+    for call, message in calls:
+        with pytest.raises(AppError, match=message):
+            call()
+        gallery, _, _ = _generate(client, steps=1, with_base=False)  # the app keeps working
+        assert len(gallery) == 3
+
+
+def test_client_upload_size_limit(client, tmp_path):
+    from gradio_client import handle_file
+
+    big = tmp_path / "big.safetensors"
+    big.write_bytes(b"\x00" * (2 * 1024 * 1024))  # the test server allows 1 MB
+    # gradio_client refuses before sending; the server would answer 413 to a browser
+    with pytest.raises(Exception, match="exceeds the maximum file size"):
+        client.predict("LoRA", handle_file(str(big)), api_name="/load_adapter")
+    assert len(_generate(client, with_base=False)[0]) == 3
+
+
+def test_client_upload_replaces_slot_and_inspects(client, renderer, files):
+    from gradio_client import handle_file
+
+    old = renderer.adapters["autolora"].adapter_name
+    status, _ = client.predict("AutoLoRA", handle_file(str(files["autolora"] / app.STATE_FILE)),
+                               api_name="/load_adapter")
+    assert "AutoLoRA:** `dashdiff_adapter.safetensors`" in status
+    assert renderer.adapters["autolora"].adapter_name != old
+    assert old not in {a for v in renderer.pipe.get_list_adapters().values() for a in v}
+    summary, overview, layers, layer_plot, table = client.predict("LoRA-Dash", None, api_name="/inspect")
+    assert "LoRA-Dash" in summary and Image.open(overview).format == "PNG"
+    assert Image.open(layer_plot).size[0] > 300 and len(table["data"]) == len(files["records"])
+    for path in (files["autolora"] / app.STATE_FILE, files["retrained"] / app.RANK_REPORT):
+        summary, overview, *_ = client.predict(None, handle_file(str(path)), api_name="/inspect")
+        assert "AutoLoRA" in summary and Image.open(overview).format == "PNG"
+
+
+# --------------------------------------------------------------------------- real browser
+
+
+def test_browser_renders_images(server, tmp_path):
+    shot = _load_module("make_screenshot", REPO / "assets" / "make_screenshot.py")
+    if shot.find_chromium() is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium): the real-browser test needs it")
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright (drives the system Chromium)")
+    out = tmp_path / "app.png"
+    shown = shot.capture(server, out)
+    assert shown["error"] == ""
+    assert len(shown["images"]) == 4 and all(w == 64 and h == 64 for w, h in shown["images"])
+    assert shown["captions"] == ["Base model", "LoRA", "LoRA-Dash", "AutoLoRA"]
+    assert shown["slider"] == 2
+    img = Image.open(out)
+    assert img.size[0] >= 1000 and _px(img).std() > 10
