@@ -19,4 +19,7 @@ test: install
 	$(PY) -m pytest -q --durations=15
 
 bench: install
-	$(PY) bench/run.py --device cpu
+	$(PY) bench/step_time.py --model tiny-unet --device cpu --steps 30
+
+screenshot: install
+	$(PY) assets/make_screenshot.py
