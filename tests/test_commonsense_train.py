@@ -202,7 +202,7 @@ def test_loss_goes_down_and_only_response_tokens_count(base: Path, tmp_path: Pat
     # lm_head is adapted too: the random model's frozen head after RMSNorm caps the logits near ±1.3,
     # so without it no adapter could take the loss far below ln(460).
     run_main(["--base_model", str(base), "--data_path", str(data), "--output_dir", str(out), "--val_set_size", "0",
-              "--batch_size", "4", "--micro_batch_size", "2", "--num_epochs", "25", "--learning_rate", "2e-2",
+              "--batch_size", "4", "--micro_batch_size", "4", "--num_epochs", "25", "--learning_rate", "2e-2",
               "--warmup_steps", "0", "--lora_r", "8", "--lora_alpha", "16", "--dash_warmup_steps", "5",
               "--target_modules", "q_proj,v_proj,up_proj,down_proj,lm_head", "--train_on_inputs", "false",
               "--save_step", "1000", "--logging_steps", "1000"])

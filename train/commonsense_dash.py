@@ -13,11 +13,12 @@ options::
 Runs on one or several GPUs (``accelerate launch``, bf16 / fp16) or with plain ``python`` on CPU.
 
 Writes to ``--output_dir``: ``adapter_config.json`` + ``adapter_model.safetensors`` (a plain PEFT
-LoRA that stock ``PeftModel.from_pretrained`` loads; LoRA-Dash exports at rank r+s),
-``dashdiff_adapter.safetensors`` (dashdiff's full adapter state), ``training_log.jsonl`` (one
-JSON object per optimizer step, evaluation and event), ``run.json`` (settings, processes,
-timings, results), ``checkpoint-<step>/`` folders that resume exactly, ``merged/`` with
-``--export_merged``, and for AutoLoRA the rank report.
+LoRA that stock ``PeftModel.from_pretrained`` loads; LoRA-Dash exports at rank r+s, which is what
+a serving stack's maximum LoRA rank must allow), ``dashdiff_adapter.safetensors`` (dashdiff's
+full adapter state), ``dashdiff_steps.jsonl`` (one JSON object per optimizer step, evaluation and
+event), ``dashdiff_run.json`` (settings, processes, timings, results), ``checkpoint-<step>/``
+folders that resume exactly, ``merged/`` with ``--export_merged``, and for AutoLoRA the rank
+report (``autolora_ranks.md`` / ``.json`` / ``.png``).
 """
 
 from __future__ import annotations
@@ -27,11 +28,9 @@ import contextlib
 import hashlib
 import json
 import math
-import os
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -39,7 +38,6 @@ if __package__ in (None, ""):
     # Run as a script: make the repository's dashdiff importable without installing it.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -47,10 +45,6 @@ from dashdiff.commonsense import TEMPLATES, load_records, tokenize_example  # no
 
 ADAPTERS = ("lora", "dash", "autolora")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
-LOG_NAME = "training_log.jsonl"
-RUN_RECORD = "run.json"
-STATE_FILE = "dashdiff_adapter.safetensors"
-CHECKPOINT_STATE = "trainer_state.json"
 IGNORE = -100
 # Settings a checkpoint's trajectory depends on: resuming with other values would not be exact.
 _TRAJECTORY_KEYS = (
@@ -190,17 +184,20 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--num_epochs must be > 0")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise ValueError("--max_train_steps must be >= 1")
-    if args.val_set_size < 0 or args.warmup_steps < 0 or args.checkpoints_total_limit < 0:
-        raise ValueError("--val_set_size, --warmup_steps and --checkpoints_total_limit must be >= 0")
+    if args.val_set_size < 0 or args.warmup_steps < 0:
+        raise ValueError("--val_set_size and --warmup_steps must be >= 0")
+    if args.checkpoints_total_limit < 1:
+        raise ValueError("--checkpoints_total_limit must be >= 1 (the latest checkpoint is always kept)")
     if args.learning_rate <= 0 or args.max_grad_norm < 0 or not 0 <= args.lora_dropout < 1:
         raise ValueError("need --learning_rate > 0, --max_grad_norm >= 0 and 0 <= --lora_dropout < 1")
     if not 0 < args.autolora_val_fraction < 1:
         raise ValueError(f"--autolora_val_fraction must be in (0, 1), got {args.autolora_val_fraction}")
     if args.autolora_search_epochs <= 0:
         raise ValueError("--autolora_search_epochs must be > 0")
-    accumulation = args.batch_size // args.micro_batch_size
     if args.dash_warmup_steps is None:
-        args.dash_warmup_steps = math.ceil(100 / accumulation)
+        from dashdiff.training import default_dash_warmup_steps
+
+        args.dash_warmup_steps = default_dash_warmup_steps(args.batch_size // args.micro_batch_size)
     if args.dash_warmup_steps < 0:
         raise ValueError("--dash_warmup_steps must be >= 0")
 
@@ -288,12 +285,6 @@ class BatchPlan:
         return epoch, [order[m * self.micro : (m + 1) * self.micro] for m in range(first, last)]
 
 
-def micro_seed(seed: int, step: int, micro_index: int) -> int:
-    """Seed for one micro-batch's randomness (dropout): a function of its place in the run only, so
-    resumed and multi-process runs draw the masks an uninterrupted 1-process run draws."""
-    return int(np.random.SeedSequence([seed, step, micro_index]).generate_state(1)[0])
-
-
 # --------------------------------------------------------------------------- model
 
 
@@ -316,7 +307,8 @@ def check_base_dense(config: Any, adapter: str) -> None:
         )
 
 
-def load_base_model(args: argparse.Namespace, dtype: torch.dtype) -> tuple[Any, Any]:
+def load_base_model(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
+    """(model on ``device``, tokenizer with a pad token)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_base_model(args.base_model)
@@ -325,7 +317,10 @@ def load_base_model(args: argparse.Namespace, dtype: torch.dtype) -> tuple[Any, 
     if tokenizer.pad_token is None:
         # Pad positions are masked out of attention and loss; any id will do (LLM-Adapters used unk = 0).
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    # Straight onto this process's GPU: eight processes each staging a 7B model in host memory first
+    # would need ~100 GB of RAM.
+    placement = {"device_map": {"": device}} if device.type == "cuda" else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement).to(device)
     model.config.use_cache = False  # no KV cache while training (and required by gradient checkpointing)
     return model, tokenizer
 
@@ -623,10 +618,10 @@ def fit(run: Run, model: Any, examples: list[Example], val_examples: list[Exampl
 
 
 def search(run: Run, model: Any, train_ex: list[Example], val_ex: list[Example], resume: Any = None) -> Any:
-    """AutoLoRA's bi-level search: per step an inner AdamW step of A, B on a training batch and a
-    hypergradient step of β on a validation batch (dashdiff.autolora.BilevelStep). Returns the
-    prepared model. The loss here is each micro-batch's per-token mean (BilevelStep averages over
-    micro-batches)."""
+    """AutoLoRA's bi-level search: per step an inner AdamW step of A, B on a training batch (constant
+    --learning_rate) and a hypergradient step of β on a validation batch (Adam, --autolora_beta_lr;
+    dashdiff.autolora.BilevelStep). Returns the prepared model. The loss here is each micro-batch's
+    per-token mean (BilevelStep averages over micro-batches)."""
     from dashdiff import training as T
     from dashdiff.autolora import DEFAULT_BETA_BETAS, BilevelStep
     from dashdiff.walk import iter_layers
@@ -641,10 +636,9 @@ def search(run: Run, model: Any, train_ex: list[Example], val_ex: list[Example],
     plan = BatchPlan(len(train_ex), args.micro_batch_size, per_step, args.seed)
     val_plan = BatchPlan(len(val_ex), args.micro_batch_size, per_step, args.seed + 1)
     total_steps = math.ceil(args.autolora_search_epochs * plan.steps_per_epoch)
-    root = model
-    weights = [p for _, layer, a in iter_layers(root, "autolora")
-               for p in (layer.lora_A[a].weight, layer.lora_B[a].weight)]
-    betas = [layer.lora_autolora_beta[a] for _, layer, a in iter_layers(root, "autolora")]
+    layers = list(iter_layers(model, "autolora"))
+    weights = [p for _, layer, a in layers for p in (layer.lora_A[a].weight, layer.lora_B[a].weight)]
+    betas = [layer.lora_autolora_beta[a] for _, layer, a in layers]
     weight_opt = torch.optim.AdamW(weights, lr=args.learning_rate, weight_decay=args.weight_decay)
     beta_opt = torch.optim.Adam(betas, lr=args.autolora_beta_lr, betas=DEFAULT_BETA_BETAS)
     model, weight_opt = acc.prepare(model, weight_opt)
@@ -704,12 +698,13 @@ def export_outputs(run: Run, model: Any, tokenizer: Any) -> dict[str, Any]:
     """The PEFT adapter folder (plain LoRA, stock-loadable), dashdiff's full state, and the merged
     model with --export_merged. Main process only."""
     import dashdiff
+    from dashdiff.training import ADAPTER_STATE
 
     args, out = run.args, run.out
     net = run.accelerator.unwrap_model(model)
     threshold = args.autolora_threshold
     dashdiff.export_lora(net, out, format="peft", threshold=threshold)
-    dashdiff.save_adapter(net, out / STATE_FILE)
+    dashdiff.save_adapter(net, out / ADAPTER_STATE)
     if args.export_merged:
         dashdiff.export_lora(net, out / "merged", format="merged", threshold=threshold)
         tokenizer.save_pretrained(out / "merged")
@@ -767,6 +762,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     T.check_output_dir(out, fingerprint, args.resume_from_checkpoint, args.overwrite_output_dir)
     if accelerator.is_main_process and args.overwrite_output_dir and resume is None:
         T.clear_for_overwrite(out)
+    accelerator.wait_for_everyone()
 
     # Data first: a bad file fails in a second, before any model is loaded.
     records = load_records(args.data_path, stage="train")
@@ -775,10 +771,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     kind = args.adapter_name
     # BilevelStep's finite differences need float32 weights: the AutoLoRA search keeps the base in float32.
-    model, tokenizer = load_base_model(args, torch.float32 if kind == "autolora" else weight_dtype)
+    model, tokenizer = load_base_model(args, torch.float32 if kind == "autolora" else weight_dtype,
+                                       accelerator.device)
     if args.use_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(accelerator.device)
 
     run = Run(args=args, accelerator=accelerator, out=out, pad_id=tokenizer.pad_token_id,
               log=T.StepLog(out / T.STEP_LOG, enabled=accelerator.is_main_process), fingerprint=fingerprint,
