@@ -1,0 +1,531 @@
+"""Export an adapter as a *plain* LoRA that stock diffusers / PEFT / A1111 / ComfyUI load with no
+dashdiff installed, or as a base model with the update merged in.
+
+Every layer is written as ``ΔW = B' A'`` at runtime scale 1 (``DashdiffLinear.plain_factors``):
+LoRA-Dash as rank r+s (``A' = [A; V_sᵀ]``, ``B' = [scaling·B, U_s diag(δ)]``), AutoLoRA with α
+folded into B and the pruned components dropped (α not renormalised), plain LoRA with its
+``lora_alpha / r`` folded into B. Formats (see ``export_lora``):
+
+- ``diffusers``: ``pytorch_lora_weights.safetensors``, keys ``<component>.<module>.lora_A.weight``
+  (rank, in) / ``.lora_B.weight`` (out, rank), no alphas: stock loaders then use scale 1 and read
+  each layer's rank from its ``lora_B`` shape.
+- ``peft``: ``adapter_config.json`` (a plain ``LoraConfig``, ``lora_alpha = r`` and
+  ``alpha_pattern == rank_pattern`` so every layer's scale is 1) + ``adapter_model.safetensors``
+  with keys ``base_model.model.<module>.lora_A.weight``.
+- ``kohya``: ``pytorch_lora_weights_kohya.safetensors``, ``lora_unet_<module_with_underscores>``
+  ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``; one common alpha with ``r_i / alpha``
+  folded into ``lora_up`` (diffusers 0.42.1 mis-scales per-layer alphas).
+- ``merged``: the base model(s) with ``W0 + ΔW``, saved like ``save_pretrained``; the user's
+  model is not modified.
+
+The weight files carry a ``dashdiff`` header key (JSON) with the method, the adapter's config
+and per layer ``(r, s)`` (LoRA-Dash) or the kept AutoLoRA components. ``lora_adapter_metadata``
+is never written: diffusers requires it to hold only valid ``LoraConfig`` fields.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import shutil
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from . import safeio
+from .config import AutoLoraConfig, LoraDashConfig
+from .layer import DashdiffLinear
+from .ranks import keep_mask
+from .walk import base_model, components
+
+FORMATS = ("diffusers", "peft", "kohya", "merged")
+HEADER_KEY = "dashdiff"  # safetensors header key of dashdiff's own JSON metadata
+HEADER_VERSION = 1
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+PEFT_WEIGHT_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+MERGED_RECORD_NAME = "dashdiff_export.json"  # merged folders: the header as a side file
+
+_CONFIG_CLASSES = {"LoraDashConfig": LoraDashConfig, "AutoLoraConfig": AutoLoraConfig, "LoraConfig": LoraConfig}
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def root_model(comp: nn.Module) -> nn.Module:
+    """The model under torch.compile's and PEFT's wrappers: module names are relative to it."""
+    comp = getattr(comp, "_orig_mod", comp)
+    return getattr(base_model(comp), "_orig_mod", base_model(comp))
+
+
+def iter_lora_layers(obj, adapter_name: Optional[str] = None) -> Iterator[tuple[str, nn.Module, str, LoraLayer]]:
+    """Yield ``(component, root, module_name, layer)`` for every PEFT LoRA layer holding
+    ``adapter_name`` (any adapter if None): dashdiff layers and ordinary PEFT LoRA layers.
+    ``root`` is the component's base model (under PEFT wrappers), ``module_name`` relative to it."""
+    for prefix, comp in components(obj):
+        root = root_model(comp)
+        for name, mod in root.named_modules():
+            if not isinstance(mod, LoraLayer):
+                continue
+            if adapter_name is None or adapter_name in mod.lora_A:
+                yield prefix, root, name, mod
+
+
+def adapter_names(obj) -> list[str]:
+    """Sorted names of the LoRA-type adapters anywhere in ``obj``."""
+    return sorted({a for _, _, _, layer in iter_lora_layers(obj) for a in layer.lora_A.keys()})
+
+
+def resolve_any_adapter(obj, adapter_name: Optional[str]) -> str:
+    """The given adapter (checked to exist) or the model's only adapter."""
+    names = adapter_names(obj)
+    if adapter_name is not None:
+        if adapter_name not in names:
+            raise ValueError(f"dashdiff: the model has no adapter named {adapter_name!r} (found: {names or 'none'})")
+        return adapter_name
+    if not names:
+        raise ValueError("dashdiff: the model has no LoRA / LoRA-Dash / AutoLoRA adapter")
+    if len(names) > 1:
+        raise ValueError(f"dashdiff: the model has several adapters {names}: pass adapter_name=")
+    return names[0]
+
+
+def full_name(component: str, module: str) -> str:
+    return f"{component}.{module}" if component else module
+
+
+def find_config(comp: nn.Module, adapter: str):
+    """The PEFT config of ``adapter`` on a component (PeftModel, diffusers or injected model), or None."""
+    for holder in (comp, getattr(comp, "_orig_mod", comp), root_model(comp)):
+        cfgs = getattr(holder, "peft_config", None)
+        if isinstance(cfgs, dict) and adapter in cfgs:
+            return cfgs[adapter]
+    return None
+
+
+def config_to_dict(cfg) -> dict[str, Any]:
+    """``{"class": name, "fields": {...}}``, JSON-safe (sets become sorted lists)."""
+    fields = cfg.to_dict()
+    for key, value in list(fields.items()):
+        if isinstance(value, set):
+            fields[key] = sorted(value)
+    fields = json.loads(json.dumps(fields, default=str))  # enums -> their string values
+    return {"class": type(cfg).__name__, "fields": fields}
+
+
+def config_from_dict(entry: dict[str, Any]):
+    """Rebuild a config stored by ``config_to_dict``; unknown fields are ignored (other versions)."""
+    cls = _CONFIG_CLASSES.get(entry.get("class"), LoraConfig)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    return cls(**{k: v for k, v in entry.get("fields", {}).items() if k in known})
+
+
+def _base_name_or_path(root: nn.Module, cfg) -> Optional[str]:
+    if cfg is not None and getattr(cfg, "base_model_name_or_path", None):
+        return cfg.base_model_name_or_path
+    mcfg = getattr(root, "config", None)
+    for key in ("_name_or_path", "name_or_path"):
+        value = mcfg.get(key) if isinstance(mcfg, dict) else getattr(mcfg, key, None)
+        if value:
+            return str(value)
+    return None
+
+
+# --------------------------------------------------------------------------- plain factors
+
+
+@dataclass
+class PlainFactor:
+    """One layer of the export: ``ΔW = b @ a`` with a (rank, in), b (out, rank), scale folded in."""
+
+    component: str  # "unet", "text_encoder", ... ("" for a lone model)
+    module: str  # module name relative to the component's base model
+    a: torch.Tensor
+    b: torch.Tensor
+    record: dict[str, Any] = field(default_factory=dict)  # this layer's entry in the header
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    @property
+    def name(self) -> str:
+        return full_name(self.component, self.module)
+
+
+def _peft_lora_factors(layer: LoraLinear, adapter: str, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if layer.use_dora.get(adapter, False) or getattr(layer, "lora_bias", {}).get(adapter, False):
+        raise NotImplementedError(f"dashdiff: {where}: DoRA / lora_bias adapters cannot be exported as a plain LoRA")
+    if getattr(layer, "fan_in_fan_out", False):
+        raise NotImplementedError(f"dashdiff: {where}: fan_in_fan_out (Conv1D) layers are not supported")
+    r, alpha = layer.r[adapter], layer.lora_alpha[adapter]
+    # The scale from the config, not layer.scaling (which set_scale / scale_layer change at runtime).
+    scale = alpha / math.sqrt(r) if layer.use_rslora.get(adapter, False) else alpha / r
+    a = layer.lora_A[adapter].weight.detach()
+    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+    b = layer.lora_B[adapter].weight.detach().to(dt) * scale
+    return a.to(dt).contiguous(), b.contiguous()
+
+
+def plain_lora_factors(obj, adapter_name: str = "default", threshold: Optional[float] = None) -> list[PlainFactor]:
+    """Every layer of ``adapter_name`` as a plain LoRA (see module docstring). AutoLoRA layers keep
+    the components ``ranks.keep_mask(layer, adapter, threshold)`` selects; a layer left with rank 0
+    is omitted. Warns for LoRA-Dash layers not launched yet (exported as rank r, no dash term)."""
+    out: list[PlainFactor] = []
+    unlaunched, scaled, unsearched = [], [], []
+    for comp, _, name, layer in iter_lora_layers(obj, adapter_name):
+        where = full_name(comp, name)
+        if isinstance(layer, DashdiffLinear):
+            kind = layer.adapter_kind.get(adapter_name, "lora")
+            keep = None
+            record: dict[str, Any] = {"method": kind, "r": layer.r[adapter_name]}
+            if kind == "dash":
+                launched = layer.is_launched(adapter_name)
+                record.update(s=layer.dash_directions[adapter_name] if launched else 0, launched=launched)
+                if not launched:
+                    unlaunched.append(where)
+            elif kind == "autolora":
+                keep = keep_mask(layer, adapter_name, threshold)
+                if int(layer.lora_autolora_outer_steps[adapter_name]) == 0:
+                    unsearched.append(where)
+                record.update(k=layer.r[adapter_name], rank=int(keep.sum()),
+                              kept=torch.nonzero(keep).flatten().tolist())
+            a, b = layer.plain_factors(adapter_name, keep)
+            if abs(layer.runtime_scale(adapter_name) - 1.0) > 1e-12:
+                scaled.append(where)
+        elif isinstance(layer, LoraLinear):
+            a, b = _peft_lora_factors(layer, adapter_name, where)
+            record = {"method": "lora", "r": layer.r[adapter_name]}
+        else:
+            raise NotImplementedError(
+                f"dashdiff: {where} is a PEFT {type(layer).__name__}; only Linear LoRA layers can be exported"
+            )
+        if a.shape[0] == 0:  # every AutoLoRA component pruned: the layer is unchanged
+            record["dropped"] = True
+        out.append(PlainFactor(comp, name, a, b, record))
+    if not out:
+        raise ValueError(f"dashdiff: no layer holds an adapter named {adapter_name!r} (found: {adapter_names(obj) or 'none'})")
+    if unlaunched:
+        warnings.warn(
+            f"dashdiff: LoRA-Dash adapter {adapter_name!r} has not launched yet in {len(unlaunched)} layer(s) "
+            f"(e.g. {unlaunched[0]}): exporting them as plain rank-r LoRA with no dash term.",
+            UserWarning,
+            stacklevel=3,
+        )
+    if unsearched:
+        warnings.warn(
+            f"dashdiff: AutoLoRA adapter {adapter_name!r} has taken no outer (β) step in {len(unsearched)} layer(s) "
+            f"(e.g. {unsearched[0]}): α is still its initial value, so the ranks are not searched ones.",
+            UserWarning,
+            stacklevel=3,
+        )
+    if scaled:
+        warnings.warn(
+            f"dashdiff: a runtime LoRA scale is set on {len(scaled)} layer(s) (e.g. {scaled[0]}); the export is at "
+            "scale 1, as trained: set the scale again in the loader.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return out
+
+
+def _header(obj, fmt: str, adapter: str, factors: list[PlainFactor], threshold: Optional[float]) -> dict[str, Any]:
+    configs = {}
+    for comp_name, comp in components(obj):
+        if any(f.component == comp_name for f in factors):
+            cfg = find_config(comp, adapter)
+            configs[comp_name] = config_to_dict(cfg) if cfg is not None else None
+    methods = sorted({f.record["method"] for f in factors})
+    from . import __version__
+
+    return {
+        "format_version": HEADER_VERSION,
+        "dashdiff_version": __version__,
+        "kind": "export",
+        "export_format": fmt,
+        "adapter_name": adapter,
+        "method": methods[0] if len(methods) == 1 else "mixed",
+        "threshold": threshold,
+        "configs": configs,
+        "layers": {f.name: f.record for f in factors},
+    }
+
+
+# --------------------------------------------------------------------------- key naming
+
+
+def _is_pipeline(obj) -> bool:
+    return not isinstance(obj, nn.Module)
+
+
+def _lone_prefix(model: nn.Module, fmt: str) -> str:
+    """The diffusers key prefix for a model passed on its own (not in a pipeline)."""
+    try:
+        from diffusers import ModelMixin
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        ModelMixin = ()
+    root = root_model(model)
+    if isinstance(root, ModelMixin):
+        return "unet" if "UNet" in type(root).__name__ else "transformer"
+    raise ValueError(
+        f"dashdiff: format={fmt!r} is for diffusers pipelines and models (UNet / transformer); "
+        f"{type(root).__name__} is not one: use format='peft' (or 'merged')."
+    )
+
+
+def _canonical_module(root: nn.Module, module: str) -> str:
+    """Module name as published SD LoRA files spell it. transformers 5 flattened CLIP's text
+    models (no ``text_model.`` level); older stacks, A1111 and ComfyUI expect ``text_model.`` and
+    diffusers strips it again where the model has none, so write it."""
+    if type(root).__name__.startswith("CLIPText") and not hasattr(root, "text_model") and not module.startswith("text_projection"):
+        return "text_model." + module
+    return module
+
+
+def _diffusers_key(obj, roots: dict[str, nn.Module], f: PlainFactor) -> str:
+    prefix = f.component or _lone_prefix(roots[""], "diffusers")
+    return f"{prefix}.{_canonical_module(roots[f.component], f.module)}"
+
+
+def _is_sdxl(obj) -> bool:
+    """SDXL: a second text encoder, or a UNet with SDXL's text_time added conditioning (a
+    training host may carry only the first text encoder)."""
+    if not _is_pipeline(obj):
+        return False
+    if getattr(obj, "text_encoder_2", None) is not None:
+        return True
+    unet = getattr(obj, "unet", None)
+    return unet is not None and getattr(root_model(unet).config, "addition_embed_type", None) == "text_time"
+
+
+def _kohya_key(obj, roots: dict[str, nn.Module], f: PlainFactor) -> str:
+    comp = f.component or _lone_prefix(roots[""], "kohya")
+    if comp == "unet":
+        head = "lora_unet_"
+    elif comp == "text_encoder":
+        head = "lora_te1_" if _is_sdxl(obj) else "lora_te_"
+    elif comp == "text_encoder_2":
+        head = "lora_te2_"
+    else:
+        raise ValueError(f"dashdiff: format='kohya' covers SD / SDXL UNets and text encoders, not {comp!r}")
+    return head + _canonical_module(roots[f.component], f.module).replace(".", "_")
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _active(factors: list[PlainFactor]) -> list[PlainFactor]:
+    return [f for f in factors if f.rank > 0]
+
+
+def _write_diffusers(obj, folder: Path, factors, header) -> Path:
+    roots = {c: root_model(m) for c, m in components(obj)}
+    tensors = {}
+    for f in _active(factors):
+        key = _diffusers_key(obj, roots, f)
+        tensors[f"{key}.lora_A.weight"] = f.a
+        tensors[f"{key}.lora_B.weight"] = f.b
+    path = folder / DIFFUSERS_WEIGHT_NAME
+    safeio.save_safetensors(tensors, path, {"format": "pt", HEADER_KEY: json.dumps(header)})
+    return path
+
+
+def _write_kohya(obj, folder: Path, factors, header) -> Path:
+    roots = {c: root_model(m) for c, m in components(obj)}
+    active = _active(factors)
+    # One alpha for the whole file (the most common rank, so most lora_up need no rescale); each
+    # layer's loader scale alpha / r_i is undone by folding r_i / alpha into lora_up.
+    alpha = float(Counter(f.rank for f in active).most_common(1)[0][0]) if active else 1.0
+    header = dict(header, kohya_alpha=alpha)
+    tensors = {}
+    for f in active:
+        key = _kohya_key(obj, roots, f)
+        tensors[f"{key}.lora_down.weight"] = f.a
+        tensors[f"{key}.lora_up.weight"] = f.b * (f.rank / alpha)
+        tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    te_only_qkv = [c for c in ("text_encoder", "text_encoder_2")
+                   if any(f.component == c for f in active) and not any(f.component == c and f.module.endswith("out_proj") for f in active)]
+    if te_only_qkv:
+        # diffusers 0.42.1 recognises kohya text-encoder keys by an out_proj entry; without one,
+        # load_lora_weights raises "Could not automatically infer state dict type".
+        warnings.warn(
+            f"dashdiff: the kohya file's {te_only_qkv} LoRA has no out_proj layer: A1111 / ComfyUI read it, but "
+            "diffusers' load_lora_weights (0.42.1) cannot; use format='diffusers' for diffusers.",
+            UserWarning,
+            stacklevel=3,
+        )
+    path = folder / KOHYA_WEIGHT_NAME
+    safeio.save_safetensors(tensors, path, {"format": "pt", HEADER_KEY: json.dumps(header)})
+    return path
+
+
+def _write_peft(obj, folder: Path, factors, header, adapter: str) -> Path:
+    pipeline = _is_pipeline(obj)
+    for comp_name, comp in components(obj):
+        mine = [f for f in _active(factors) if f.component == comp_name]
+        if not mine:
+            continue
+        root = root_model(comp)
+        src = find_config(comp, adapter)
+        if src is not None and getattr(src, "modules_to_save", None):
+            warnings.warn(f"dashdiff: modules_to_save {src.modules_to_save} are not part of the LoRA export", UserWarning)
+        ranks = {f.module: f.rank for f in mine}
+        r0 = Counter(ranks.values()).most_common(1)[0][0]
+        # PEFT's scale is alpha_pattern.get(k, lora_alpha) / rank_pattern.get(k, r): equal patterns
+        # and lora_alpha = r make it 1 everywhere, as the folded factors need.
+        pattern = {m: r for m, r in ranks.items() if r != r0}
+        cfg = LoraConfig(
+            r=r0,
+            lora_alpha=r0,
+            target_modules=sorted(ranks),  # exact names: pruned / untouched layers stay out
+            rank_pattern=dict(pattern),
+            alpha_pattern=dict(pattern),
+            lora_dropout=float(getattr(src, "lora_dropout", 0.0) or 0.0),
+            bias="none",
+            base_model_name_or_path=_base_name_or_path(root, src),
+            task_type=getattr(src, "task_type", None),
+            inference_mode=True,
+        )
+        cfg_dict = config_to_dict(cfg)["fields"]
+        out = folder / comp_name if pipeline else folder
+        tensors = {}
+        for f in mine:
+            tensors[f"base_model.model.{f.module}.lora_A.weight"] = f.a
+            tensors[f"base_model.model.{f.module}.lora_B.weight"] = f.b
+        safeio.save_safetensors(tensors, out / PEFT_WEIGHT_NAME, {"format": "pt", HEADER_KEY: json.dumps(header)})
+        safeio.write_json(cfg_dict, out / PEFT_CONFIG_NAME)
+    return folder
+
+
+def merged_state_dict(root: nn.Module, factors: list[PlainFactor]) -> dict[str, torch.Tensor]:
+    """``root``'s state dict as the plain base model: tuner layers' ``base_layer.`` keys renamed,
+    adapter tensors dropped, ``W0 + B'A'`` for the exported layers. New tensors; ``root`` untouched."""
+    by_module = {f.module: f for f in factors}
+    tuners = {name for name, mod in root.named_modules() if isinstance(mod, BaseTunerLayer)}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in root.state_dict(keep_vars=False).items():
+        parts = key.split(".")
+        owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in tuners), None)
+        if owner is None:
+            out[key] = value
+            continue
+        rest = key[len(owner) + 1:]
+        if not rest.startswith("base_layer."):
+            continue  # adapter tensors (lora_*, dash buffers)
+        rest = rest.replace("base_layer.", "")
+        f = by_module.get(owner)
+        if rest == "weight" and f is not None and f.rank > 0:
+            dt = torch.float64 if value.dtype == torch.float64 else torch.float32
+            delta = f.b.to(value.device, dt) @ f.a.to(value.device, dt)
+            value = (value.to(dt) + delta).to(value.dtype)
+        out[f"{owner}.{rest}"] = value
+    return out
+
+
+def _save_merged_model(comp: nn.Module, folder: Path, factors: list[PlainFactor]) -> None:
+    """Save one model with the update merged, the way its own ``save_pretrained`` would."""
+    root = root_model(comp)
+    sd = merged_state_dict(root, factors)
+    try:
+        from diffusers import ModelMixin
+    except ImportError:  # pragma: no cover
+        ModelMixin = ()
+    from transformers import PreTrainedModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(root, PreTrainedModel):
+        cfg = root.config
+        peft_flag = getattr(root, "_hf_peft_config_loaded", False)
+        try:
+            # save_pretrained writes dtype / architectures into the config it saves: give it a copy.
+            root.config = copy.deepcopy(cfg)
+            # With transformers' own PEFT integration it would save the adapter only.
+            if peft_flag:
+                root._hf_peft_config_loaded = False
+            root.save_pretrained(folder, state_dict=sd)
+        finally:
+            root.config = cfg
+            if peft_flag:
+                root._hf_peft_config_loaded = True
+    elif isinstance(root, ModelMixin):
+        root.save_config(folder)
+        safeio.save_safetensors(sd, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    else:
+        safeio.save_safetensors(sd, folder / "model.safetensors", {"format": "pt"})
+
+
+def _write_merged(obj, folder: Path, factors, header) -> Path:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Written to a sibling temp folder, then moved file by file (os.replace each): an interrupted
+    # export leaves the previous files whole.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        if _is_pipeline(obj) and hasattr(obj, "save_config"):
+            obj.save_config(tmp)  # model_index.json
+            for name, value in dict(obj.config).items():
+                comp = getattr(obj, name, None)
+                if name.startswith("_") or comp is None or not isinstance(value, (list, tuple)) or value[0] is None:
+                    continue
+                if isinstance(comp, nn.Module):
+                    _save_merged_model(comp, tmp / name, [f for f in factors if f.component == name])
+                elif hasattr(comp, "save_pretrained"):  # tokenizers, schedulers, feature extractors
+                    comp.save_pretrained(tmp / name)
+        elif _is_pipeline(obj):  # an object holding components (a training script's host): one folder each
+            for name, comp in components(obj):
+                _save_merged_model(comp, tmp / name, [f for f in factors if f.component == name])
+        else:
+            _save_merged_model(obj, tmp, factors)
+        safeio.write_json(header, tmp / MERGED_RECORD_NAME)
+        folder.mkdir(parents=True, exist_ok=True)
+        safeio.move_tree(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# --------------------------------------------------------------------------- API
+
+
+def export_lora(
+    model_or_pipeline,
+    folder: Union[str, "Path"],
+    format: str = "diffusers",
+    adapter_name: str = "default",
+    threshold: Optional[float] = None,
+) -> str:
+    """Write ``adapter_name`` of a model, ``PeftModel`` or diffusers pipeline as a plain LoRA.
+
+    ``format``: ``"diffusers"`` (``pipe.load_lora_weights(folder)``), ``"peft"``
+    (``PeftModel.from_pretrained(base, folder)``; a pipeline gets one sub-folder per component),
+    ``"kohya"`` (A1111 / ComfyUI; ``load_lora_weights(folder, weight_name=KOHYA_WEIGHT_NAME)``) or
+    ``"merged"`` (the base model(s) with ΔW merged, for ``from_pretrained``). ``threshold``: the
+    AutoLoRA λ (default: the config's, else 1/k). LoRA-Dash before launch exports as rank r with a
+    warning. Returns the path written (the weight file, or the folder for peft / merged).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"dashdiff: unknown export format {format!r}; use one of {FORMATS}")
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"dashdiff: {folder} is a file; export_lora writes into a folder")
+    factors = plain_lora_factors(model_or_pipeline, adapter_name, threshold)
+    header = _header(model_or_pipeline, format, adapter_name, factors, threshold)
+    if format == "diffusers":
+        return str(_write_diffusers(model_or_pipeline, folder, factors, header))
+    if format == "kohya":
+        return str(_write_kohya(model_or_pipeline, folder, factors, header))
+    if format == "peft":
+        return str(_write_peft(model_or_pipeline, folder, factors, header, adapter_name))
+    return str(_write_merged(model_or_pipeline, folder, factors, header))

@@ -1,0 +1,259 @@
+"""save_adapter / load_adapter: the full training state round-trips exactly (outputs identical,
+training continues), bad inputs raise errors that name the problem, writes are crash-safe, and
+stock PEFT / diffusers saves of dashdiff layers warn."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+
+import dashdiff
+from dashdiff import safeio
+from dashdiff.export import HEADER_KEY, iter_lora_layers
+from dashdiff.tiny import tiny_llama, tiny_sd_pipeline
+from dashdiff.walk import iter_layers
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def dash_config(**kw) -> dashdiff.LoraDashConfig:
+    kw = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "dash_directions": 2, "dash_warmup_steps": 2,
+          "init_lora_weights": "gaussian", **kw}
+    return dashdiff.LoraDashConfig(**kw)
+
+
+def lora_params(model) -> list[torch.Tensor]:
+    """Trainable adapter parameters in a wrapper-independent order (A, B, δ / β per layer)."""
+    out = []
+    for _, _, name, layer in sorted(iter_lora_layers(model), key=lambda t: (t[0], t[2])):
+        for adapter in sorted(layer.lora_A.keys()):
+            out += [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
+            for dct in ("lora_dash_delta", "lora_autolora_beta"):
+                if adapter in getattr(layer, dct, {}):
+                    out.append(getattr(layer, dct)[adapter])
+    return out
+
+
+def train_step(model, ids: torch.Tensor, lr: float = 0.5) -> None:
+    """One plain-SGD step (stateless, so two models stay comparable) + dashdiff's step counter."""
+    params = lora_params(model)
+    loss = model(input_ids=ids, labels=ids).loss
+    grads = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.sub_(lr * g)
+    dashdiff.dash_step(model)
+
+
+def logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.tensor([[1, 40, 41, 42, 77, 78, 90, 100, 120, 7]])
+
+
+@pytest.fixture
+def mid_dash():
+    """A Llama PeftModel three optimizer steps in: launched after step 2, δ trained one step."""
+    model = get_peft_model(tiny_llama(0), dash_config())
+    for _ in range(3):
+        train_step(model, IDS)
+    layers = list(iter_layers(model, "dash"))
+    assert all(layer.is_launched(a) for _, layer, a in layers)
+    assert any(layer.lora_dash_delta[a].abs().sum() > 0 for _, layer, a in layers)
+    return model
+
+
+def test_round_trip_mid_dash_into_fresh_model(mid_dash, tmp_path):
+    path = dashdiff.save_adapter(mid_dash, tmp_path / "state.safetensors")
+    fresh = dashdiff.load_adapter(tiny_llama(0), path)  # bare model: injected from the stored config
+    assert torch.equal(logits(fresh, IDS), logits(mid_dash, IDS))
+    src = {n: (layer, a) for n, layer, a in iter_layers(mid_dash, "dash")}
+    dst = {n: (layer, a) for n, layer, a in iter_layers(fresh, "dash")}
+    assert src.keys() == dst.keys() and len(src) == 6
+    for name, (s_layer, a) in src.items():
+        d_layer, _ = dst[name]
+        assert d_layer.is_launched(a) and int(d_layer.lora_dash_launch_step[a]) == 2
+        assert d_layer._dash_steps[a] == 3
+        for field in ("indices", "sigma", "change_rate"):
+            assert torch.equal(d_layer.dash_record[a][field], s_layer.dash_record[a][field])
+    assert dashdiff.selected_directions(fresh).keys() == dashdiff.selected_directions(mid_dash).keys()
+
+    # Training continues identically: no relaunch, counters go on.
+    u_before = {n: layer.lora_dash_U[a].clone() for n, (layer, a) in dst.items()}
+    for model in (mid_dash, fresh):
+        train_step(model, IDS)
+    assert torch.equal(logits(fresh, IDS), logits(mid_dash, IDS))
+    for name, (layer, a) in dst.items():
+        assert int(layer.lora_dash_step[a]) == 4 and int(layer.lora_dash_launch_step[a]) == 2
+        assert torch.equal(layer.lora_dash_U[a], u_before[name])
+    assert all(p.grad is None for p in lora_params(fresh))
+
+
+def test_round_trip_into_model_with_adapter(mid_dash, tmp_path):
+    """Loading into a model that already has the adapter copies the state in place."""
+    dashdiff.save_adapter(mid_dash, tmp_path)  # a folder: dashdiff_adapter.safetensors inside
+    target = get_peft_model(tiny_llama(0), dash_config())
+    assert dashdiff.load_adapter(target, tmp_path) is target
+    assert torch.equal(logits(target, IDS), logits(mid_dash, IDS))
+    header = json.loads(safeio.read_metadata(tmp_path / "dashdiff_adapter.safetensors")[HEADER_KEY])
+    assert header["kind"] == "state" and header["adapter_name"] == "default"
+    assert header["configs"][""]["class"] == "LoraDashConfig"
+    assert header["layers"]["model.layers.0.self_attn.q_proj"] == {"method": "dash", "r": 4, "s": 2, "launched": True}
+
+
+def test_round_trip_pipeline_dash_and_autolora(tmp_path):
+    """Pipeline: LoRA-Dash on the UNet, AutoLoRA on the text encoder, one file, fresh pipeline."""
+    pipe = tiny_sd_pipeline(0)
+    pipe.unet.add_adapter(dashdiff.LoraDashConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], dash_directions=2))
+    pipe.text_encoder.add_adapter(dashdiff.AutoLoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, _, _, layer in iter_lora_layers(pipe):
+            b = layer.lora_B["default"].weight
+            b.copy_(1e-2 * torch.randn(b.shape, generator=g))
+            if "default" in layer.lora_autolora_beta:
+                layer.lora_autolora_beta["default"].copy_(torch.randn(4, generator=g))
+                layer.lora_autolora_outer_steps["default"].fill_(5)
+    dashdiff.launch_dash(pipe)
+    with torch.no_grad():
+        for _, layer, a in iter_layers(pipe, "dash"):
+            layer.lora_dash_delta[a].copy_(torch.randn(2, generator=g))
+    path = dashdiff.save_adapter(pipe, tmp_path / "pipe.safetensors")
+
+    fresh = dashdiff.load_adapter(tiny_sd_pipeline(0), path)
+    sample, t, ehs = torch.randn(1, 4, 32, 32, generator=g), torch.tensor([5]), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        assert torch.equal(fresh.unet(sample, t, ehs).sample, pipe.unet(sample, t, ehs).sample)
+        tokens = torch.tensor([[672, 50, 60, 673]])
+        assert torch.equal(fresh.text_encoder(tokens).last_hidden_state, pipe.text_encoder(tokens).last_hidden_state)
+    layer = fresh.text_encoder.encoder.layers[0].self_attn.q_proj
+    assert layer.adapter_kind["default"] == "autolora" and int(layer.lora_autolora_outer_steps["default"]) == 5
+    assert dashdiff.determine_ranks(fresh) == dashdiff.determine_ranks(pipe)
+    assert all(layer.is_launched(a) for _, layer, a in iter_layers(fresh, "dash"))
+
+
+def test_round_trip_plain_peft_lora(tmp_path):
+    """Ordinary PEFT LoRA layers (no dashdiff layer) round-trip too, re-injected as stock layers."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    model = get_peft_model(tiny_llama(0), LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "up_proj"]))
+    with torch.no_grad():
+        for _, _, _, layer in iter_lora_layers(model):
+            layer.lora_B["default"].weight.normal_(0, 0.05)
+    path = dashdiff.save_adapter(model, tmp_path / "plain.safetensors")
+    fresh = dashdiff.load_adapter(tiny_llama(0), path)
+    assert type(fresh.model.layers[0].self_attn.q_proj) is LoraLinear
+    assert torch.equal(logits(fresh, IDS), logits(model, IDS))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_shape_mismatch_names_module_shapes_and_fix(mid_dash, tmp_path):
+    path = dashdiff.save_adapter(mid_dash, tmp_path / "s.safetensors")
+    other_r = get_peft_model(tiny_llama(0), dash_config(r=8))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight has shape \(4, 64\) "
+                                         r"in the file but \(8, 64\) in the model: this adapter was trained for another"):
+        dashdiff.load_adapter(other_r, path)
+    # Another base model (hidden 48): injected from the stored config, then the shapes disagree.
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_llama(0).config
+    cfg.hidden_size, cfg.intermediate_size = 48, 96
+    with pytest.raises(ValueError, match=r"has shape .* in the file but .* another base model"):
+        dashdiff.load_adapter(LlamaForCausalLM(cfg), path)
+
+
+def test_missing_modules_are_named(mid_dash, tmp_path):
+    path = dashdiff.save_adapter(mid_dash, tmp_path / "s.safetensors")
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_llama(0).config
+    cfg.num_hidden_layers = 1
+    with pytest.raises(ValueError, match=r"not adapted in the model \(3\): model\.layers\.1\.mlp\.down_proj, "
+                                         r"model\.layers\.1\.self_attn\.q_proj"):
+        dashdiff.load_adapter(LlamaForCausalLM(cfg), path)
+
+
+def test_bad_files_are_named(mid_dash, tmp_path):
+    good = tmp_path / "good.safetensors"
+    dashdiff.save_adapter(mid_dash, good)
+    data = good.read_bytes()
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.safetensors.*truncated"):
+        dashdiff.load_adapter(tiny_llama(0), truncated)
+    text = tmp_path / "notes.safetensors"
+    text.write_text("this is not a safetensors file at all")
+    with pytest.raises(ValueError, match=r"notes\.safetensors"):
+        dashdiff.load_adapter(tiny_llama(0), text)
+    pickle = tmp_path / "adapter.bin"
+    torch.save({"w": torch.zeros(2)}, pickle)
+    with pytest.raises(ValueError, match=r"adapter\.bin: it looks like a PyTorch pickle"):
+        dashdiff.load_adapter(tiny_llama(0), pickle)
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.safetensors"):
+        dashdiff.load_adapter(tiny_llama(0), tmp_path / "nowhere.safetensors")
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(1)}, plain)
+    with pytest.raises(ValueError, match=r"plain\.safetensors has no 'dashdiff' header"):
+        dashdiff.load_adapter(tiny_llama(0), plain)
+    export = dashdiff.export_lora(mid_dash, tmp_path / "exp", format="peft")
+    with pytest.raises(ValueError, match=r"is a dashdiff \*export\*"):
+        dashdiff.load_adapter(tiny_llama(0), f"{export}/adapter_model.safetensors")
+    with pytest.raises(ValueError, match="several adapters"):
+        mid_dash.add_adapter("second", dash_config())
+        dashdiff.save_adapter(mid_dash, tmp_path / "x.safetensors")
+
+
+def test_interrupted_save_leaves_old_file(mid_dash, tmp_path, monkeypatch):
+    path = tmp_path / "state.safetensors"
+    dashdiff.save_adapter(mid_dash, path)
+    old = path.read_bytes()
+    train_step(mid_dash, IDS)
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"\x00" * 100)
+        raise KeyboardInterrupt  # an interrupted process, not just an exception
+
+    monkeypatch.setattr(safeio, "_save_file", broken)
+    with pytest.raises(KeyboardInterrupt):
+        dashdiff.save_adapter(mid_dash, path)
+    assert path.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["state.safetensors"]
+    monkeypatch.undo()
+    dashdiff.load_adapter(tiny_llama(0), path)  # still a valid file
+
+
+# --------------------------------------------------------------------------- stock save paths warn
+
+
+@pytest.mark.parametrize("config", [dash_config(), dashdiff.AutoLoraConfig(r=4, lora_alpha=4, target_modules=TARGETS)],
+                         ids=["dash", "autolora"])
+def test_stock_peft_save_pretrained_warns(config, tmp_path):
+    model = get_peft_model(tiny_llama(0), config)
+    with pytest.warns(UserWarning, match=r"dashdiff: a stock PEFT/diffusers save.*export_lora"):
+        model.save_pretrained(tmp_path)
+
+
+def test_stock_diffusers_state_dict_warns():
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = tiny_sd_pipeline(0)
+    pipe.unet.add_adapter(dashdiff.LoraDashConfig(r=2, lora_alpha=2, target_modules=["to_q"], dash_directions=1))
+    with pytest.warns(UserWarning, match=r"dashdiff: a stock PEFT/diffusers save"):
+        get_peft_model_state_dict(pipe.unet)
+
+
+def test_plain_lora_stock_save_does_not_warn(tmp_path):
+    model = get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj"]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="dashdiff")
+        model.save_pretrained(tmp_path)
