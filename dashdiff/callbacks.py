@@ -14,6 +14,11 @@ needs. (``on_step_end`` would also fire once per step, but after the scheduler; 
 fires per micro-batch and must not be used.) A step the fp16 grad scaler skipped (inf/NaN
 gradients, ``optimizer.step_was_skipped``) does not count, as in dashdiff's own scripts.
 Evaluation and generation never reach this callback, so they never advance the warm-up.
+
+Trainer's own checkpoints (a stock ``save_pretrained``) hold δ, U_s, V_s and the step counters,
+so ``trainer.train(resume_from_checkpoint=...)`` continues to the same launch (dashdiff warns
+about the stock save because stock *loaders* would drop those tensors). For a file that stock
+PEFT loads correctly, write the result with ``dashdiff.export_lora(model, folder, format="peft")``.
 """
 
 from __future__ import annotations

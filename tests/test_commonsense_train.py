@@ -359,6 +359,10 @@ def test_adapter_for_another_base_model_names_shapes(runs: dict[str, Path], tmp_
 
 
 def test_callback_launches_once_per_optimizer_step_in_trainer(base: Path, tmp_path: Path) -> None:
+    """gradient_accumulation_steps=2: the warm-up counts optimizer steps, not micro-batches; a
+    Trainer checkpoint taken before the launch resumes to the same launch and the same weights."""
+    import warnings
+
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
@@ -367,15 +371,10 @@ def test_callback_launches_once_per_optimizer_step_in_trainer(base: Path, tmp_pa
 
     tok = AutoTokenizer.from_pretrained(base)
     data = [tokenize_example(tok, r, cutoff_len=128) for r in load_records(TRAIN)[:8]]
-    torch.manual_seed(0)
-    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                                dashdiff.LoraDashConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                        dash_warmup_steps=3, dash_directions=4))
-    forwards = []
-    model.register_forward_pre_hook(lambda *_: forwards.append(1))
 
     class Probe(TrainerCallback):
-        launched: dict[int, bool] = {}
+        def __init__(self) -> None:
+            self.launched: dict[int, bool] = {}
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             self.launched[state.global_step] = bool(dashdiff.selected_directions(model))
@@ -387,16 +386,39 @@ def test_callback_launches_once_per_optimizer_step_in_trainer(base: Path, tmp_pa
                 "attention_mask": pad([b["attention_mask"] for b in batch], 0),
                 "labels": pad([b["labels"] for b in batch], -100)}
 
-    callback, probe = dashdiff.LoraDashCallback(), Probe()
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                             max_steps=4, learning_rate=1e-2, use_cpu=True, report_to="none", save_strategy="no",
-                             logging_steps=1, disable_tqdm=True, remove_unused_columns=False)
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[callback, probe])
-    trainer.train()
-    assert len(forwards) == 8  # 4 optimizer steps x 2 micro-batches
+    def train(resume: str | None = None):
+        _reset_accelerate()
+        torch.manual_seed(0)
+        model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                                    dashdiff.LoraDashConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                            dash_warmup_steps=3, dash_directions=4))
+        forwards = []
+        model.register_forward_pre_hook(lambda *_: forwards.append(1))
+        callback, probe = dashdiff.LoraDashCallback(), Probe()
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2, max_steps=4, learning_rate=1e-2, use_cpu=True,
+                                 report_to="none", save_strategy="steps", save_steps=2, logging_steps=1,
+                                 disable_tqdm=True, remove_unused_columns=False, seed=0, data_seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
+                          callbacks=[callback, probe])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Trainer's checkpoints are stock PEFT saves: dashdiff warns
+            trainer.train(resume_from_checkpoint=resume)
+        return model, trainer, callback, probe, len(forwards)
+
+    model, trainer, callback, probe, forwards = train()
+    assert forwards == 8  # 4 optimizer steps x 2 micro-batches
     assert callback.launch_step == 3
     assert probe.launched == {1: False, 2: False, 3: True, 4: True}
     layers = list(dashdiff.walk.iter_layers(model, "dash"))
     assert all(int(layer.lora_dash_step[a]) == 4 and int(layer.lora_dash_launch_step[a]) == 3 for _, layer, a in layers)
-    assert {"dash_launch_step": 3, "step": 3} .items() <= next(
+    assert {"dash_launch_step": 3, "step": 3}.items() <= next(
         h for h in trainer.state.log_history if "dash_launch_step" in h).items()
+
+    resumed, trainer2, callback2, _, forwards2 = train(resume=str(tmp_path / "checkpoint-2"))
+    assert forwards2 == 4 and callback2.launch_step == 3
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (trainer, trainer2)]
+    assert losses[0] == losses[1]
+    for (_, l1, a), (_, l2, _) in zip(layers, dashdiff.walk.iter_layers(resumed, "dash")):
+        torch.testing.assert_close(l1.lora_dash_delta[a], l2.lora_dash_delta[a], rtol=0, atol=1e-6)
+        torch.testing.assert_close(l1.lora_dash_U[a], l2.lora_dash_U[a], rtol=0, atol=0)

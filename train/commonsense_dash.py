@@ -764,9 +764,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         T.clear_for_overwrite(out)
     accelerator.wait_for_everyone()
 
-    # Data first: a bad file fails in a second, before any model is loaded.
-    records = load_records(args.data_path, stage="train")
-    train_records, val_records = split_records(records, args.val_set_size, args.seed)
+    # Data first: a bad file fails in a second, before any model is loaded (and on the command
+    # line as one message naming the file and record, no traceback).
+    try:
+        records = load_records(args.data_path, stage="train")
+        train_records, val_records = split_records(records, args.val_set_size, args.seed)
+    except (OSError, ValueError) as err:
+        raise T.TrainingError(str(err)) from err
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     kind = args.adapter_name
