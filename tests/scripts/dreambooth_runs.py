@@ -60,11 +60,23 @@ def main(argv: list[str]) -> None:
         else:
             cur.append(a)
     groups.append(cur)
-    for i, group in enumerate(groups):
-        if i:
-            reset_accelerate()
-        torch.manual_seed(0)
-        db.main(db.parse_args(group), on_event=dumper(dump, i) if dump else None)
+    # accelerator.end_training() destroys the process group at the end of each run; re-creating it
+    # in the same processes races on the rendezvous store (seen to hang). Keep one group for all
+    # the runs and destroy it once at the end.
+    from accelerate.state import PartialState
+
+    destroy = PartialState.destroy_process_group
+    PartialState.destroy_process_group = lambda self, group=None: None
+    try:
+        for i, group in enumerate(groups):
+            if i:
+                reset_accelerate()
+            torch.manual_seed(0)
+            db.main(db.parse_args(group), on_event=dumper(dump, i) if dump else None)
+    finally:
+        PartialState.destroy_process_group = destroy
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
