@@ -280,6 +280,18 @@ def test_resume_is_exact(checkpoint: str, runs: dict[str, Path], base: Path, tmp
                     load_file(out / "dashdiff_adapter.safetensors")) <= 1e-6
 
 
+def test_autolora_resume_in_the_search_is_exact(runs: dict[str, Path], base: Path, tmp_path: Path) -> None:
+    full = runs["autolora"]
+    out = tmp_path / "resumed"
+    run_main(cli(base, out, "autolora", "--resume_from_checkpoint", str(full / "checkpoint-search-2")))
+    search = [[(r["step"], r["loss"], r["val_loss"]) for r in steps(d) if r.get("phase") == "search" and "loss" in r]
+              for d in (full, out)]
+    assert search[1] == search[0][2:]  # step 3 of 3 redone identically
+    record = [json.loads((d / "dashdiff_run.json").read_text())["results"] for d in (full, out)]
+    assert record[0]["autolora_ranks"] == record[1]["autolora_ranks"]
+    assert max_diff(load_file(full / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")) <= 1e-6
+
+
 # --------------------------------------------------------------------------- bad input
 
 

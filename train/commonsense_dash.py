@@ -470,11 +470,11 @@ def record_launch(run: Run, model: Any, step: int) -> None:
               f"{dash_module.last_launch_seconds:.2f} s, same directions on {run.world} process(es)")
 
 
-def save_checkpoint(run: Run, phase: str, step: int, extra: dict[str, Any], info: dict[str, Any]) -> Path:
+def save_checkpoint(run: Run, phase: str, step: int, stateful: dict[str, Any], info: dict[str, Any]) -> Path:
     """``checkpoint-<step>/`` (``checkpoint-search-<step>/``): accelerate's state (prepared optimizer,
     grad scaler, RNG) with the full dashdiff adapter state instead of the model weights (the hooks of
-    ``dashdiff.training.register_state_hooks``), plus ``extra_state.pt`` (scheduler, β optimizer) and
-    the step counter."""
+    ``dashdiff.training.register_state_hooks``), ``extra_state.pt`` with the ``state_dict()`` of each
+    of ``stateful`` (objects accelerate does not hold: the scheduler, β's optimizer) and the step."""
     from dashdiff import training as T
 
     acc = run.accelerator
@@ -484,7 +484,7 @@ def save_checkpoint(run: Run, phase: str, step: int, extra: dict[str, Any], info
     acc.wait_for_everyone()
     acc.save_state(str(path))
     if acc.is_main_process:
-        torch.save(extra, path / "extra_state.pt")
+        torch.save({name: obj.state_dict() for name, obj in stateful.items()}, path / "extra_state.pt")
         T.write_checkpoint_info(path, {"phase": phase, "step": step, "fingerprint": run.fingerprint,
                                        "trajectory": trajectory_settings(run.args), "num_processes": run.world,
                                        **info})
@@ -494,10 +494,13 @@ def save_checkpoint(run: Run, phase: str, step: int, extra: dict[str, Any], info
     return path
 
 
-def load_checkpoint(run: Run, ckpt: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore a checkpoint into the prepared objects; returns (extra_state, info)."""
+def load_checkpoint(run: Run, ckpt: Any, stateful: dict[str, Any]) -> int:
+    """Restore checkpoint ``ckpt`` (None: a fresh start) into the prepared objects and ``stateful``
+    (as ``save_checkpoint`` got them); returns the number of steps already done."""
     from dashdiff import training as T
 
+    if ckpt is None:
+        return 0
     info = T.read_checkpoint_info(ckpt.path)
     if info.get("fingerprint") != run.fingerprint:
         saved = info.get("trajectory", {})
@@ -509,8 +512,11 @@ def load_checkpoint(run: Run, ckpt: Any) -> tuple[dict[str, Any], dict[str, Any]
         )
     run.accelerator.load_state(str(ckpt.path))
     extra = torch.load(ckpt.path / "extra_state.pt", map_location="cpu", weights_only=False)
+    for name, obj in stateful.items():
+        obj.load_state_dict(extra[name])
     run.last_checkpoint = ckpt.path
-    return extra, info
+    run.print(f"resumed from {ckpt.path} at {ckpt.phase} step {info['step']}")
+    return info["step"]
 
 
 def train_step(run: Run, model: Any, examples: list[Example], micro: list[list[int]], step: int,
@@ -563,12 +569,7 @@ def fit(run: Run, model: Any, examples: list[Example], val_examples: list[Exampl
     model, optimizer = acc.prepare(model, optimizer)
     run.model = model
 
-    step = 0
-    if resume is not None:
-        extra, info = load_checkpoint(run, resume)
-        scheduler.load_state_dict(extra["scheduler"])
-        step = info["step"]
-        run.print(f"resumed from {resume.path} at optimizer step {step}")
+    step = load_checkpoint(run, resume, {"scheduler": scheduler})
     params = trainable_parameters(model)
     run.print(f"training {kind}: {len(examples)} examples, {plan.steps_per_epoch} optimizer steps per epoch, "
               f"{total_steps} steps, global batch {args.batch_size} = {micro_per_step(args)} micro-batches of "
@@ -606,8 +607,7 @@ def fit(run: Run, model: Any, examples: list[Example], val_examples: list[Exampl
             run.results["eval_loss"] = eval_loss
             run.print(f"step {step}: eval loss {eval_loss:.4f}")
         if step % args.save_step == 0 or step == total_steps:
-            save_checkpoint(run, "train", step, {"scheduler": scheduler.state_dict()},
-                            {"ranks": run.results.get("autolora_ranks")})
+            save_checkpoint(run, "train", step, {"scheduler": scheduler}, {"ranks": run.results.get("autolora_ranks")})
         run.results["final_loss"] = loss
     run.timings["train_s"] = run.timings.get("train_s", 0.0) + time.perf_counter() - t0
     run.results["train_steps"] = total_steps
@@ -657,12 +657,7 @@ def search(run: Run, model: Any, train_ex: list[Example], val_ex: list[Example],
         batch = collate([ex[i] for i in idx], run.pad_id, acc.device)
         return {**batch, "seed": seed, "targets": sum(ex[i].targets for i in idx)}
 
-    step = 0
-    if resume is not None:
-        extra, info = load_checkpoint(run, resume)
-        beta_opt.load_state_dict(extra["beta_optimizer"])
-        step = info["step"]
-        run.print(f"resumed the AutoLoRA search from {resume.path} at step {step}")
+    step = load_checkpoint(run, resume, {"beta_optimizer": beta_opt})
     run.print(f"AutoLoRA search ({args.autolora_mode}): {len(train_ex)} train / {len(val_ex)} validation examples, "
               f"{total_steps} steps")
     model.train()
@@ -683,7 +678,7 @@ def search(run: Run, model: Any, train_ex: list[Example], val_ex: list[Example],
                 run.print(f"search step {step}/{total_steps} train loss {out['train_loss']:.4f} "
                           f"val loss {out['val_loss'] if out['val_loss'] is None else round(out['val_loss'], 4)}")
             if step % args.save_step == 0 and step < total_steps:
-                save_checkpoint(run, "search", step, {"beta_optimizer": beta_opt.state_dict()}, {})
+                save_checkpoint(run, "search", step, {"beta_optimizer": beta_opt}, {})
     finally:
         acc.gradient_accumulation_steps = 1
     run.timings["search_s"] = time.perf_counter() - t0
