@@ -27,3 +27,8 @@ __all__ += ["export_lora", "load_adapter", "save_adapter"]
 from .callbacks import LoraDashCallback  # noqa: E402
 
 __all__ += ["LoraDashCallback"]
+
+from .autolora import BilevelStep, retrain_config, split_train_val  # noqa: E402
+from .rank_report import write_rank_report  # noqa: E402
+
+__all__ += ["BilevelStep", "retrain_config", "split_train_val", "write_rank_report"]

@@ -1,0 +1,132 @@
+"""Cost of one AutoLoRA search step relative to one plain LoRA step (tiny UNet, CPU).
+
+Same UNet, same targets (``to_q to_k to_v to_out.0``), same rank (k = r = 8), same batch; the
+plain step is PEFT's LoRA: forward, backward, Adam step. The search steps are
+``BilevelStep.step`` in ``darts`` and ``first_order`` mode, roll-back off and on. All variants run
+interleaved, one step each per round in a rotating order, so load drift on a shared machine
+hits them alike; reported: median step time with its interquartile range, and the median of the
+per-round ratios to the plain step (with IQR). A forward+backward pass alone is timed too: a
+``darts`` step needs four of them (inner, validation, two finite-difference passes), ``first_order``
+two, roll-back one more.
+
+Usage: ``python bench/autolora_cost.py [--rounds 30] [--batch 2] [--latent 32] [--threads 1] [--markdown]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from typing import Callable
+
+import torch
+from peft import LoraConfig
+
+from dashdiff import AutoLoraConfig
+from dashdiff.autolora import BilevelStep, _grads
+from dashdiff.tiny import tiny_sd_pipeline
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(xs, n=4)
+    return q[0], statistics.median(xs), q[2]
+
+
+def main(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    pipe = tiny_sd_pipeline()
+    sched = pipe.scheduler
+
+    def adapted(cfg) -> torch.nn.Module:
+        unet = copy.deepcopy(pipe.unet).requires_grad_(False)
+        unet.add_adapter(cfg)
+        return unet.train()
+
+    g = torch.Generator().manual_seed(0)
+
+    def batch() -> dict:
+        b, s = args.batch, args.latent
+        return {"lat": torch.randn(b, 4, s, s, generator=g), "noise": torch.randn(b, 4, s, s, generator=g),
+                "t": torch.randint(0, 1000, (b,), generator=g), "ehs": torch.randn(b, 77, 32, generator=g)}
+
+    def loss_fn(unet, b) -> torch.Tensor:
+        noisy = sched.add_noise(b["lat"], b["noise"], b["t"])
+        return torch.nn.functional.mse_loss(unet(noisy, b["t"], encoder_hidden_states=b["ehs"]).sample, b["noise"])
+
+    train, val = batch(), batch()
+    plain = adapted(LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS, init_lora_weights="gaussian"))
+    plain_opt = torch.optim.Adam([p for p in plain.parameters() if p.requires_grad], lr=3e-4)
+
+    def plain_step() -> None:
+        loss_fn(plain, train).backward()
+        plain_opt.step()
+        plain_opt.zero_grad(set_to_none=True)
+
+    variants: dict[str, Callable[[], object]] = {"plain LoRA step": plain_step}
+    probe = None
+    for mode in ("darts", "first_order"):
+        for rollback in (False, True):
+            unet = adapted(AutoLoraConfig(r=8, lora_alpha=8, target_modules=TARGETS, init_lora_weights="gaussian"))
+            search = BilevelStep(unet, mode=mode, rollback=rollback)
+            probe = probe or search
+            name = f"{mode}" + (" + roll-back" if rollback else "")
+            variants[name] = lambda s=search: s.step(train, val, loss_fn)
+
+    def one_pass() -> None:  # forward + backward for the LoRA weights only, no optimizer
+        _grads(loss_fn(probe.model, train), probe.weights)
+
+    variants["one forward+backward pass"] = one_pass
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.warmup + args.rounds):
+        order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
+        for n in order:
+            t0 = time.perf_counter()
+            variants[n]()
+            if r >= args.warmup:
+                times[n].append(time.perf_counter() - t0)
+    base = times["plain LoRA step"]
+    result = {}
+    for n in names:
+        ratios = [t / b for t, b in zip(times[n], base)]
+        result[n] = {"ms": [1e3 * x for x in quartiles(times[n])], "ratio": list(quartiles(ratios))}
+        q1, med, q3 = result[n]["ms"]
+        r1, rm, r3 = result[n]["ratio"]
+        print(f"{n:28s} {med:8.1f} ms (IQR {q1:.1f}-{q3:.1f})  {rm:5.2f}x (IQR {r1:.2f}-{r3:.2f})", flush=True)
+    if args.markdown:
+        print(markdown(result, args))
+    return result
+
+
+def markdown(result: dict, args: argparse.Namespace) -> str:
+    lines = [
+        f"Tiny SD UNet (`dashdiff.tiny`, ~2 M parameters), AutoLoRA k = 8 / LoRA r = 8 on `to_q to_k to_v to_out.0` "
+        f"(32 layers), batch {args.batch}, latents 4x{args.latent}x{args.latent}, float32, {args.threads} CPU "
+        f"thread(s); {args.rounds} interleaved rounds after {args.warmup} warm-up rounds.",
+        "",
+        "| variant | median step | IQR | median per-round ratio to plain | IQR |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for n, r in result.items():
+        q1, med, q3 = r["ms"]
+        r1, rm, r3 = r["ratio"]
+        lines.append(f"| {n} | {med:.1f} ms | {q1:.1f}-{q3:.1f} ms | {rm:.2f}x | {r1:.2f}-{r3:.2f}x |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--latent", type=int, default=32, help="latent side (pixels / 2 for the tiny VAE)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--markdown", action="store_true")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
