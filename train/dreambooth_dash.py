@@ -27,7 +27,9 @@ Methods (``--method``)
 - ``autolora``: AutoLoRA. A bi-level search of ``--autolora_search_steps`` steps (default
   ``--max_train_steps``) learns per-layer selection weights α = softmax(β) of an initial rank
   ``--rank``, the per-layer ranks are read off α (``--autolora_threshold``, default 1/k), then a
-  fresh plain LoRA with those ranks retrains for ``--max_train_steps`` on all the data.
+  fresh plain LoRA with those ranks retrains for ``--max_train_steps`` on all the data. In the
+  search, A and B use ``--learning_rate`` and the AdamW flags (the published recipe used 3e-4);
+  β uses Adam at ``--autolora_meta_lr`` (3e-4) with betas (0.5, 0.999), as published.
 
 The AutoLoRA validation split for DreamBooth
 --------------------------------------------
