@@ -297,10 +297,10 @@ class DashdiffLinear(LoraLinear):
             x = dropout(x)  # one mask shared by the LoRA and dash parts
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
+            # Everything enters in the autocast dtype, so autocast has nothing left to cast inside.
             cdt = torch.get_autocast_dtype(dev)
-            with torch.autocast(dev, enabled=False):
-                return FusedDashLinear.apply(x.to(cdt), a_cat.to(cdt), b_cat.to(cdt), coef.to(cdt), a_p, b_p,
-                                             delta, lam, r)
+            return FusedDashLinear.apply(x.to(cdt), a_cat.to(cdt), b_cat.to(cdt), coef.to(cdt), a_p, b_p,
+                                         delta, lam, r)
         if x.dtype != a_cat.dtype:
             x = x.to(a_cat.dtype)
         return FusedDashLinear.apply(x, a_cat, b_cat, coef, a_p, b_p, delta, lam, r)
