@@ -11,6 +11,7 @@ for section in "$@"; do
     step-llama)  run bench/step_time.py --model llama7b --device cuda --dtype bfloat16 --rank 32 --steps 30 --warmup 10 ;;
     launch-sdxl) run bench/launch_time.py --model sdxl --device cuda --dtype bfloat16 --rank 4 ;;
     launch-llama) run bench/launch_time.py --model llama7b --device cuda --dtype bfloat16 --rank 32 --sections launch,overlap ;;
+    overlap-sdxl) run bench/launch_time.py --model sdxl --device cuda --dtype bfloat16 --rank 4 --sections overlap ;;
     infer-sdxl)  run bench/infer_time.py --model sdxl --device cuda --dtype bfloat16 --rank 4 ;;
     autolora)    run bench/autolora_cost.py --device cuda ;;
     *) echo "unknown section $section"; exit 2 ;;
