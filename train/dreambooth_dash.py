@@ -1141,6 +1141,8 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
             split = split_indices(len(unique_items), args.autolora_val_fraction, args.seed)
         except ValueError as err:
             raise TrainingError(f"AutoLoRA validation split of the instance images: {err}") from None
+    if args.with_prior_preservation and Path(args.class_data_dir).is_dir():
+        check_images(image_files(Path(args.class_data_dir), "--class_data_dir"))
     if resume is not None:
         if args.method != "autolora" and resume.phase == "search":
             raise TrainingError(f"{resume.path} is an AutoLoRA search checkpoint; this run is --method {args.method}")
