@@ -389,7 +389,6 @@ class Run:
     pad_id: int
     log: Any  # dashdiff.training.StepLog (writes on the main process only)
     fingerprint: str
-    weight_dtype: torch.dtype
     model: Any = None  # the model being trained (as prepared); checkpoints save and load its adapter
     last_checkpoint: Optional[Path] = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -776,8 +775,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     run = Run(args=args, accelerator=accelerator, out=out, pad_id=tokenizer.pad_token_id,
-              log=T.StepLog(out / T.STEP_LOG, enabled=accelerator.is_main_process), fingerprint=fingerprint,
-              weight_dtype=weight_dtype)
+              log=T.StepLog(out / T.STEP_LOG, enabled=accelerator.is_main_process), fingerprint=fingerprint)
     if resume is not None:
         order = {"search": 0, "train": 1}
         point = (order[resume.phase], resume.step)
@@ -815,11 +813,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             resume = None  # a search checkpoint has been used up; the retrain starts fresh
         run.results["autolora_ranks"] = ranks
         if args.autolora_retrain:
+            from peft import PeftModel
+
             from dashdiff.autolora import retrain_config
 
             # A fresh plain LoRA with the found per-layer ranks on the frozen base (now in the training dtype).
             base = accelerator.unwrap_model(model)
-            base = base.unload() if hasattr(base, "unload") else base
+            if isinstance(base, PeftModel):  # after a search; a resumed retrain starts from the bare base
+                base = base.unload()
             accelerator.free_memory()
             base.to(weight_dtype)
             cfg = retrain_config(ranks, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
