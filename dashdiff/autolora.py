@@ -488,7 +488,7 @@ class BilevelStep:
         return acc[:k], acc[k:], total
 
     def _beta_grad_at(self, trains: list, loss_fn: LossFn, net: nn.Module,
-                      center: list[torch.Tensor], v: list[torch.Tensor], eps: torch.Tensor
+                      center: list[torch.Tensor], v: list[torch.Tensor], eps: float
                       ) -> list[torch.Tensor]:
         """Central difference ``[∂β L_tr(c + εv) − ∂β L_tr(c − εv)] / 2ε`` (mean over micro-batches),
         both passes in eval mode from the same RNG state; ``w`` is left at ``center``."""
