@@ -311,6 +311,33 @@ def test_mixed_precision_inner_step_autocast_hypergradient_full_precision(fresh_
     assert rel(got, darts) < 1e-3 < rel(first, darts)
 
 
+@pytest.mark.parametrize("mode", ["darts", "darts_unrolled"])
+def test_fp16_grad_scaler_paths(fresh_accelerate, mode):
+    """accelerate gives no grad scaler on CPU, so one is installed by hand (float32 model, scaled
+    loss): the scaled run equals an unscaled one, roll-back and clipping included, and an overflow
+    skips the whole step, leaving w and β untouched."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    acc.native_amp, acc.state._mixed_precision = True, "fp16"  # what fp16 on a GPU sets
+    model = make_net(dtype=torch.float32)
+    kw = dict(mode=mode, rollback=True, weight_lr=1e-2, beta_lr=0.1, max_grad_norm=1.0)
+    ref = BilevelStep(copy.deepcopy(model), **kw)
+    s = BilevelStep(acc.prepare(model), accelerator=acc, **kw)
+    for i in range(2):
+        tb, vb = batch(i, dtype=torch.float32), batch(10 + i, dtype=torch.float32)
+        assert s.step(tb, vb, mse)["stepped"]
+        ref.step(tb, vb, mse)
+    assert rel(flat(s.weights), flat(ref.weights)) < 1e-4 and rel(flat(s.betas), flat(ref.betas)) < 1e-4
+    w, beta = flat(s.weights), flat(s.betas)
+    acc.scaler.update(new_scale=1e38)
+    out = s.step(batch(5, dtype=torch.float32), batch(6, dtype=torch.float32), lambda m, b: mse(m, b) * 1e6)
+    assert out["skipped"] and not out["stepped"] and acc.scaler.get_scale() < 1e38
+    assert torch.equal(w, flat(s.weights)) and torch.equal(beta, flat(s.betas))
+    assert all(outer_steps(layer, a) == 2 for _, layer, a in s.layers)
+
+
 # --------------------------------------------------------------------------- two processes
 
 
