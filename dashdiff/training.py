@@ -235,9 +235,15 @@ def check_output_dir(output_dir: PathLike, fingerprint: str, resume: Optional[st
         )
     raise TrainingError(
         f"--output_dir {root} holds another run's files (arguments hash {record.get('fingerprint')}, this run "
-        f"{fingerprint}; method {record.get('args', {}).get('method')!r}). Pick another folder, pass "
+        f"{fingerprint}; method {_recorded_method(record)!r}). Pick another folder, pass "
         "--resume_from_checkpoint to continue that run, or --overwrite_output_dir to replace it."
     )
+
+
+def _recorded_method(record: dict) -> object:
+    # the DreamBooth script records --method, the commonsense script --adapter_name
+    args = record.get("args", {})
+    return args.get("method", args.get("adapter_name"))
 
 
 def clear_for_overwrite(output_dir: PathLike) -> list[Path]:
