@@ -37,11 +37,30 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
 
 def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    pipe = tiny_sd_pipeline()
-    sched = pipe.scheduler
+    dev = torch.device(args.device)
+    if args.model == "sdxl":  # real-size UNet with random weights (float32: BilevelStep's requirement)
+        import json
+        from pathlib import Path
+
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        root = Path(__file__).resolve().parents[1]
+        cfg_file = next(p for p in (root.parent / "shared" / "configs" / "sdxl_unet.json",
+                                    root / ".gpu" / "configs" / "sdxl_unet.json") if p.exists())
+        base_unet = UNet2DConditionModel(**{k: v for k, v in json.loads(cfg_file.read_text()).items()
+                                            if not k.startswith("_")}).to(dev)
+        sched = DDPMScheduler()
+        ctx_dim, text_dim = 2048, 1280
+    else:
+        pipe = tiny_sd_pipeline()
+        base_unet, sched = pipe.unet.to(dev), pipe.scheduler
+        ctx_dim, text_dim = 32, 0
+    base_unet.requires_grad_(False)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     def adapted(cfg) -> torch.nn.Module:
-        unet = copy.deepcopy(pipe.unet).requires_grad_(False)
+        # every variant shares the frozen base weights (a real-size UNet fits once)
+        unet = copy.deepcopy(base_unet, memo={id(t): t for t in list(base_unet.parameters()) + list(base_unet.buffers())})
         unet.add_adapter(cfg)
         return unet.train()
 
@@ -49,19 +68,28 @@ def main(args: argparse.Namespace) -> dict:
 
     def batch() -> dict:
         b, s = args.batch, args.latent
-        return {"lat": torch.randn(b, 4, s, s, generator=g), "noise": torch.randn(b, 4, s, s, generator=g),
-                "t": torch.randint(0, 1000, (b,), generator=g), "ehs": torch.randn(b, 77, 32, generator=g)}
+        out = {"lat": torch.randn(b, 4, s, s, generator=g), "noise": torch.randn(b, 4, s, s, generator=g),
+               "t": torch.randint(0, 1000, (b,), generator=g), "ehs": torch.randn(b, 77, ctx_dim, generator=g)}
+        if text_dim:
+            out["text_embeds"] = torch.randn(b, text_dim, generator=g)
+            out["time_ids"] = torch.tensor([[8 * s, 8 * s, 0, 0, 8 * s, 8 * s]] * b, dtype=torch.float32)
+        return {k: v.to(dev) for k, v in out.items()}
 
     def loss_fn(unet, b) -> torch.Tensor:
-        noisy = sched.add_noise(b["lat"], b["noise"], b["t"])
-        return torch.nn.functional.mse_loss(unet(noisy, b["t"], encoder_hidden_states=b["ehs"]).sample, b["noise"])
+        noisy = sched.add_noise(b["lat"], b["noise"], b["t"].cpu()).to(dev) if dev.type != "cpu" else \
+            sched.add_noise(b["lat"], b["noise"], b["t"])
+        extra = {"added_cond_kwargs": {"text_embeds": b["text_embeds"], "time_ids": b["time_ids"]}} if text_dim else {}
+        pred = unet(noisy, b["t"], encoder_hidden_states=b["ehs"], **extra).sample
+        return torch.nn.functional.mse_loss(pred.float(), b["noise"])
 
     train, val = batch(), batch()
     plain = adapted(LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS, init_lora_weights="gaussian"))
     plain_opt = torch.optim.Adam([p for p in plain.parameters() if p.requires_grad], lr=3e-4)
 
     def plain_step() -> None:
-        loss_fn(plain, train).backward()
+        with autocast:
+            loss = loss_fn(plain, train)
+        loss.backward()
         plain_opt.step()
         plain_opt.zero_grad(set_to_none=True)
 
@@ -73,7 +101,7 @@ def main(args: argparse.Namespace) -> dict:
             search = BilevelStep(unet, mode=mode, rollback=rollback)
             probe = probe or search
             name = f"{mode}" + (" + roll-back" if rollback else "")
-            variants[name] = lambda s=search: s.step(train, val, loss_fn)
+            variants[name] = lambda s=search: _autocast_step(s, train, val, loss_fn, autocast)
 
     def one_pass() -> None:  # forward + backward for the LoRA weights only, no optimizer
         _grads(loss_fn(probe.model, train), probe.weights)
@@ -84,8 +112,10 @@ def main(args: argparse.Namespace) -> dict:
     for r in range(args.warmup + args.rounds):
         order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
         for n in order:
+            _sync(dev)
             t0 = time.perf_counter()
             variants[n]()
+            _sync(dev)
             if r >= args.warmup:
                 times[n].append(time.perf_counter() - t0)
     base = times["plain LoRA step"]
@@ -99,6 +129,17 @@ def main(args: argparse.Namespace) -> dict:
     if args.markdown:
         print(markdown(result, args))
     return result
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _autocast_step(search, train, val, loss_fn, autocast):
+    # the inner step runs under the caller's autocast; BilevelStep runs its hypergradient passes in float32
+    with autocast:
+        return search.step(train, val, loss_fn)
 
 
 def markdown(result: dict, args: argparse.Namespace) -> str:
@@ -125,6 +166,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latent", type=int, default=32, help="latent side (pixels / 2 for the tiny VAE)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="tiny", choices=["tiny", "sdxl"])
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the plain step and the inner step")
     return p.parse_args(argv)
 
 
