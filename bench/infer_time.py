@@ -18,7 +18,7 @@ import peft
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from step_time import ROOT, build_base, device_name  # noqa: E402
+from step_time import build_base, command_line, device_name, emit  # noqa: E402
 
 
 def main(argv=None) -> str:
@@ -71,13 +71,8 @@ def main(argv=None) -> str:
                     f"{statistics.median(ts) / ref:.3f}x |")
     text = (f"### Inference, {args.model}, r={args.rank} vs r+s={args.rank + args.directions}, {args.dtype}\n\n"
             f"{device_name(args.device)}; torch {torch.__version__}, peft {peft.__version__}; median of {args.steps} "
-            f"interleaved forwards.\n`python bench/infer_time.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
-            "\n\n" + "\n".join(rows) + "\n")
-    print(text)
-    if args.write:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write("\n" + text)
-    return text
+            f"interleaved forwards.\n{command_line('infer_time.py', argv)}\n\n" + "\n".join(rows) + "\n")
+    return emit(text, args.write)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dashdiff  # noqa: E402
 from dashdiff.launch import gram_eig, select_directions  # noqa: E402
-from step_time import ROOT, build_base, device_name  # noqa: E402
+from step_time import build_base, command_line, device_name, emit  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -170,7 +170,7 @@ def main(argv=None) -> str:
     sections = args.sections.split(",")
     dtype = getattr(torch, args.dtype) if args.device != "cpu" else torch.float32
     out = [f"### Launch, {args.model}, s={args.directions}\n\n{device_name(args.device)}; torch {torch.__version__}; "
-           f"`python bench/launch_time.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"]
+           f"{command_line('launch_time.py', argv)}\n"]
     if "selection" in sections:
         shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.selection_shapes.split(",")]
         out.append("Selection equality over trials (decaying spectra, 3 decades):\n\n"
@@ -198,11 +198,7 @@ def main(argv=None) -> str:
             out.append("Prefetch beside training (pre-launch steps):\n\n"
                        + overlap_section(model, make_batch, loss_fn, args.device, dtype, args.overlap_steps))
             print(out[-1], flush=True)
-    text = "\n\n".join(out) + "\n"
-    if args.write:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write("\n" + text)
-    return text
+    return emit("\n\n".join(out) + "\n", args.write, echo=False)  # sections were printed as they came
 
 
 if __name__ == "__main__":

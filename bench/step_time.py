@@ -223,6 +223,21 @@ def table(res: dict[str, dict], baseline: str = "lora_r") -> str:
     return "\n".join(lines)
 
 
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that produced a table, for BENCHMARKS.md."""
+    return f"`python bench/{script} {' '.join(argv if argv is not None else sys.argv[1:])}`"
+
+
+def emit(text: str, write: bool, echo: bool = True) -> str:
+    """Print a table section (unless already printed) and, with ``write``, append it to BENCHMARKS.md."""
+    if echo:
+        print(text, flush=True)
+    if write:
+        with open(ROOT / "BENCHMARKS.md", "a") as f:
+            f.write("\n" + text)
+    return text
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
@@ -253,14 +268,8 @@ def main(argv: list[str] | None = None) -> str:
     head = (f"### Training step, {args.model}, r={args.rank}, s={args.directions}, {args.dtype}\n\n"
             f"{device_name(args.device)}; torch {torch.__version__}, peft {peft.__version__}, diffusers "
             f"{diffusers.__version__}, transformers {transformers.__version__}; {date.today()}; median of "
-            f"{args.steps} interleaved steps after {args.warmup} warm-up.\n`python bench/step_time.py "
-            f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
-    text = head + table(res) + "\n"
-    print(text)
-    if args.write:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write("\n" + text)
-    return text
+            f"{args.steps} interleaved steps after {args.warmup} warm-up.\n{command_line('step_time.py', argv)}\n\n")
+    return emit(head + table(res) + "\n", args.write)
 
 
 if __name__ == "__main__":
