@@ -182,7 +182,7 @@ def run(model: str, device: str, dtype: torch.dtype, r: int, s: int, steps: int,
     peaks = {meth: 0 for meth in methods}
     dev_type = device.split(":")[0]
     for i in range(warmup + steps):
-        for meth in methods:
+        for meth in methods[i % len(methods):] + methods[: i % len(methods)]:  # rotate who goes first
             m, opt = built[meth]
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
@@ -203,10 +203,15 @@ def run(model: str, device: str, dtype: torch.dtype, r: int, s: int, steps: int,
     out = {}
     for meth in methods:
         ts = sorted(times[meth])
+        # Paired ratios: each step against the baseline's step of the same round, so drift in clock
+        # or load between rounds cancels (the spread of raw step times is ±15 % on the GPU machine).
+        ratios = sorted(t / b for t, b in zip(times[meth], times[methods[0]]))
         out[meth] = {
             "median_s": statistics.median(ts),
             "p10_s": ts[len(ts) // 10],
             "p90_s": ts[(9 * len(ts)) // 10],
+            "ratio": statistics.median(ratios),
+            "ratio_iqr": (ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]),
             "peak_gib": peaks[meth] / 2**30 if peaks[meth] else None,
         }
     return out
@@ -214,12 +219,13 @@ def run(model: str, device: str, dtype: torch.dtype, r: int, s: int, steps: int,
 
 def table(res: dict[str, dict], baseline: str = "lora_r") -> str:
     base = res[baseline]
-    lines = ["| method | median step (s) | p10-p90 (s) | vs lora_r | peak (GiB) | vs lora_r |", "|---|---|---|---|---|---|"]
+    lines = ["| method | median step (s) | p10-p90 (s) | vs lora_r (median of paired ratios) | IQR | peak (GiB) | "
+             "vs lora_r |", "|---|---|---|---|---|---|---|"]
     for meth, v in res.items():
         mem = f"{v['peak_gib']:.2f}" if v["peak_gib"] else "n/a"
         mem_ratio = f"{v['peak_gib'] / base['peak_gib']:.3f}x" if v["peak_gib"] and base["peak_gib"] else "n/a"
-        lines.append(f"| {meth} | {v['median_s']:.4f} | {v['p10_s']:.4f}-{v['p90_s']:.4f} | "
-                     f"{v['median_s'] / base['median_s']:.3f}x | {mem} | {mem_ratio} |")
+        lines.append(f"| {meth} | {v['median_s']:.4f} | {v['p10_s']:.4f}-{v['p90_s']:.4f} | {v['ratio']:.3f}x | "
+                     f"{v['ratio_iqr'][0]:.3f}-{v['ratio_iqr'][1]:.3f} | {mem} | {mem_ratio} |")
     return "\n".join(lines)
 
 

@@ -13,45 +13,43 @@ import torch
 
 
 class FusedDashLinear(torch.autograd.Function):
-    """Inputs (leading dims of ``x`` are flattened to N):
+    """``FusedDashLinear.apply(x, a, b, delta, fused)`` with ``fused = (a_cat, b_cat, coef, lam, r)``.
 
     x: (..., in); a_cat: (k, in); b_cat: (out, k); coef: (k,) — compute-dtype tensors, k = r+s
     (or r before launch); a, b, delta: the trainable parameters, passed only to receive their
-    gradients; lam: the runtime scale multiplying δ; r: the LoRA rank. Returns (..., out).
+    gradients (the autograd engine casts those to the parameters' dtypes); lam: the runtime scale
+    multiplying δ; r: the LoRA rank. Returns (..., out). The storages travel in one plain tuple:
+    they need no gradient, and fewer arguments make ``apply`` cheaper on this hot path.
     """
 
     @staticmethod
-    def forward(ctx, x, a_cat, b_cat, coef, a, b, delta, lam: float, r: int):
+    def forward(ctx, x, a, b, delta, fused):
+        a_cat, b_cat, coef, lam, r = fused
         x2 = x.reshape(-1, x.shape[-1])
         h = x2.mm(a_cat.t())  # (N, k)
         hs = h * coef
         y = hs.mm(b_cat.t())
-        ctx.save_for_backward(x2, h, hs, a_cat, b_cat, coef)
-        ctx.meta = (lam, r, x.shape, a.dtype, b.dtype, delta.dtype, delta.shape[0])
+        ctx.save_for_backward(x2, h, hs)  # activations: through saved-tensor hooks (checkpointing)
+        ctx.fused, ctx.x_shape, ctx.s = fused, x.shape, delta.shape[0]
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, h, hs, a_cat, b_cat, coef = ctx.saved_tensors
-        lam, r, x_shape, a_dt, b_dt, d_dt, s = ctx.meta
+        x2, h, hs = ctx.saved_tensors
+        a_cat, b_cat, coef, lam, r = ctx.fused
         g = grad_y.reshape(-1, grad_y.shape[-1])
         g_hs = g.mm(b_cat)  # (N, k): gradient w.r.t. c ⊙ h
         g_h = g_hs * coef
         need = ctx.needs_input_grad
-        grad_x = g_h.mm(a_cat).view(x_shape) if need[0] else None
-        grad_a = grad_b = grad_delta = None
-        if need[4]:
-            grad_a = g_h[:, :r].t().mm(x2)
-            grad_a = grad_a if grad_a.dtype == a_dt else grad_a.to(a_dt)
-        if need[5]:
-            grad_b = g.t().mm(hs[:, :r])
-            grad_b = grad_b if grad_b.dtype == b_dt else grad_b.to(b_dt)
-        if need[6]:
+        grad_x = g_h.mm(a_cat).view(ctx.x_shape) if need[0] else None
+        grad_a = g_h[:, :r].t().mm(x2) if need[1] else None
+        grad_b = g.t().mm(hs[:, :r]) if need[2] else None
+        grad_delta = None
+        if need[3]:
             if h.shape[1] > r:
                 grad_delta = (g_hs * h).sum(0)[r:]  # over all k columns: fewer ops than slicing first
                 if lam != 1.0:
                     grad_delta = grad_delta * lam
-                grad_delta = grad_delta if grad_delta.dtype == d_dt else grad_delta.to(d_dt)
             else:  # before launch: δ takes part (DDP sees it) with an exactly-zero gradient
-                grad_delta = torch.zeros(s, dtype=d_dt, device=g.device)
-        return grad_x, None, None, None, grad_a, grad_b, grad_delta, None, None
+                grad_delta = torch.zeros(ctx.s, dtype=g.dtype, device=g.device)
+        return grad_x, grad_a, grad_b, grad_delta, None

@@ -278,10 +278,12 @@ class DashdiffLinear(LoraLinear):
         return param_dtype, False
 
     def _dash_delta_out(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        # Hot path (every forward of every targeted layer): few lookups, no per-call concatenation.
+        # Hot path (every forward of every targeted layer): C-level dict lookups instead of
+        # ModuleDict / ParameterDict __getitem__, no per-call concatenation.
         a_cat, b_cat, c_cat, key = self._dash_storage[adapter]
-        a_p, b_p = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        delta = self.lora_dash_delta[adapter]
+        a_p = self.lora_A._modules[adapter]._parameters["weight"]
+        b_p = self.lora_B._modules[adapter]._parameters["weight"]
+        delta = self.lora_dash_delta._parameters[adapter]
         # Module.to() / PEFT's adapter-dtype cast replace data or whole Parameters: re-fuse then.
         if (a_p.data_ptr(), b_p.data_ptr(), delta.data_ptr()) != key:
             a_cat, b_cat, c_cat = self._fuse_storage(adapter)[:3]
@@ -292,18 +294,16 @@ class DashdiffLinear(LoraLinear):
             a_cat, b_cat, coef = a_cat[:r], b_cat[:, :r], c_cat[:r]
         if lam != 1.0:
             coef = coef * lam
-        dropout = self.lora_dropout[adapter]
+        dropout = self.lora_dropout._modules[adapter]
         if not isinstance(dropout, nn.Identity):
             x = dropout(x)  # one mask shared by the LoRA and dash parts
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):
+        if torch.is_autocast_enabled(x.device.type):
             # Everything enters in the autocast dtype, so autocast has nothing left to cast inside.
-            cdt = torch.get_autocast_dtype(dev)
-            return FusedDashLinear.apply(x.to(cdt), a_cat.to(cdt), b_cat.to(cdt), coef.to(cdt), a_p, b_p,
-                                         delta, lam, r)
+            cdt = torch.get_autocast_dtype(x.device.type)
+            a_cat, b_cat, coef = a_cat.to(cdt), b_cat.to(cdt), coef.to(cdt)
         if x.dtype != a_cat.dtype:
             x = x.to(a_cat.dtype)
-        return FusedDashLinear.apply(x, a_cat, b_cat, coef, a_p, b_p, delta, lam, r)
+        return FusedDashLinear.apply(x, a_p, b_p, delta, (a_cat, b_cat, coef, lam, r))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)

@@ -101,8 +101,8 @@ def test_fused_function_gradcheck():
 
     def fused(x, a, b, d):
         coef = torch.cat([torch.full((r,), scaling, dtype=torch.float64), d.detach() * lam])
-        return FusedDashLinear.apply(x, torch.cat([a.detach(), v]), torch.cat([b.detach(), u], 1), coef, a, b, d,
-                                     lam, r)
+        return FusedDashLinear.apply(x, a, b, d, (torch.cat([a.detach(), v]), torch.cat([b.detach(), u], 1), coef,
+                                                  lam, r))
 
     def reference(x, a, b, d):
         return scaling * x @ a.t() @ b.t() + lam * x @ v.t() @ torch.diag(d) @ u.t()
