@@ -243,6 +243,18 @@ def _tiny_vae() -> AutoencoderKL:
     )
 
 
+# UNet settings shared by the SD and SDXL builders: two blocks, the second with cross-attention.
+_UNET_COMMON = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+)
+
+
 def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """A random-weight ``StableDiffusionPipeline`` (~2 M parameters, float32, CPU).
 
@@ -257,13 +269,7 @@ def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            **_UNET_COMMON,
             cross_attention_dim=32,
             attention_head_dim=8,
             norm_num_groups=32,
@@ -297,13 +303,7 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            **_UNET_COMMON,
             attention_head_dim=(2, 4),
             use_linear_projection=True,
             addition_embed_type="text_time",
