@@ -21,7 +21,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--methods", default="lora_r+s,dash")
-    p.add_argument("--rows", type=int, default=18)
+    p.add_argument("--rows", type=int, default=18, help="profiler table rows; 0 = per-phase times only")
+    p.add_argument("--phase_steps", type=int, default=20)
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -39,16 +40,34 @@ def main(argv=None):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        for _ in range(5):
-            step()
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(5):
-            step()
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        print(f"== {meth}: {(time.perf_counter() - t0) / 5:.4f} s/step (unprofiled)")
+        def sync():
+            if dev == "cuda":
+                torch.cuda.synchronize()
+
+        phases = {"forward": [], "backward": [], "optimizer": []}
+        for i in range(5 + args.phase_steps):  # per-phase wall time, synchronised at each boundary
+            sync()
+            t0 = time.perf_counter()
+            with torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
+                loss = loss_fn(m, batch)
+            sync()
+            t1 = time.perf_counter()
+            loss.backward()
+            sync()
+            t2 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            t3 = time.perf_counter()
+            if i >= 5:
+                for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+                    phases[k].append(dt)
+        med = {k: sorted(v)[len(v) // 2] for k, v in phases.items()}
+        print(f"== {meth}: forward {med['forward']:.4f} s, backward {med['backward']:.4f} s, "
+              f"optimizer {med['optimizer']:.4f} s (medians of {args.phase_steps} synchronised steps)", flush=True)
+        if args.rows == 0:
+            del m, opt
+            continue
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
         with torch.profiler.profile(activities=acts) as prof:
             for _ in range(3):
