@@ -21,15 +21,9 @@ from dashdiff.ranks import outer_steps
 F64 = torch.float64
 
 
-class Net(nn.Module):
-    """6 -> 8 -> 8 -> 3 tanh MLP; every Linear gets an AutoLoRA adapter of k = 4."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+# The 6 -> 8 -> 8 -> 3 tanh MLP (every Linear gets an AutoLoRA adapter of k = 4), one definition
+# shared with the two-process script.
+from ddp_autolora_script import Net  # noqa: E402
 
 
 def make_net(dtype=F64, dropout: float = 0.0, seed: int = 0) -> nn.Module:
