@@ -288,12 +288,6 @@ class DashdiffLinear(LoraLinear):
         dtype = self.get_base_layer().weight.dtype
         return ((b @ a) * self.runtime_scale(adapter)).to(dtype)
 
-    def _compute_dtype(self, x: torch.Tensor, param_dtype: torch.dtype) -> tuple[torch.dtype, bool]:
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):
-            return torch.get_autocast_dtype(dev), True
-        return param_dtype, False
-
     def _dash_delta_out(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         # Hot path (every forward of every targeted layer): C-level dict lookups instead of
         # ModuleDict / ParameterDict __getitem__, no per-call concatenation, one cast under autocast.
