@@ -39,6 +39,7 @@ from dashdiff.layer import DashdiffLinear  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT.parent / "shared" / "configs"
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+OPTIMIZER = "default"  # "fused": AdamW(fused=True), one kernel for all parameters (set by --optimizer)
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
@@ -153,7 +154,8 @@ def make_method(base, method: str, r: int, s: int, targets: list[str], train_dty
     for p in m.parameters():  # trainable parameters in float32, as the training scripts keep them
         if p.requires_grad:
             p.data = p.data.to(train_dtype)
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4,
+                            fused=True if OPTIMIZER == "fused" else None)
     return m, opt
 
 
@@ -262,8 +264,12 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--methods", default="lora_r,dash_pre,dash,dense_dash,lora_r+s")
+    p.add_argument("--optimizer", default="default", choices=["default", "fused"],
+                   help="AdamW implementation for every method (PyTorch's default, or fused=True)")
     p.add_argument("--write", action="store_true", help="append the table to BENCHMARKS.md")
     args = p.parse_args(argv)
+    global OPTIMIZER
+    OPTIMIZER = args.optimizer
     dtype = getattr(torch, args.dtype)
     autocast = dtype != torch.float32
     res = run(args.model, args.device, dtype, args.rank, args.directions, args.steps, args.warmup,
