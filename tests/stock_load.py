@@ -53,7 +53,7 @@ def _lora_deltas(root: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _unet_forward(pipe, inputs: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+def unet_forward(pipe, inputs: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     kwargs = {}
     if kind == "sdxl":
         kwargs["added_cond_kwargs"] = {"text_embeds": inputs[f"{kind}.text_embeds"], "time_ids": inputs[f"{kind}.time_ids"]}
@@ -62,7 +62,8 @@ def _unet_forward(pipe, inputs: dict[str, torch.Tensor], kind: str) -> torch.Ten
                          **kwargs).sample
 
 
-def _render(pipe) -> torch.Tensor:
+def render(pipe) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
     gen = torch.Generator().manual_seed(0)
     images = pipe(PROMPT, num_inference_steps=2, output_type="np", generator=gen).images
     return torch.from_numpy(images).float()
@@ -82,8 +83,8 @@ def run_task(task: dict, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             for comp in ("unet", "text_encoder", "text_encoder_2"):
                 if getattr(pipe, comp, None) is not None:
                     out.update(_lora_deltas(getattr(pipe, comp), f"{comp}."))
-        out["unet"] = _unet_forward(pipe, inputs, task["pipeline"])
-        out["images"] = _render(pipe)
+        out["unet"] = unet_forward(pipe, inputs, task["pipeline"])
+        out["images"] = render(pipe)
     elif kind in ("peft", "causal_lm"):
         from transformers import AutoModelForCausalLM
 

@@ -31,7 +31,8 @@ from dashdiff.tiny import tiny_llama, tiny_sd_pipeline, tiny_sdxl_pipeline
 from dashdiff.walk import iter_layers
 
 STOCK = Path(__file__).with_name("stock_load.py")
-PROMPT = "a photo of sks cat"  # the one stock_load.py renders
+# The references are computed by the very functions the stock-load subprocess uses.
+from stock_load import render, unet_forward  # noqa: E402
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # diffusers' own text-encoder targets; its kohya loader needs out_proj to recognise TE keys.
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -93,21 +94,6 @@ def unet_inputs(kind: str, g: torch.Generator) -> dict[str, torch.Tensor]:
         out[f"{kind}.text_embeds"] = torch.randn(1, 32, generator=g)
         out[f"{kind}.time_ids"] = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
     return out
-
-
-def unet_forward(pipe, inputs, kind: str) -> torch.Tensor:
-    kwargs = {}
-    if kind == "sdxl":
-        kwargs["added_cond_kwargs"] = {"text_embeds": inputs[f"{kind}.text_embeds"], "time_ids": inputs[f"{kind}.time_ids"]}
-    with torch.no_grad():
-        return pipe.unet(inputs[f"{kind}.sample"], inputs[f"{kind}.t"], inputs[f"{kind}.encoder_hidden_states"],
-                         **kwargs).sample
-
-
-def render(pipe) -> torch.Tensor:
-    pipe.set_progress_bar_config(disable=True)
-    images = pipe(PROMPT, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
-    return torch.from_numpy(images).float()
 
 
 def header(path) -> dict:
