@@ -94,24 +94,20 @@ def launch_section(model, device: str, s: int, sample: int) -> tuple[str, dict]:
                              layer.lora_B["default"].weight, 1.0, s)
         _sync(device)
         published += (time.perf_counter() - t0) / len(ws) * count
-    # dashdiff, everything at launch time
-    _sync(device)
-    t0 = time.perf_counter()
-    for _, layer, a in layers:
-        layer.compute_launch(a)
-    _sync(device)
-    at_launch = time.perf_counter() - t0
-    # dashdiff after prefetch: only the training-dependent part is left
+    def launch_all() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for _, layer, a in layers:
+            layer.compute_launch(a)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    at_launch = launch_all()  # dashdiff, everything at launch time
     handle = dashdiff.prefetch_spectra(model)
     t0 = time.perf_counter()
     handle.wait()
     prefetch_alone = time.perf_counter() - t0
-    _sync(device)
-    t0 = time.perf_counter()
-    for _, layer, a in layers:
-        layer.compute_launch(a)
-    _sync(device)
-    after_prefetch = time.perf_counter() - t0
+    after_prefetch = launch_all()  # after prefetch: only the training-dependent part is left
     res = {"layers": len(layers), "published_s": published, "at_launch_s": at_launch,
            "prefetch_alone_s": prefetch_alone, "after_prefetch_s": after_prefetch}
     text = ("| targets | published fp32 SVD loop (s, est.) | dashdiff at launch (s) | prefetch alone (s) | "
