@@ -39,7 +39,9 @@ from dashdiff.layer import DashdiffLinear  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT.parent / "shared" / "configs"
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-OPTIMIZER = "default"  # "fused": AdamW(fused=True), one kernel for all parameters (set by --optimizer)
+# AdamW implementation for every method (set by --optimizer): "default" (PyTorch's choice: a Python
+# loop over tensors on the CPU, foreach on CUDA), "foreach" or "fused" (one kernel for all parameters).
+OPTIMIZER = "default"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
@@ -155,7 +157,8 @@ def make_method(base, method: str, r: int, s: int, targets: list[str], train_dty
         if p.requires_grad:
             p.data = p.data.to(train_dtype)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4,
-                            fused=True if OPTIMIZER == "fused" else None)
+                            **({"fused": True} if OPTIMIZER == "fused" else
+                               {"foreach": True} if OPTIMIZER == "foreach" else {}))
     return m, opt
 
 
@@ -264,8 +267,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--methods", default="lora_r,dash_pre,dash,dense_dash,lora_r+s")
-    p.add_argument("--optimizer", default="default", choices=["default", "fused"],
-                   help="AdamW implementation for every method (PyTorch's default, or fused=True)")
+    p.add_argument("--optimizer", default="default", choices=["default", "foreach", "fused"],
+                   help="AdamW implementation for every method (PyTorch's default, foreach=True or fused=True)")
     p.add_argument("--write", action="store_true", help="append the table to BENCHMARKS.md")
     args = p.parse_args(argv)
     global OPTIMIZER

@@ -26,7 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import adapter_kind
-from .functional import FusedDashLinear
+from .functional import FusedDashLinear, operands
 from .launch import GramEig, Selection, select_directions
 
 
@@ -106,6 +106,7 @@ class DashdiffLinear(LoraLinear):
         self._dash_steps: dict[str, int] = {}
         self._dash_launched: dict[str, bool] = {}
         self._dash_storage: dict[str, tuple] = {}
+        self._dash_operands: dict[str, tuple] = {}  # (launched, operands views) for the float path
         self._base_scaling: dict[str, float] = {}
         self.eig_cache: dict[str, "GramEig"] = {}  # filled ahead of launch by dashdiff.prefetch
         self.dash_record: dict[str, dict[str, torch.Tensor]] = {}
@@ -187,6 +188,7 @@ class DashdiffLinear(LoraLinear):
         self.lora_dash_U[adapter] = b_cat[:, r:]
         key = (a_p.data_ptr(), b_p.data_ptr(), delta.data_ptr())
         self._dash_storage[adapter] = (a_cat, b_cat, c_cat, key, flat)
+        self._dash_operands.pop(adapter, None)
         return self._dash_storage[adapter]
 
     @staticmethod
@@ -290,7 +292,7 @@ class DashdiffLinear(LoraLinear):
 
     def _dash_delta_out(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         # Hot path (every forward of every targeted layer): C-level dict lookups instead of
-        # ModuleDict / ParameterDict __getitem__, no per-call concatenation, one cast under autocast.
+        # ModuleDict / ParameterDict __getitem__, cached views, one cast under autocast.
         a_cat, b_cat, c_cat, key, flat = self._dash_storage[adapter]
         a_p = self.lora_A._modules[adapter]._parameters["weight"]
         b_p = self.lora_B._modules[adapter]._parameters["weight"]
@@ -298,23 +300,27 @@ class DashdiffLinear(LoraLinear):
         # Module.to() / PEFT's adapter-dtype cast replace data or whole Parameters: re-fuse then.
         if (a_p.data_ptr(), b_p.data_ptr(), delta.data_ptr()) != key:
             a_cat, b_cat, c_cat, _, flat = self._fuse_storage(adapter)
+        launched, r = self._dash_launched[adapter], self.r[adapter]
+        dims = (r, c_cat.shape[0] - r, a_cat.shape[1], b_cat.shape[0], launched)
         if torch.is_autocast_enabled(x.device.type):
             # Everything enters in the autocast dtype, so autocast has nothing left to cast inside.
-            a_cat, b_cat, c_cat = self._split_flat(flat.to(torch.get_autocast_dtype(x.device.type)),
-                                                   c_cat.shape[0], a_cat.shape[1], b_cat.shape[0])
-        r = self.r[adapter]
-        lam = self.scaling[adapter] / self._base_scaling[adapter]
-        coef = c_cat  # [scaling·1_r; δ]: the runtime scale λ multiplies all of it
-        if not self._dash_launched[adapter]:  # pre-launch: the rank-r slice only
-            a_cat, b_cat, coef = a_cat[:r], b_cat[:, :r], c_cat[:r]
+            ops = operands(flat.to(torch.get_autocast_dtype(x.device.type)), *dims)
+        else:
+            cached = self._dash_operands.get(adapter)
+            if cached is None or cached[0] != launched:
+                cached = self._dash_operands[adapter] = (launched, operands(flat, *dims))
+            ops = cached[1]
+        a, a_t, b_t, coef, u_t = ops
+        base = self._base_scaling[adapter]
+        lam = self.scaling[adapter] / base
         if lam != 1.0:
-            coef = coef * lam
+            coef = coef * lam  # the runtime scale λ multiplies the whole update, dash term included
         dropout = self.lora_dropout._modules[adapter]
         if not isinstance(dropout, nn.Identity):
             x = dropout(x)  # one mask shared by the LoRA and dash parts
-        if x.dtype != a_cat.dtype:
-            x = x.to(a_cat.dtype)
-        return FusedDashLinear.apply(x, a_p, b_p, delta, (a_cat, b_cat, coef, lam, r))
+        if x.dtype != a.dtype:
+            x = x.to(a.dtype)
+        return FusedDashLinear.apply(x, a_p, b_p, delta, (a, a_t, b_t, coef, u_t, base * lam, lam, r))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
@@ -329,7 +335,7 @@ class DashdiffLinear(LoraLinear):
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
         for adapter in self.active_adapters:
-            if adapter not in self.lora_A.keys():
+            if adapter not in self.lora_A._modules:
                 continue
             kind = self.adapter_kind.get(adapter, "lora")
             if kind == "dash":
@@ -340,7 +346,7 @@ class DashdiffLinear(LoraLinear):
             if kind == "autolora":
                 h = h * torch.softmax(self.lora_autolora_beta[adapter], 0).to(h.dtype)
             result = result + lora_b(h) * self.scaling[adapter]
-        return result.to(result_dtype)
+        return result if result.dtype == result_dtype else result.to(result_dtype)
 
     def __repr__(self) -> str:
         return "dashdiff." + nn.Module.__repr__(self)

@@ -9,7 +9,7 @@ from torch import nn
 
 import dashdiff
 from dashdiff import AutoLoraConfig, LoraDashConfig
-from dashdiff.functional import FusedDashLinear
+from dashdiff.functional import FusedDashLinear, operands
 from dashdiff.launch import select_directions
 
 
@@ -100,9 +100,12 @@ def test_fused_function_gradcheck():
     scaling, lam = 1.7, 0.6
 
     def fused(x, a, b, d):
-        coef = torch.cat([torch.full((r,), scaling, dtype=torch.float64), d.detach() * lam])
-        return FusedDashLinear.apply(x, a, b, d, (torch.cat([a.detach(), v]), torch.cat([b.detach(), u], 1), coef,
-                                                  lam, r))
+        # the flat layout the layer uses: [A; V_sᵀ] row-major, [B, U_s]ᵀ row-major, [base·1_r; δ],
+        # here with base = scaling / λ, so that c = λ·[base·1_r; δ] = [scaling·1_r; λ·δ]
+        flat = torch.cat([a.detach().flatten(), v.flatten(), b.detach().t().flatten(), u.t().flatten(),
+                          torch.full((r,), scaling / lam, dtype=torch.float64), d.detach()])
+        a_cat, a_t, b_t, coef, u_t = operands(flat, r, s, n_in, n_out, launched=True)
+        return FusedDashLinear.apply(x, a, b, d, (a_cat, a_t, b_t, coef * lam, u_t, scaling, lam, r))
 
     def reference(x, a, b, d):
         return scaling * x @ a.t() @ b.t() + lam * x @ v.t() @ torch.diag(d) @ u.t()
