@@ -90,16 +90,32 @@ def _full_precision(root: nn.Module, device_type: str) -> Iterator[nn.Module]:
 def _eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
     """Every module in eval mode (dropout off), each module's own flag restored afterwards.
 
-    Sets the ``training`` flags directly: ``Module.eval()`` recurses through ``train()`` per module,
-    which costs milliseconds on a UNet's ~600 modules, per step."""
-    flags = [m.training for m in modules]
+    Writes the ``training`` flags into each module's ``__dict__``: ``Module.eval()`` recurses through
+    ``train()`` per module and even ``Module.__setattr__`` costs ~2 µs a module, milliseconds per
+    step on a UNet's hundreds of modules. ``training`` is a plain attribute, so this is equivalent."""
+    dicts = [m.__dict__ for m in modules]
+    flags = [d["training"] for d in dicts]
     try:
-        for m in modules:
-            m.training = False
+        for d in dicts:
+            d["training"] = False
         yield
     finally:
-        for m, flag in zip(modules, flags):
-            m.training = flag
+        for d, flag in zip(dicts, flags):
+            d["training"] = flag
+
+
+@contextmanager
+def _frozen(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """``requires_grad`` off for the duration: a pass that wants ∂β only then skips the weight-gradient
+    work (custom autograd Functions cannot see which inputs ``autograd.grad`` asked for)."""
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -257,7 +273,8 @@ class BilevelStep:
             if accelerator is not None:
                 weight_optimizer = accelerator.prepare_optimizer(weight_optimizer)
         if beta_optimizer is None:
-            beta_optimizer = torch.optim.Adam(self.betas, lr=beta_lr, betas=DEFAULT_BETA_BETAS)
+            # foreach: one call over all layers' (k,) vectors instead of a Python loop over them
+            beta_optimizer = torch.optim.Adam(self.betas, lr=beta_lr, betas=DEFAULT_BETA_BETAS, foreach=True)
         self.weight_optimizer = weight_optimizer
         self.beta_optimizer = beta_optimizer
 
@@ -386,7 +403,9 @@ class BilevelStep:
             ctx = self.model.no_sync()
         else:
             ctx = nullcontext()
-        with ctx:
+        # β's training-loss gradient is never used: outside DDP (which expects a gradient for every
+        # trainable parameter it wraps) β sits out of this backward.
+        with ctx, nullcontext() if self._distributed() else _frozen(self.betas):
             loss = loss_fn(self.model, batch)
             if acc is not None:
                 acc.backward(loss)  # divides by gradient_accumulation_steps, applies the fp16 scaler
@@ -477,8 +496,9 @@ class BilevelStep:
         acc: Optional[list[torch.Tensor]] = None
         total = torch.zeros((), dtype=torch.float64, device=self.betas[0].device)
         for vb in vals:
-            loss = loss_fn(net, vb)
-            gs = _grads(loss / len(vals) if len(vals) > 1 else loss, inputs)
+            with nullcontext() if need_v else _frozen(self.weights):
+                loss = loss_fn(net, vb)
+                gs = _grads(loss / len(vals) if len(vals) > 1 else loss, inputs)
             if acc is None:
                 acc = gs
             else:
@@ -494,7 +514,7 @@ class BilevelStep:
         both passes in eval mode from the same RNG state; ``w`` is left at ``center``."""
         out = [torch.zeros_like(p) for p in self.betas]
         try:
-            with _eval_mode(self._modules), torch.no_grad():
+            with _eval_mode(self._modules), _frozen(self.weights), torch.no_grad():
                 for sign in (1.0, -1.0):
                     torch._foreach_copy_(self.weights, center)
                     torch._foreach_add_(self.weights, v, alpha=sign * eps)

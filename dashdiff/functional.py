@@ -78,3 +78,65 @@ class FusedDashLinear(torch.autograd.Function):
                 else:  # before launch: δ takes part (DDP sees it) with an exactly-zero gradient
                     grad_delta = torch.zeros(ctx.s, dtype=g.dtype, device=g.device)
         return grad_x, grad_a, grad_b, grad_delta, None
+
+
+def autolora_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: torch.Tensor, scaling: float
+                       ) -> torch.Tensor:
+    """``scaling · B diag(softmax(β)) A x`` in plain differentiable ops (double backward, tests)."""
+    c = torch.softmax(beta, 0) * scaling
+    if c.dtype != x.dtype:
+        a, b, c = a.to(x.dtype), b.to(x.dtype), c.to(x.dtype)
+    return (x @ a.t()) @ (b * c).t()
+
+
+class FusedAutoLoraLinear(torch.autograd.Function):
+    """``FusedAutoLoraLinear.apply(x, a, b, beta, scaling)``: ``y = scaling · B diag(softmax(β)) A x``.
+
+    x: (..., in) in the compute dtype; a (k, in), b (out, k) the LoRA parameters; beta (k,) AutoLoRA's
+    selection logits (α = softmax(β) in β's dtype, then cast); scaling a float. Returns (..., out).
+    One autograd node instead of PEFT's two linears plus the softmax, cast and weighting nodes; the
+    weights α scale B's columns (out × k) rather than the activations (tokens × k), and the backward
+    skips whatever the caller does not need (the finite-difference passes want ∂β only). A backward
+    with ``create_graph=True`` (exact Hessian-vector products) differentiates ``autolora_reference``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, b, beta, scaling):
+        alpha = torch.softmax(beta, 0)
+        c = alpha * scaling
+        ac, bc = a, b
+        if c.dtype != x.dtype:
+            ac, bc, c = a.to(x.dtype), b.to(x.dtype), c.to(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2.mm(ac.t())  # (N, k)
+        b_c = bc * c  # (out, k)
+        y = h.mm(b_c.t())
+        # inputs saved as such (not their casts), so that a double backward can link to them
+        ctx.save_for_backward(x, a, b, beta, h)
+        ctx.ac, ctx.bc, ctx.c, ctx.b_c, ctx.alpha, ctx.scaling = ac, bc, c, b_c, alpha, scaling
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, a, b, beta, h = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: differentiate plain ops instead
+            inputs = [t for t, n in zip((x, a, b, beta), need) if n]
+            with torch.enable_grad():
+                y = autolora_reference(x, a, b, beta, ctx.scaling)
+            gs = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True, allow_unused=True))
+            return (*(next(gs) if n else None for n in need[:4]), None)
+        x2 = x.reshape(-1, x.shape[-1])
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = grad_a = grad_b = grad_beta = None
+        if need[0] or need[1]:
+            g_h = g.mm(ctx.b_c)  # (N, k): gradient w.r.t. h
+            grad_x = g_h.mm(ctx.ac).view(x.shape) if need[0] else None
+            grad_a = g_h.t().mm(x2) if need[1] else None
+        if need[2] or need[3]:
+            gh = g.t().mm(h)  # (out, k): gradient w.r.t. b_c
+            grad_b = gh * ctx.c if need[2] else None
+            if need[3]:
+                grad_c = (gh * ctx.bc).sum(0).to(ctx.alpha.dtype)
+                grad_beta = torch._softmax_backward_data(grad_c * ctx.scaling, ctx.alpha, 0, ctx.alpha.dtype)
+        return grad_x, grad_a, grad_b, grad_beta, None

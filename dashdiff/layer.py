@@ -26,7 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import adapter_kind
-from .functional import FusedDashLinear, operands
+from .functional import FusedAutoLoraLinear, FusedDashLinear, operands
 from .launch import GramEig, Selection, select_directions
 
 
@@ -322,6 +322,18 @@ class DashdiffLinear(LoraLinear):
             x = x.to(a.dtype)
         return FusedDashLinear.apply(x, a_p, b_p, delta, (a, a_t, b_t, coef, u_t, base * lam, lam, r))
 
+    def _autolora_delta_out(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        a_p = self.lora_A._modules[adapter]._parameters["weight"]
+        b_p = self.lora_B._modules[adapter]._parameters["weight"]
+        beta = self.lora_autolora_beta._parameters[adapter]
+        dropout = self.lora_dropout._modules[adapter]
+        if not isinstance(dropout, nn.Identity):
+            x = dropout(x)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else a_p.dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        return FusedAutoLoraLinear.apply(x, a_p, b_p, beta, self.scaling[adapter])
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
         if kwargs.pop("adapter_names", None) is not None:
@@ -341,10 +353,11 @@ class DashdiffLinear(LoraLinear):
             if kind == "dash":
                 result = result + self._dash_delta_out(x, adapter)
                 continue
+            if kind == "autolora":
+                result = result + self._autolora_delta_out(x, adapter)
+                continue
             lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
             h = lora_a(self.lora_dropout[adapter](self._cast_input_dtype(x, lora_a.weight.dtype)))
-            if kind == "autolora":
-                h = h * torch.softmax(self.lora_autolora_beta[adapter], 0).to(h.dtype)
             result = result + lora_b(h) * self.scaling[adapter]
         return result if result.dtype == result_dtype else result.to(result_dtype)
 

@@ -84,6 +84,7 @@ def main(args: argparse.Namespace) -> None:
         with open(args.out, "w") as f:
             json.dump(record, f)
     acc.wait_for_everyone()
+    acc.end_training()  # destroys the process group: exiting with it alive can abort a rank (SIGABRT)
 
 
 if __name__ == "__main__":

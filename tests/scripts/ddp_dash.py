@@ -50,6 +50,8 @@ def main(out_prefix: str) -> None:
         dumps[f"{name}.A"] = layer.lora_A[ad].weight.detach().clone()
     dumps["world"] = torch.tensor(accelerator.num_processes)
     save_file({k: v.contiguous() for k, v in dumps.items()}, f"{out_prefix}{accelerator.process_index}.safetensors")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group: exiting with it alive can abort a rank (SIGABRT)
 
 
 if __name__ == "__main__":
