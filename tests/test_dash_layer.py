@@ -333,6 +333,15 @@ def test_prefetched_spectra_give_the_same_launch():
     assert all(not layer.eig_cache for layer in layers(pre).values())  # consumed at launch
 
 
+def test_prefetch_options():
+    model = dash_model(t=2, seed=3)
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        dashdiff.prefetch_spectra(model, device="gpu")
+    handle = dashdiff.prefetch_spectra(model, device="cpu", threads=1)
+    handle.wait()
+    assert handle.done and all("default" in layer.eig_cache for layer in layers(model).values())
+
+
 def test_half_precision_base_trains_the_models_own_parameters():
     # PEFT upcasts half-precision adapters to float32 by replacing the Parameter objects: the
     # fused path must follow the model's current parameters, before and after launch.
