@@ -14,7 +14,7 @@ for section in "$@"; do
     step-llama-fused) run bench/step_time.py --model llama7b --device cuda --dtype bfloat16 --rank 32 --steps 30 --warmup 10 --methods lora_r,dash,lora_r+s --optimizer fused ;;
     launch-sdxl) run bench/launch_time.py --model sdxl --device cuda --dtype bfloat16 --rank 4 ;;
     launch-llama) run bench/launch_time.py --model llama7b --device cuda --dtype bfloat16 --rank 32 --sections launch,overlap ;;
-    overlap-sdxl) run bench/launch_time.py --model sdxl --device cuda --dtype bfloat16 --rank 4 --sections launch,overlap --prefetch_threads 12 ;;
+    overlap-sdxl) run bench/launch_time.py --model sdxl --device cuda --dtype bfloat16 --rank 4 --sections launch,overlap ;;
     overlap-sdxl-cuda) run bench/launch_time.py --model sdxl --device cuda --dtype bfloat16 --rank 4 --sections overlap --prefetch_device cuda ;;
     infer-sdxl)  run bench/infer_time.py --model sdxl --device cuda --dtype bfloat16 --rank 4 ;;
     autolora)    run bench/autolora_cost.py --device cuda --model sdxl --bf16 --batch 1 --latent 128 --rounds 8 --warmup 2 --threads 8 || run bench/autolora_cost.py --device cuda --model sdxl --bf16 --batch 1 --latent 64 --rounds 8 --warmup 2 --threads 8 ;;

@@ -33,7 +33,7 @@ from dashdiff.launch import gram_eig, select_directions  # noqa: E402
 from step_time import build_base, command_line, device_name, emit  # noqa: E402
 
 
-PREFETCH: tuple = ("cpu", None)  # (device, threads) of prefetch_spectra, set by the command line
+PREFETCH: tuple = ("cpu", None)  # (device, workers) of prefetch_spectra, set by the command line
 
 
 def _sync(device: str) -> None:
@@ -106,7 +106,7 @@ def launch_section(model, device: str, s: int, sample: int) -> tuple[str, dict]:
         return time.perf_counter() - t0
 
     at_launch = launch_all()  # dashdiff, everything at launch time
-    handle = dashdiff.prefetch_spectra(model, device=PREFETCH[0], threads=PREFETCH[1])
+    handle = dashdiff.prefetch_spectra(model, device=PREFETCH[0], workers=PREFETCH[1])
     t0 = time.perf_counter()
     handle.wait()
     prefetch_alone = time.perf_counter() - t0
@@ -139,7 +139,7 @@ def overlap_section(model, make_batch, loss_fn, device: str, dtype, steps: int) 
     for _ in range(5):
         step()
     plain = [step() for _ in range(steps)]
-    handle = dashdiff.prefetch_spectra(model, device=PREFETCH[0], threads=PREFETCH[1])
+    handle = dashdiff.prefetch_spectra(model, device=PREFETCH[0], workers=PREFETCH[1])
     beside, t0 = [], time.perf_counter()
     while not handle.done:
         beside.append(step())
@@ -166,11 +166,11 @@ def main(argv=None) -> str:
     p.add_argument("--overlap_steps", type=int, default=10)
     p.add_argument("--prefetch_device", default="cpu", choices=["cpu", "cuda"],
                    help="where prefetch_spectra decomposes (dashdiff.prefetch)")
-    p.add_argument("--prefetch_threads", type=int, default=None, help="CPU threads of the prefetch")
+    p.add_argument("--prefetch_workers", type=int, default=None, help="host decompositions side by side")
     p.add_argument("--write", action="store_true")
     args = p.parse_args(argv)
     global PREFETCH
-    PREFETCH = (args.prefetch_device, args.prefetch_threads)
+    PREFETCH = (args.prefetch_device, args.prefetch_workers)
     sections = args.sections.split(",")
     dtype = getattr(torch, args.dtype) if args.device != "cpu" else torch.float32
     out = [f"### Launch, {args.model}, s={args.directions}\n\n{device_name(args.device)}; torch {torch.__version__}; "

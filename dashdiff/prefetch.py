@@ -15,7 +15,9 @@ synchronises with the host and stalls the training stream (BENCHMARKS.md). Opt-i
 
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -25,41 +27,58 @@ from .launch import GramEig, gram_eig
 from .walk import iter_layers
 
 
+def default_workers() -> int:
+    """Host decompositions side by side: 6, or all cores but four if fewer. On the H100 machine (16
+    cores) 6 kept the SDXL training steps within noise of their speed alone and took 38 s for the 560
+    layers; 12 took 25 s but slowed the steps by 20 % (BENCHMARKS.md)."""
+    return max(1, min(6, (os.cpu_count() or 1) - 4))
+
+
 class SpectrumPrefetcher:
     """Handle of a running prefetch; ``wait()`` blocks until every layer is done (launch calls it)."""
 
-    def __init__(self, jobs: list, device: str = "cpu", threads: Optional[int] = None) -> None:
+    def __init__(self, jobs: list, device: str = "cpu", workers: Optional[int] = None) -> None:
         self._jobs = jobs
         self._device = device
-        self._threads = threads
+        self._workers = workers or default_workers()
+        self._stream = None
         self.error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name="dashdiff-prefetch", daemon=True)
         self._thread.start()
 
+    def _one(self, layer, adapter: str) -> None:
+        if layer.is_launched(adapter) or adapter in layer.eig_cache:
+            return
+        w = layer.get_base_layer().weight
+        if w.is_cuda and self._device == "cuda":
+            # No pinned buffers: cudaHostAlloc synchronises the whole device and would stall the
+            # training stream (measured: 0.55 s steps became 4.5 s).
+            with torch.cuda.stream(self._stream):
+                eig = gram_eig(w)
+                eig = GramEig(evecs=eig.evecs.cpu(), sigma=eig.sigma.cpu(), wide=eig.wide)
+        else:
+            if w.is_cuda:
+                with torch.cuda.stream(self._stream):  # a pageable copy: synchronises this stream only
+                    w = w.detach().to("cpu")
+            eig = gram_eig(w)
+        layer.eig_cache[adapter] = eig
+
     def _run(self) -> None:
         try:
             w = self._jobs[0][0].get_base_layer().weight if self._jobs else None
-            cuda = w is not None and w.is_cuda
-            stream = torch.cuda.Stream(device=w.device) if cuda else None
-            if self._threads is not None:
-                # this thread's OpenMP team only (the intra-op setting is per calling thread)
-                torch.set_num_threads(self._threads)
-            for layer, adapter in self._jobs:
-                if layer.is_launched(adapter) or adapter in layer.eig_cache:
-                    continue
-                if cuda and self._device == "cpu":
-                    with torch.cuda.stream(stream):  # a pageable copy: synchronises this stream only
-                        w0 = layer.get_base_layer().weight.detach().to("cpu")
-                    eig = gram_eig(w0)
-                elif cuda:
-                    # No pinned buffers: cudaHostAlloc synchronises the whole device and would stall
-                    # the training stream (measured: 0.55 s steps became 4.5 s).
-                    with torch.cuda.stream(stream):
-                        eig = gram_eig(layer.get_base_layer().weight)
-                        eig = GramEig(evecs=eig.evecs.cpu(), sigma=eig.sigma.cpu(), wide=eig.wide)
-                else:
-                    eig = gram_eig(layer.get_base_layer().weight)
-                layer.eig_cache[adapter] = eig
+            if w is not None and w.is_cuda:
+                self._stream = torch.cuda.Stream(device=w.device)
+            if w is not None and w.is_cuda and self._device == "cuda":
+                for job in self._jobs:
+                    self._one(*job)
+                return
+            # Host LAPACK: one decomposition per worker thread, one OpenMP thread each (the setting is
+            # per calling thread). Side by side scales far better than one multi-threaded eigh: the
+            # tridiagonal reduction is memory-bound.
+            with ThreadPoolExecutor(self._workers, thread_name_prefix="dashdiff-prefetch",
+                                    initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                for future in [pool.submit(self._one, *job) for job in self._jobs]:
+                    future.result()
         except BaseException as e:  # surfaced by wait(): a failed prefetch must not pass silently
             self.error = e
 
@@ -74,12 +93,13 @@ class SpectrumPrefetcher:
 
 
 def prefetch_spectra(model, adapter_name: Optional[str] = None, device: str = "cpu",
-                     threads: Optional[int] = None) -> SpectrumPrefetcher:
+                     workers: Optional[int] = None) -> SpectrumPrefetcher:
     """Start computing, in the background, the spectra the LoRA-Dash launch will need.
 
     ``device``: ``"cpu"`` (LAPACK on the host; the default) or ``"cuda"`` (the weight's GPU, side
     stream), see the module docstring; for weights already on the CPU both mean the CPU.
-    ``threads``: CPU threads of the background decompositions (default: PyTorch's setting).
+    ``workers``: host decompositions run side by side, one CPU thread each (default
+    ``default_workers()``: 6, or all cores but four if fewer).
 
     Under torch.distributed each process prefetches only the layers whose launch it owns (the
     launch splits layers round-robin in this same order). The launch waits for the prefetch to
@@ -90,7 +110,7 @@ def prefetch_spectra(model, adapter_name: Optional[str] = None, device: str = "c
     jobs = [job for i, job in enumerate(layers) if i % world == rank]
     if device not in ("cpu", "cuda"):
         raise ValueError(f"dashdiff: prefetch_spectra device must be 'cpu' or 'cuda', got {device!r}")
-    handle = SpectrumPrefetcher(jobs, device, threads)
+    handle = SpectrumPrefetcher(jobs, device, workers)
     for layer, _ in layers:
         layer._prefetcher = handle
     return handle

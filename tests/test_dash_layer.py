@@ -337,7 +337,7 @@ def test_prefetch_options():
     model = dash_model(t=2, seed=3)
     with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
         dashdiff.prefetch_spectra(model, device="gpu")
-    handle = dashdiff.prefetch_spectra(model, device="cpu", threads=1)
+    handle = dashdiff.prefetch_spectra(model, device="cpu", workers=2)
     handle.wait()
     assert handle.done and all("default" in layer.eig_cache for layer in layers(model).values())
 

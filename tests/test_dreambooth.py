@@ -106,6 +106,8 @@ def test_every_reference_flag_parses_and_unsupported_ones_name_the_alternative(d
                                            "--prior_generation_precision", "fp32", "--local_rank", "0",
                                            "--text_encoder_lr", "1e-4", "--optimizer", "adamw"])
     assert args.lora_layers == ["to_k", "to_q", "to_v", "to_out.0"] and args.report_to == "none"
+    assert args.dash_prefetch_spectra  # on by default; every LoRA-Dash run below launches from the prefetch
+    assert not db.parse_args(base(tmp_path) + ["--no-dash_prefetch_spectra"]).dash_prefetch_spectra
     refused = {
         "--push_to_hub": "no model hub",
         "--hub_model_id=x": "no model hub",

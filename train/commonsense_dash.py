@@ -560,8 +560,10 @@ def fit(run: Run, model: Any, examples: list[Example], val_examples: list[Exampl
     args, acc = run.args, run.accelerator
     plan = BatchPlan(len(examples), args.micro_batch_size, micro_per_step(args), args.seed)
     total_steps = args.max_train_steps or math.ceil(args.num_epochs * plan.steps_per_epoch)
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.learning_rate,
-                                  weight_decay=args.weight_decay)
+    params = trainable_parameters(model)
+    # fused on CUDA: one kernel for all parameters (LoRA-Dash's δ is a third tensor per layer)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  **({"fused": True} if all(p.is_cuda for p in params) else {}))
     # The scheduler is stepped here, once per optimizer step; accelerate's prepared scheduler would
     # step once per process and make the schedule depend on the number of processes.
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)

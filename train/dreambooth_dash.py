@@ -229,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dash_warmup_steps", type=int, default=None,
                    help="LoRA-Dash pre-launch optimizer steps (default: ceil(100 / gradient_accumulation_steps)).")
     g.add_argument("--dash_directions", type=int, default=None, help="LoRA-Dash directions s per layer (default 8).")
+    g.add_argument("--dash_prefetch_spectra", action=argparse.BooleanOptionalAction, default=True,
+                   help="LoRA-Dash: decompose W0 on the host during the pre-launch steps so the launch is short "
+                        "(host memory 8·k² bytes per layer, ~5 GB for the SDXL UNet); --no-dash_prefetch_spectra "
+                        "computes everything at the launch.")
     g.add_argument("--autolora_search_steps", type=int, default=None, help="Search steps (default: --max_train_steps).")
     g.add_argument("--autolora_val_fraction", type=float, default=None,
                    help="Fraction of instance images held out for the search (default 0.3, published 70/30).")
@@ -939,8 +943,13 @@ def make_optimizer(args, groups: list[dict]):
         cls = bnb.optim.AdamW8bit
     else:
         cls = torch.optim.AdamW
+    extra = {}
+    if cls is torch.optim.AdamW and all(p.is_cuda for g in groups for p in g["params"]):
+        # one kernel for all parameters: LoRA-Dash adds a third tensor (δ) per layer, which the
+        # default multi-tensor AdamW pays for per tensor on the host (BENCHMARKS.md)
+        extra["fused"] = True
     return cls(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **extra)
 
 
 def param_groups(args, unet: nn.Module, encoders: Sequence[nn.Module]) -> list[dict]:
@@ -1469,6 +1478,10 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
                 if launched and int(launched[0]) >= 0:
                     state["launch"] = {"step": int(launched[0]), "seconds": None, "directions": args.dash_directions,
                                        "layers": len(launched), "restored": True}
+        if args.method == "dash" and args.dash_prefetch_spectra:
+            # the launch's W0 spectra on the host, beside the pre-launch steps (BENCHMARKS.md: ~3 s of
+            # an SDXL run instead of ~9 s at launch); layers already launched (resume) are skipped
+            dashdiff.prefetch_spectra(host())
         run_loop(phase, start, train_step)
         accelerator.wait_for_everyone()
         if on_event:
