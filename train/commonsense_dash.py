@@ -361,6 +361,7 @@ def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+
 # --------------------------------------------------------------------------- loss
 
 
@@ -556,14 +557,15 @@ def fit(run: Run, model: Any, examples: list[Example], val_examples: list[Exampl
     from transformers import get_linear_schedule_with_warmup
 
     import dashdiff
+    from dashdiff import training as T
 
     args, acc = run.args, run.accelerator
     plan = BatchPlan(len(examples), args.micro_batch_size, micro_per_step(args), args.seed)
     total_steps = args.max_train_steps or math.ceil(args.num_epochs * plan.steps_per_epoch)
     params = trainable_parameters(model)
-    # fused on CUDA: one kernel for all parameters (LoRA-Dash's δ is a third tensor per layer)
+    # fused: one kernel for all parameters (LoRA-Dash's δ is a third tensor per layer)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  **({"fused": True} if all(p.is_cuda for p in params) else {}))
+                                  **({"fused": True} if T.fused_adamw_ok(params) else {}))
     # The scheduler is stepped here, once per optimizer step; accelerate's prepared scheduler would
     # step once per process and make the schedule depend on the number of processes.
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)

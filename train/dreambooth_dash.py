@@ -944,9 +944,9 @@ def make_optimizer(args, groups: list[dict]):
     else:
         cls = torch.optim.AdamW
     extra = {}
-    if cls is torch.optim.AdamW and all(p.is_cuda for g in groups for p in g["params"]):
+    if cls is torch.optim.AdamW and T.fused_adamw_ok([p for g in groups for p in g["params"]]):
         # one kernel for all parameters: LoRA-Dash adds a third tensor (δ) per layer, which the
-        # default multi-tensor AdamW pays for per tensor on the host (BENCHMARKS.md)
+        # default AdamW pays for per tensor on the host (BENCHMARKS.md)
         extra["fused"] = True
     return cls(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **extra)
