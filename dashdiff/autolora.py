@@ -143,11 +143,34 @@ class _OptimizerSnapshot:
     state: dict  # param -> {key: cloned value}
 
 
-def _snapshot_optimizer(opt: torch.optim.Optimizer) -> _OptimizerSnapshot:
+class _Mirror:
+    """Copies of the same tensors at every step, into the buffers of the previous step: one
+    ``_foreach_copy_`` instead of a clone per tensor (the full snapshot is taken at every step).
+    A copy stays valid until the next ``copy`` call."""
+
+    def __init__(self) -> None:
+        self._key: Optional[list] = None
+        self._bufs: list[torch.Tensor] = []
+
+    def copy(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        key = [(id(t), t.shape, t.dtype, t.device) for t in tensors]
+        if key != self._key:
+            self._bufs, self._key = [t.detach().clone() for t in tensors], key
+        elif tensors:
+            with torch.no_grad():
+                torch._foreach_copy_(self._bufs, tensors)
+        return list(self._bufs)
+
+
+def _snapshot_optimizer(opt: torch.optim.Optimizer, mirror: Optional[_Mirror] = None) -> _OptimizerSnapshot:
     inner = _inner_optimizer(opt)
-    return _OptimizerSnapshot(
-        {p: {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in s.items()} for p, s in inner.state.items()}
-    )
+    entries = [(p, k, v) for p, st in inner.state.items() for k, v in st.items()]
+    tensors = [v for _, _, v in entries if torch.is_tensor(v)]
+    copies = iter(mirror.copy(tensors) if mirror is not None else [v.detach().clone() for v in tensors])
+    state: dict = {p: {} for p in inner.state}
+    for p, k, v in entries:
+        state[p][k] = next(copies) if torch.is_tensor(v) else v
+    return _OptimizerSnapshot(state)
 
 
 def _restore_optimizer(opt: torch.optim.Optimizer, snap: _OptimizerSnapshot) -> None:
@@ -298,6 +321,7 @@ class BilevelStep:
         self.unrolled_xi = unrolled_xi
         self._pending: list[tuple[Any, Any]] = []
         self._pending_losses: list[torch.Tensor] = []
+        self._mirrors = (_Mirror(), _Mirror(), _Mirror())  # snapshot buffers: w and β, w's and β's optimizers
         self.last_hypergradient: dict[str, torch.Tensor] = {}  # module name -> g (k,), of the latest step
 
     # ------------------------------------------------------------------ public
@@ -508,15 +532,17 @@ class BilevelStep:
         return acc[:k], acc[k:], total
 
     def _beta_grad_at(self, trains: list, loss_fn: LossFn, net: nn.Module,
-                      center: list[torch.Tensor], v: list[torch.Tensor], eps: float
+                      center: list[torch.Tensor], v: list[torch.Tensor], eps: float, at_center: bool = False
                       ) -> list[torch.Tensor]:
         """Central difference ``[∂β L_tr(c + εv) − ∂β L_tr(c − εv)] / 2ε`` (mean over micro-batches),
-        both passes in eval mode from the same RNG state; ``w`` is left at ``center``."""
+        both passes in eval mode from the same RNG state; ``w`` is left at ``center``
+        (``at_center``: it is there already)."""
         out = [torch.zeros_like(p) for p in self.betas]
         try:
             with _eval_mode(self._modules), _frozen(self.weights), torch.no_grad():
                 for sign in (1.0, -1.0):
-                    torch._foreach_copy_(self.weights, center)
+                    if not (at_center and sign == 1.0):
+                        torch._foreach_copy_(self.weights, center)
                     torch._foreach_add_(self.weights, v, alpha=sign * eps)
                     for tb in trains:
                         with self._fork_rng(), torch.enable_grad():
@@ -553,7 +579,7 @@ class BilevelStep:
                 return self._reduce_g(g_val, val_loss, train_loss)
             v, eps = self._perturbation(v)
             center = [p.detach().clone() for p in self.weights]
-            hvp = self._beta_grad_at(trains, loss_fn, net, center, v, eps)
+            hvp = self._beta_grad_at(trains, loss_fn, net, center, v, eps, at_center=True)
         g = [a - b for a, b in zip(g_val, hvp)]
         return self._reduce_g(g, val_loss, train_loss)
 
@@ -588,8 +614,9 @@ class BilevelStep:
         params = self.weights + self._beta_opt_params
         snap: dict = {"grads": [(p, None if p.grad is None else p.grad.detach().clone()) for p in params]}
         if full:
-            snap["params"] = [(p, p.detach().clone()) for p in params]
-            snap["opts"] = [(o, _snapshot_optimizer(o)) for o in (self.weight_optimizer, self.beta_optimizer)]
+            snap["params"] = list(zip(params, self._mirrors[0].copy(params)))
+            snap["opts"] = [(o, _snapshot_optimizer(o, m))
+                            for o, m in zip((self.weight_optimizer, self.beta_optimizer), self._mirrors[1:])]
             acc = self.accelerator
             if acc is not None and acc.scaler is not None:
                 snap["scaler"] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in acc.scaler.state_dict().items()}

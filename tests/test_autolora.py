@@ -207,6 +207,7 @@ def test_exception_inside_a_step_restores_everything(mode, fail_at):
     model = make_net()
     s = BilevelStep(model, mode=mode, rollback=True, weight_lr=1e-2, beta_lr=0.1)
     s.step(batch(11), batch(12), mse)  # optimizer states exist
+    s.step(batch(13), batch(14), mse)  # and the snapshot reuses its buffers from here on
     clean = copy.deepcopy(s)
     before = _state(s)
     calls = {"n": 0}
