@@ -107,6 +107,8 @@ class DashdiffLinear(LoraLinear):
         self._dash_launched: dict[str, bool] = {}
         self._dash_storage: dict[str, tuple] = {}
         self._dash_operands: dict[str, tuple] = {}  # (launched, operands views) for the float path
+        # autocast: (flat, low-precision copy of it, launched, operands views of the copy)
+        self._dash_cast: dict[str, tuple] = {}
         self._base_scaling: dict[str, float] = {}
         self.eig_cache: dict[str, "GramEig"] = {}  # filled ahead of launch by dashdiff.prefetch
         self.dash_record: dict[str, dict[str, torch.Tensor]] = {}
@@ -304,7 +306,18 @@ class DashdiffLinear(LoraLinear):
         dims = (r, c_cat.shape[0] - r, a_cat.shape[1], b_cat.shape[0], launched)
         if torch.is_autocast_enabled(x.device.type):
             # Everything enters in the autocast dtype, so autocast has nothing left to cast inside.
-            ops = operands(flat.to(torch.get_autocast_dtype(x.device.type)), *dims)
+            # The copy lives in a persistent buffer with cached views: one copy kernel per forward,
+            # no allocation, no view ops on this host-bound path. A backward reads the copy of the
+            # latest forward, which holds the same values unless the weights were changed between
+            # this forward and its backward (which the optimizer never does).
+            dtype = torch.get_autocast_dtype(x.device.type)
+            cast = self._dash_cast.get(adapter)
+            if cast is None or cast[0] is not flat or cast[1].dtype != dtype or cast[2] != launched:
+                buf = torch.empty(flat.shape, dtype=dtype, device=flat.device)
+                cast = self._dash_cast[adapter] = (flat, buf, launched, operands(buf, *dims))
+            with torch.no_grad():
+                cast[1].copy_(flat)
+            ops = cast[3]
         else:
             cached = self._dash_operands.get(adapter)
             if cached is None or cached[0] != launched:

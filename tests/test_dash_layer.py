@@ -365,3 +365,25 @@ def test_half_precision_base_trains_the_models_own_parameters():
             for layer in layers(model).values():
                 with torch.no_grad():
                     layer.lora_dash_delta["default"].fill_(0.1)
+
+
+def test_autocast_forward_follows_every_weight_update():
+    # Under autocast the layer reads a low-precision copy of its storage, refreshed per forward: after
+    # each optimizer step the output must follow the new A, B, δ (float32 reference, bf16 tolerance).
+    model = dash_model(t=1, seed=5)
+    dashdiff.launch_dash(model)
+    x = torch.randn(6, 32)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=2.0)
+    before = None
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        with torch.no_grad():
+            ref = model(x)
+        torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+        if before is not None:
+            assert (ref - before).abs().max() > 0.1  # the step changed the output well beyond the tolerance
+        before = ref
+        out.float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
