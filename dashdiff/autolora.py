@@ -138,9 +138,9 @@ def _grads(loss: torch.Tensor, inputs: Sequence[torch.Tensor]) -> list[torch.Ten
 
 @dataclass
 class _OptimizerSnapshot:
-    """Cloned per-parameter optimizer state."""
+    """Copied per-parameter optimizer state."""
 
-    state: dict  # param -> {key: cloned value}
+    state: dict  # param -> {key: copied value}
 
 
 class _Mirror:
@@ -162,11 +162,11 @@ class _Mirror:
         return list(self._bufs)
 
 
-def _snapshot_optimizer(opt: torch.optim.Optimizer, mirror: Optional[_Mirror] = None) -> _OptimizerSnapshot:
+def _snapshot_optimizer(opt: torch.optim.Optimizer, mirror: _Mirror) -> _OptimizerSnapshot:
     inner = _inner_optimizer(opt)
     entries = [(p, k, v) for p, st in inner.state.items() for k, v in st.items()]
     tensors = [v for _, _, v in entries if torch.is_tensor(v)]
-    copies = iter(mirror.copy(tensors) if mirror is not None else [v.detach().clone() for v in tensors])
+    copies = iter(mirror.copy(tensors))
     state: dict = {p: {} for p in inner.state}
     for p, k, v in entries:
         state[p][k] = next(copies) if torch.is_tensor(v) else v

@@ -106,9 +106,8 @@ class DashdiffLinear(LoraLinear):
         self._dash_steps: dict[str, int] = {}
         self._dash_launched: dict[str, bool] = {}
         self._dash_storage: dict[str, tuple] = {}
-        self._dash_operands: dict[str, tuple] = {}  # (launched, operands views) for the float path
-        # autocast: (flat, low-precision copy of it, launched, operands views of the copy)
-        self._dash_cast: dict[str, tuple] = {}
+        # (adapter, compute dtype) -> (flat, source: flat or a low-precision copy, launched, operand views)
+        self._dash_operands: dict[tuple, tuple] = {}
         self._base_scaling: dict[str, float] = {}
         self.eig_cache: dict[str, "GramEig"] = {}  # filled ahead of launch by dashdiff.prefetch
         self.dash_record: dict[str, dict[str, torch.Tensor]] = {}
@@ -175,7 +174,8 @@ class DashdiffLinear(LoraLinear):
         k, n_in, n_out = r + v.shape[0], self.in_features, self.out_features
         n_a, n_b = k * n_in, k * n_out
         flat = torch.empty(n_a + n_b + k, dtype=a_p.dtype, device=a_p.device)
-        a_cat, b_cat, c_cat = self._split_flat(flat, k, n_in, n_out)
+        a_cat, _, b_t, coef, _ = operands(flat, r, k - r, n_in, n_out, launched=True)
+        b_cat, c_cat = b_t.t(), coef[:, 0]
         with torch.no_grad():
             a_cat[:r].copy_(a_p.data)
             a_cat[r:].copy_(v)
@@ -190,16 +190,7 @@ class DashdiffLinear(LoraLinear):
         self.lora_dash_U[adapter] = b_cat[:, r:]
         key = (a_p.data_ptr(), b_p.data_ptr(), delta.data_ptr())
         self._dash_storage[adapter] = (a_cat, b_cat, c_cat, key, flat)
-        self._dash_operands.pop(adapter, None)
         return self._dash_storage[adapter]
-
-    @staticmethod
-    def _split_flat(flat: torch.Tensor, k: int, n_in: int, n_out: int) -> tuple[torch.Tensor, ...]:
-        """Views (k, in), (out, k) and (k,) of a flat fused storage (or of its cast copy)."""
-        n_a, n_b = k * n_in, k * n_out
-        return (flat.as_strided((k, n_in), (n_in, 1), flat.storage_offset()),
-                flat.as_strided((n_out, k), (1, n_out), flat.storage_offset() + n_a),
-                flat.as_strided((k,), (1,), flat.storage_offset() + n_a + n_b))
 
     def _storage(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The (r+s × in) and (out × r+s) storages, re-fused if anything moved the views apart."""
@@ -303,49 +294,42 @@ class DashdiffLinear(LoraLinear):
         if (a_p.data_ptr(), b_p.data_ptr(), delta.data_ptr()) != key:
             a_cat, b_cat, c_cat, _, flat = self._fuse_storage(adapter)
         launched, r = self._dash_launched[adapter], self.r[adapter]
-        dims = (r, c_cat.shape[0] - r, a_cat.shape[1], b_cat.shape[0], launched)
-        if torch.is_autocast_enabled(x.device.type):
-            # Everything enters in the autocast dtype, so autocast has nothing left to cast inside.
-            # The copy lives in a persistent buffer with cached views: one copy kernel per forward,
-            # no allocation, no view ops on this host-bound path. A backward reads the copy of the
-            # latest forward, which holds the same values unless the weights were changed between
-            # this forward and its backward (which the optimizer never does).
-            dtype = torch.get_autocast_dtype(x.device.type)
-            cast = self._dash_cast.get(adapter)
-            if cast is None or cast[0] is not flat or cast[1].dtype != dtype or cast[2] != launched:
-                buf = torch.empty(flat.shape, dtype=dtype, device=flat.device)
-                cast = self._dash_cast[adapter] = (flat, buf, launched, operands(buf, *dims))
+        # Under autocast everything enters in the autocast dtype, so autocast has nothing left to
+        # cast inside. That copy lives in a persistent buffer with cached views: one copy kernel per
+        # forward, no allocation, no view ops on this host-bound path. A backward reads the copy of
+        # the latest forward, which holds the same values unless the weights were changed between
+        # this forward and its backward (which the optimizer never does).
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else flat.dtype
+        cached = self._dash_operands.get((adapter, dtype))
+        if cached is None or cached[0] is not flat or cached[2] != launched:
+            src = flat if dtype == flat.dtype else torch.empty(flat.shape, dtype=dtype, device=flat.device)
+            dims = (r, c_cat.shape[0] - r, a_cat.shape[1], b_cat.shape[0], launched)
+            cached = self._dash_operands[(adapter, dtype)] = (flat, src, launched, operands(src, *dims))
+        if cached[1] is not flat:
             with torch.no_grad():
-                cast[1].copy_(flat)
-            ops = cast[3]
-        else:
-            cached = self._dash_operands.get(adapter)
-            if cached is None or cached[0] != launched:
-                cached = self._dash_operands[adapter] = (launched, operands(flat, *dims))
-            ops = cached[1]
+                cached[1].copy_(flat)
+        ops = cached[3]
         a, a_t, b_t, coef, u_t = ops
         base = self._base_scaling[adapter]
         lam = self.scaling[adapter] / base
         if lam != 1.0:
             coef = coef * lam  # the runtime scale λ multiplies the whole update, dash term included
-        dropout = self.lora_dropout._modules[adapter]
-        if not isinstance(dropout, nn.Identity):
-            x = dropout(x)  # one mask shared by the LoRA and dash parts
-        if x.dtype != a.dtype:
-            x = x.to(a.dtype)
+        x = self._adapter_input(x, adapter, a.dtype)  # one dropout mask for the LoRA and dash parts
         return FusedDashLinear.apply(x, a_p, b_p, delta, (a, a_t, b_t, coef, u_t, base * lam, lam, r))
 
     def _autolora_delta_out(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         a_p = self.lora_A._modules[adapter]._parameters["weight"]
         b_p = self.lora_B._modules[adapter]._parameters["weight"]
         beta = self.lora_autolora_beta._parameters[adapter]
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else a_p.dtype
+        return FusedAutoLoraLinear.apply(self._adapter_input(x, adapter, dtype), a_p, b_p, beta, self.scaling[adapter])
+
+    def _adapter_input(self, x: torch.Tensor, adapter: str, dtype: torch.dtype) -> torch.Tensor:
+        """The adapter's input: its dropout (skipped when it is the identity), then ``dtype``."""
         dropout = self.lora_dropout._modules[adapter]
         if not isinstance(dropout, nn.Identity):
             x = dropout(x)
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else a_p.dtype
-        if x.dtype != dtype:
-            x = x.to(dtype)
-        return FusedAutoLoraLinear.apply(x, a_p, b_p, beta, self.scaling[adapter])
+        return x if x.dtype == dtype else x.to(dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)

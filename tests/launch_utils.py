@@ -20,18 +20,20 @@ def accelerate_launch(script: str, *args: str, processes: int = 1, timeout: int 
         cmd += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", _free_port()]
     else:
         cmd += ["--num_processes", "1", "--cpu"]
-    try:
-        proc = subprocess.run(cmd + [script, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                              timeout=timeout if processes == 1 else min(timeout, 120))
-    except subprocess.TimeoutExpired:
-        if processes == 1:
-            raise
-        # Two gloo processes on a loaded 2-core machine hang now and then (about 1 run in 10 of the
-        # AutoLoRA script, 2026-11-23; where is not known): a hang is retried once on a fresh port,
-        # a failure is not.
-        cmd[cmd.index("--main_process_port") + 1] = _free_port()
-        proc = subprocess.run(cmd + [script, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                              timeout=timeout)
+    # Two gloo processes on a loaded 2-core machine hang now and then (about 1 run in 10 of the
+    # AutoLoRA script, 2026-11-23; where is not known): a hang is retried once on a fresh port, a
+    # failure is not.
+    attempts = 1 if processes == 1 else 2
+    for attempt in range(attempts):
+        if attempt:
+            cmd[cmd.index("--main_process_port") + 1] = _free_port()
+        try:
+            proc = subprocess.run(cmd + [script, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                                  timeout=timeout if processes == 1 else min(timeout, 120))
+            break
+        except subprocess.TimeoutExpired:
+            if attempt == attempts - 1:
+                raise
     if proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc

@@ -23,7 +23,9 @@ def check(base: str, out: Path, weight_name: str) -> dict:
     with safe_open(str(out / "reference_output.safetensors"), "pt") as fh:
         prompt = fh.metadata()["prompt"]
     sdxl = hasattr(pipe, "text_encoder_2")
-    with torch.no_grad():
+
+    def unet_output() -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt embeddings, UNet output) of the pipeline as it is loaded now."""
         if sdxl:
             embeds, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
                                                       do_classifier_free_guidance=False)
@@ -31,15 +33,12 @@ def check(base: str, out: Path, weight_name: str) -> dict:
         else:
             embeds, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
             cond = {}
-        out_t = pipe.unet(ref["latents"], ref["timestep"], embeds, return_dict=False, **cond)[0]
+        return embeds, pipe.unet(ref["latents"], ref["timestep"], embeds, return_dict=False, **cond)[0]
+
+    with torch.no_grad():
+        embeds, out_t = unet_output()
         pipe.unload_lora_weights()
-        if sdxl:
-            base_embeds, _, base_pooled, _ = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
-                                                                do_classifier_free_guidance=False)
-            cond = {"added_cond_kwargs": {"text_embeds": base_pooled, "time_ids": ref["time_ids"]}}
-        else:
-            base_embeds, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
-        base_out = pipe.unet(ref["latents"], ref["timestep"], base_embeds, return_dict=False, **cond)[0]
+        _, base_out = unet_output()
     scale = ref["output"].abs().max().item()
     return {
         "dir": out.name,
