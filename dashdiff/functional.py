@@ -13,6 +13,19 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+
+
+def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` for a gradient of a ``dtype`` parameter. On CUDA, bf16 / fp16 operands of a float32
+    parameter go through cuBLAS's float32 output (``out_dtype``): the float32 accumulator is kept
+    instead of being rounded to bf16 and then cast back by the autograd engine (one kernel fewer)."""
+    if dtype == torch.float32 and a.dtype in _HALF and a.is_cuda:
+        return torch.mm(a, b, out_dtype=dtype)
+    return a.mm(b)
+
+
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def operands(flat: torch.Tensor, r: int, s: int, n_in: int, n_out: int, launched: bool
@@ -49,7 +62,7 @@ class FusedDashLinear(torch.autograd.Function):
         bc_t = b_t * coef  # (k, out): the coefficients scale B_cat's columns, cheaper than scaling h
         y = h.mm(bc_t)
         ctx.save_for_backward(x2, h)  # activations: through saved-tensor hooks (checkpointing)
-        ctx.ops, ctx.bc_t, ctx.x_shape, ctx.s = ops, bc_t, x.shape, delta.shape[0]
+        ctx.ops, ctx.bc_t, ctx.x_shape, ctx.s, ctx.wide = ops, bc_t, x.shape, delta.shape[0], a.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -58,14 +71,14 @@ class FusedDashLinear(torch.autograd.Function):
         a_cat, a_t, b_t, coef, u_t, scale, lam, r = ctx.ops
         g = grad_y.reshape(-1, grad_y.shape[-1])
         need = ctx.needs_input_grad
-        g_h = g.mm(ctx.bc_t.t())  # (N, k): gradient w.r.t. h
+        g_h = F.linear(g, ctx.bc_t)  # (N, k): gradient w.r.t. h
         grad_x = g_h.mm(a_cat).view(ctx.x_shape) if need[0] else None
-        grad_a = (g_h if u_t is None else g_h[:, :r]).t().mm(x2) if need[1] else None
+        grad_a = _mm_to((g_h if u_t is None else g_h[:, :r]).t(), x2, ctx.wide) if need[1] else None
         grad_b = grad_delta = None
         if need[2] or need[3]:
             # (k, out) = (gradient w.r.t. bc)ᵀ, row-major, so its transposed slice has B's (column-major)
             # layout and the autograd engine accumulates it without a layout-fixing copy.
-            gh_t = h.t().mm(g)
+            gh_t = _mm_to(h.t(), g, ctx.wide)
             if need[2]:
                 grad_b = (gh_t if u_t is None else gh_t[:r]).t()
                 if scale != 1.0:
@@ -76,7 +89,7 @@ class FusedDashLinear(torch.autograd.Function):
                     if lam != 1.0:
                         grad_delta = grad_delta * lam
                 else:  # before launch: δ takes part (DDP sees it) with an exactly-zero gradient
-                    grad_delta = torch.zeros(ctx.s, dtype=g.dtype, device=g.device)
+                    grad_delta = torch.zeros(ctx.s, dtype=ctx.wide, device=g.device)
         return grad_x, grad_a, grad_b, grad_delta, None
 
 
@@ -132,9 +145,9 @@ class FusedAutoLoraLinear(torch.autograd.Function):
         if need[0] or need[1]:
             g_h = g.mm(ctx.b_c)  # (N, k): gradient w.r.t. h
             grad_x = g_h.mm(ctx.ac).view(x.shape) if need[0] else None
-            grad_a = g_h.t().mm(x2) if need[1] else None
+            grad_a = _mm_to(g_h.t(), x2, a.dtype) if need[1] else None
         if need[2] or need[3]:
-            gh = g.t().mm(h)  # (out, k): gradient w.r.t. b_c
+            gh = _mm_to(g.t(), h, b.dtype)  # (out, k): gradient w.r.t. b_c
             grad_b = gh * ctx.c if need[2] else None
             if need[3]:
                 grad_c = (gh * ctx.bc).sum(0).to(ctx.alpha.dtype)
