@@ -2,7 +2,8 @@
 
 Same UNet, same targets (``to_q to_k to_v to_out.0``), same rank (k = r = 8), same batch; the
 plain step is PEFT's LoRA: forward, backward, Adam step. The search steps are
-``BilevelStep.step`` in ``darts`` and ``first_order`` mode, roll-back off and on. All variants run
+``BilevelStep.step`` in ``darts`` and ``first_order`` mode, roll-back off and on, and ``darts`` with
+the two finite-difference passes batched into one (``fd_batched``). All variants run
 interleaved, one step each per round in a rotating order, so load drift on a shared machine
 hits them alike; reported: median step time with its interquartile range, and the median of the
 per-round ratios to the plain step (with IQR). A forward+backward pass alone is timed too: a
@@ -95,13 +96,15 @@ def main(args: argparse.Namespace) -> dict:
 
     variants: dict[str, Callable[[], object]] = {"plain LoRA step": plain_step}
     probe = None
-    for mode in ("darts", "first_order"):
-        for rollback in (False, True):
-            unet = adapted(AutoLoraConfig(r=8, lora_alpha=8, target_modules=TARGETS, init_lora_weights="gaussian"))
-            search = BilevelStep(unet, mode=mode, rollback=rollback)
-            probe = probe or search
-            name = f"{mode}" + (" + roll-back" if rollback else "")
-            variants[name] = lambda s=search: _autocast_step(s, train, val, loss_fn, autocast)
+    for mode, rollback, batched in (("darts", False, False), ("darts", False, True), ("darts", True, False),
+                                    ("first_order", False, False), ("first_order", True, False)):
+        if batched and args.no_batched:
+            continue
+        unet = adapted(AutoLoraConfig(r=8, lora_alpha=8, target_modules=TARGETS, init_lora_weights="gaussian"))
+        search = BilevelStep(unet, mode=mode, rollback=rollback, fd_batched=batched)
+        probe = probe or search
+        name = f"{mode}" + (" + roll-back" if rollback else "") + (", batched FD" if batched else "")
+        variants[name] = lambda s=search: _autocast_step(s, train, val, loss_fn, autocast)
 
     def one_pass() -> None:  # forward + backward for the LoRA weights only, no optimizer
         _grads(loss_fn(probe.model, train), probe.weights)
@@ -137,7 +140,7 @@ def _sync(dev: torch.device) -> None:
 
 
 def _autocast_step(search, train, val, loss_fn, autocast):
-    # the inner step runs under the caller's autocast; BilevelStep runs its hypergradient passes in float32
+    # the inner step and the validation pass run under the caller's autocast; the finite-difference passes in float32
     with autocast:
         return search.step(train, val, loss_fn)
 
@@ -168,7 +171,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", default="tiny", choices=["tiny", "sdxl"])
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the plain step and the inner step")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast for the plain step, the inner step and the validation pass")
+    p.add_argument("--no_batched", action="store_true", help="skip the batched finite-difference variant")
     return p.parse_args(argv)
 
 

@@ -31,7 +31,7 @@ from .layer import DashdiffLinear
 from .ranks import determine_ranks
 from .walk import base_model, iter_layers, resolve_adapter
 
-__all__ = ["BilevelStep", "retrain_config", "split_train_val", "split_indices"]
+__all__ = ["BilevelStep", "double_batch", "retrain_config", "split_train_val", "split_indices"]
 
 Mode = Literal["darts", "first_order", "darts_unrolled"]
 MODES = ("darts", "first_order", "darts_unrolled")
@@ -136,6 +136,26 @@ def _grads(loss: torch.Tensor, inputs: Sequence[torch.Tensor]) -> list[torch.Ten
     return [torch.zeros_like(p) if g is None else g for p, g in zip(inputs, gs)]
 
 
+def double_batch(batch: Any) -> Any:
+    """The batch twice along dim 0: every tensor with a dim 0 is concatenated with itself (through
+    dicts, lists and tuples); scalars, 0-d tensors and other objects are kept. The default input of
+    ``BilevelStep``'s batched finite-difference pass."""
+    if torch.is_tensor(batch):
+        return torch.cat([batch, batch]) if batch.dim() else batch
+    if isinstance(batch, dict):
+        return type(batch)((k, double_batch(v)) for k, v in batch.items())
+    if isinstance(batch, (list, tuple)):
+        items = [double_batch(v) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch
+
+
+# Relative gap allowed between the batched and the two-pass central difference on the first step
+# (float32: the two differ by summation order only; a loss that is not a mean over the copies is
+# off by 50 % or more).
+FD_BATCHED_CHECK_RTOL = 1e-2
+
+
 @dataclass
 class _OptimizerSnapshot:
     """Copied per-parameter optimizer state."""
@@ -217,6 +237,18 @@ class BilevelStep:
             ``gradient_accumulation_steps`` the number of ``step`` calls per bi-level update.
         max_grad_norm: clip the inner gradient of ``w`` to this norm (None: no clipping).
         weight_lr, beta_lr: learning rates of the default optimizers.
+        val_precision: ``"inner"`` (default): the validation pass runs at the inner step's precision
+            (accelerate's or the caller's bf16 autocast); ``"float32"``: full precision, autocast off.
+            Under fp16 it is always float32 (its gradient would need the loss scale).
+        fd_batched: run the two finite-difference passes as one forward/backward on the training
+            batch twice over (``double_batch``), the copies at ``w+`` and ``w−`` (one pass of the
+            frozen network at twice the batch instead of two: cheaper where the step is bound by
+            per-operation overhead, e.g. a GPU at batch 1; the finite-difference pass then holds
+            twice the activations). It needs ``loss_fn(model, double(batch))`` to be the mean of
+            the two copies' losses, as for a mean over samples, and every adapted layer's input to
+            carry the batch on dim 0. The first step checks this against the two-pass result
+            and raises if they differ.
+        double: the function that doubles a batch for ``fd_batched`` (default ``double_batch``).
 
     Gradient accumulation: with ``n = accelerator.gradient_accumulation_steps > 1``, call ``step``
     once per micro-batch pair and *not* inside ``accelerator.accumulate``: the first ``n - 1``
@@ -224,10 +256,10 @@ class BilevelStep:
     bi-level update over all ``n`` pairs (means over the micro-batches, so it equals one step on
     the concatenated batches when the loss is a mean over equal-sized micro-batches).
 
-    All hypergradient passes (validation and finite differences) run in full precision with
-    autocast off; the finite-difference passes also in eval mode and from one forked RNG state.
-    The model's parameters must therefore be float32 (or float64): keep the base weights in
-    float32 during the search and let ``mixed_precision`` autocast the inner step.
+    The finite-difference passes run in full precision with autocast off, in eval mode and from one
+    forked RNG state (METHODS.md: under bf16 autocast the central difference is ~50 % wrong). The
+    model's parameters must therefore be float32 (or float64): keep the base weights in float32
+    during the search and let ``mixed_precision`` autocast the inner step and the validation pass.
     """
 
     def __init__(
@@ -244,11 +276,16 @@ class BilevelStep:
         max_grad_norm: Optional[float] = None,
         weight_lr: float = DEFAULT_WEIGHT_LR,
         beta_lr: float = DEFAULT_BETA_LR,
+        val_precision: Literal["inner", "float32"] = "inner",
+        fd_batched: bool = False,
+        double: Callable[[Any], Any] = double_batch,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"dashdiff: unknown AutoLoRA mode {mode!r} (use one of {', '.join(MODES)})")
         if not fd_epsilon > 0:
             raise ValueError(f"dashdiff: fd_epsilon must be > 0, got {fd_epsilon}")
+        if val_precision not in ("inner", "float32"):
+            raise ValueError(f"dashdiff: val_precision must be 'inner' or 'float32', got {val_precision!r}")
         if unrolled_xi is not None and mode != "darts_unrolled":
             raise ValueError("dashdiff: unrolled_xi is only used by mode='darts_unrolled'")
         if accelerator is not None:
@@ -266,6 +303,10 @@ class BilevelStep:
         self.rollback = rollback
         self.fd_epsilon = float(fd_epsilon)
         self.max_grad_norm = max_grad_norm
+        self.val_precision = val_precision
+        self.fd_batched = fd_batched
+        self.double = double
+        self._fd_checked = False
         self.root = _unwrap(model, accelerator)
         self.adapter = resolve_adapter(self.root, "autolora", adapter_name)
         self.layers: list[tuple[str, DashdiffLinear, str]] = list(iter_layers(self.root, "autolora", self.adapter))
@@ -314,6 +355,15 @@ class BilevelStep:
         if beta_opt_ids & wids:
             raise ValueError("dashdiff: the β optimizer must not hold LoRA weights")
         self._beta_opt_params = [p for p in _optimizer_params(beta_optimizer)]
+        if fd_batched and len(self.weights) != len(lora_w):
+            raise ValueError(
+                "dashdiff: fd_batched=True perturbs only the adapters' lora_A / lora_B, but the weight optimizer holds "
+                f"{len(self.weights) - len(lora_w)} further trainable parameters: use fd_batched=False")
+        # w's index of each layer's (A, B), and persistent (2, ...) buffers for the batched pass
+        index = {id(p): i for i, p in enumerate(self.weights)}
+        self._pair_index = [(index[id(layer.lora_A[a].weight)], index[id(layer.lora_B[a].weight)])
+                            for _, layer, a in self.layers]
+        self._pair_bufs: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
 
         if mode == "darts_unrolled" and unrolled_xi is None:
             lr = _inner_optimizer(weight_optimizer).param_groups[0]["lr"]
@@ -504,8 +554,22 @@ class BilevelStep:
 
     # ------------------------------------------------------------------ hypergradients
     def _passes(self):
-        """Context for hypergradient passes: the unwrapped module, full precision."""
+        """Context for the finite-difference passes: the unwrapped module, full precision."""
         return _full_precision(self.root, self.device_type)
+
+    @contextmanager
+    def _val_passes(self) -> Iterator[nn.Module]:
+        """Context for the validation pass: the unwrapped module at the inner step's precision (its
+        autocast, if any: accelerate's wrapper on the module or the caller's context), or full
+        precision when asked for or under fp16 (no loss scale here)."""
+        dev = self.device_type
+        fp16 = (self.accelerator is not None and self.accelerator.mixed_precision == "fp16") or (
+            torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16)
+        if self.val_precision == "float32" or fp16:
+            with self._passes() as net:
+                yield net
+        else:
+            yield self.root
 
     def _fork_rng(self):
         """Both finite-difference passes start from the RNG state at entry; the global state is left as it was."""
@@ -554,6 +618,56 @@ class BilevelStep:
                 torch._foreach_copy_(self.weights, center)
         return torch._foreach_div(out, 2 * eps)
 
+    def _central_difference(self, trains: list, loss_fn: LossFn, net: nn.Module, center: list[torch.Tensor],
+                            v: list[torch.Tensor], eps: float, at_center: bool = False) -> list[torch.Tensor]:
+        """``H_βw L_tr · v`` by central differences around ``center``: two passes, or one batched pass
+        (``fd_batched``; checked against the two-pass result on its first use)."""
+        if not self.fd_batched:
+            return self._beta_grad_at(trains, loss_fn, net, center, v, eps, at_center)
+        got = self._beta_grad_batched(trains, loss_fn, net, center, v, eps)
+        if not self._fd_checked:
+            want = self._beta_grad_at(trains, loss_fn, net, center, v, eps, at_center)
+            gap, size = _flat(got) - _flat(want), _flat(want).norm()
+            if gap.norm() > FD_BATCHED_CHECK_RTOL * size + 1e-12:
+                raise ValueError(
+                    f"dashdiff: fd_batched=True gave a finite difference {float(gap.norm() / size):.1%} away from the "
+                    "two-pass one: loss_fn(model, double(batch)) must be the mean of the two copies' losses (a mean over "
+                    "the samples on dim 0, with every tensor of the batch doubled on dim 0). Make the loss such a mean, "
+                    "pass a matching double=..., or use fd_batched=False.")
+            self._fd_checked = True
+        return got
+
+    def _beta_grad_batched(self, trains: list, loss_fn: LossFn, net: nn.Module, center: list[torch.Tensor],
+                           v: list[torch.Tensor], eps: float) -> list[torch.Tensor]:
+        """The central difference from one pass over each doubled training batch: every AutoLoRA layer
+        runs copy 1 at ``center + εv`` and copy 2 at ``center − εv`` (``PairedAutoLoraLinear``) and hands
+        β the difference of the copies' gradients, ½(∂β L+ − ∂β L−) for a mean loss. The weights
+        themselves are not touched."""
+        if self._pair_bufs is None:
+            self._pair_bufs = [(torch.empty((2, *self.weights[i].shape), dtype=center[i].dtype, device=center[i].device),
+                                torch.empty((2, *self.weights[j].shape), dtype=center[j].dtype, device=center[j].device))
+                               for i, j in self._pair_index]
+        order = [i for pair in self._pair_index for i in pair]
+        c, d = [center[i] for i in order], [v[i] for i in order]
+        for sign, half in ((1.0, 0), (-1.0, 1)):
+            views = [t[half] for pair in self._pair_bufs for t in pair]
+            torch._foreach_copy_(views, c)
+            torch._foreach_add_(views, d, alpha=sign * eps)
+        out = [torch.zeros_like(p) for p in self.betas]
+        try:
+            for (_, layer, a), pair in zip(self.layers, self._pair_bufs):
+                layer._fd_pairs[a] = pair
+            with _eval_mode(self._modules), _frozen(self.weights), torch.no_grad():
+                for tb in trains:
+                    with self._fork_rng(), torch.enable_grad():
+                        loss = loss_fn(net, self.double(tb)) / len(trains)
+                        gs = _grads(loss, self.betas)
+                    torch._foreach_add_(out, gs)
+        finally:
+            for _, layer, a in self.layers:
+                layer._fd_pairs.pop(a, None)
+        return torch._foreach_div(out, eps)  # 2·½(∂β L+ − ∂β L−) / 2ε
+
     def _reduce_g(self, g: list[torch.Tensor], val_loss: torch.Tensor, train_loss: torch.Tensor
                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One all-reduce for β's gradient and the two logged losses."""
@@ -572,14 +686,15 @@ class BilevelStep:
 
     def _hypergradient(self, trains: list, vals: list, loss_fn: LossFn, train_loss: torch.Tensor):
         """``darts`` / ``first_order`` at the current (post-inner-step) weights w'."""
-        with self._passes() as net:
-            need_v = self.mode == "darts"
+        need_v = self.mode == "darts"
+        with self._val_passes() as net:
             g_val, v, val_loss = self._val_pass(vals, loss_fn, net, need_v)
-            if not need_v:
-                return self._reduce_g(g_val, val_loss, train_loss)
+        if not need_v:
+            return self._reduce_g(g_val, val_loss, train_loss)
+        with self._passes() as net:
             v, eps = self._perturbation(v)
             center = [p.detach().clone() for p in self.weights]
-            hvp = self._beta_grad_at(trains, loss_fn, net, center, v, eps, at_center=True)
+            hvp = self._central_difference(trains, loss_fn, net, center, v, eps, at_center=True)
         g = [a - b for a, b in zip(g_val, hvp)]
         return self._reduce_g(g, val_loss, train_loss)
 
@@ -594,10 +709,11 @@ class BilevelStep:
                 for p in self.weights:
                     if p.grad is not None:
                         p.sub_(p.grad, alpha=xi)
-            with self._passes() as net:
+            with self._val_passes() as net:
                 g_val, v, val_loss = self._val_pass(vals, loss_fn, net, need_v=True)
+            with self._passes() as net:
                 v, eps = self._perturbation(v)
-                hvp = self._beta_grad_at(trains, loss_fn, net, w0, v, eps)
+                hvp = self._central_difference(trains, loss_fn, net, w0, v, eps)
         finally:
             with torch.no_grad():
                 for p, c in zip(self.weights, w0):

@@ -153,3 +153,41 @@ class FusedAutoLoraLinear(torch.autograd.Function):
                 grad_c = (gh * ctx.bc).sum(0).to(ctx.alpha.dtype)
                 grad_beta = torch._softmax_backward_data(grad_c * ctx.scaling, ctx.alpha, 0, ctx.alpha.dtype)
         return grad_x, grad_a, grad_b, grad_beta, None
+
+
+class PairedAutoLoraLinear(torch.autograd.Function):
+    """Both finite-difference passes of AutoLoRA's hypergradient as one batch.
+
+    ``PairedAutoLoraLinear.apply(x, beta, a2, b2, scaling)``: x (2n, ..., in) holds one batch twice,
+    the copy to run at ``w+`` first, then the copy at ``w−``; a2 (2, k, in) and b2 (2, out, k) the
+    LoRA factors at ``w± = w' ± εv``; beta (k,); scaling a float. Returns (2n, ..., out), copy i through
+    ``scaling · B_i diag(softmax(β)) A_i``. The backward gives x its gradient and β the gradient of
+    copy + *minus* that of copy −, the difference the central difference needs (a2, b2 get none).
+    """
+
+    @staticmethod
+    def forward(ctx, x, beta, a2, b2, scaling):
+        alpha = torch.softmax(beta, 0)
+        c = alpha * scaling
+        if a2.dtype != x.dtype:
+            a2, b2, c = a2.to(x.dtype), b2.to(x.dtype), c.to(x.dtype)
+        xs = x.reshape(2, -1, x.shape[-1])  # (2, n·tokens, in): the two copies
+        h = torch.bmm(xs, a2.transpose(1, 2))  # (2, N, k)
+        bc = b2 * c  # (2, out, k)
+        y = torch.bmm(h, bc.transpose(1, 2))
+        ctx.save_for_backward(h)
+        ctx.a2, ctx.b2, ctx.bc, ctx.alpha, ctx.scaling, ctx.x_shape = a2, b2, bc, alpha, scaling, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (h,) = ctx.saved_tensors
+        g = grad_y.reshape(2, -1, grad_y.shape[-1])
+        need = ctx.needs_input_grad
+        grad_x = torch.bmm(torch.bmm(g, ctx.bc), ctx.a2).view(ctx.x_shape) if need[0] else None
+        grad_beta = None
+        if need[1]:
+            gc = (torch.bmm(g.transpose(1, 2), h) * ctx.b2).sum(1)  # (2, k): gradient w.r.t. c per copy
+            grad_c = ((gc[0] - gc[1]) * ctx.scaling).to(ctx.alpha.dtype)
+            grad_beta = torch._softmax_backward_data(grad_c, ctx.alpha, 0, ctx.alpha.dtype)
+        return grad_x, grad_beta, None, None, None

@@ -26,7 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import adapter_kind
-from .functional import FusedAutoLoraLinear, FusedDashLinear, operands
+from .functional import FusedAutoLoraLinear, FusedDashLinear, PairedAutoLoraLinear, operands
 from .launch import GramEig, Selection, select_directions
 
 
@@ -109,6 +109,9 @@ class DashdiffLinear(LoraLinear):
         # (adapter, compute dtype) -> (flat, source: flat or a low-precision copy, launched, operand views)
         self._dash_operands: dict[tuple, tuple] = {}
         self._base_scaling: dict[str, float] = {}
+        # adapter -> (A±, B±) stacked (2, k, in), (2, out, k): set by BilevelStep for the duration of
+        # its batched finite-difference pass only (autolora.BilevelStep, fd_batched=True)
+        self._fd_pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.eig_cache: dict[str, "GramEig"] = {}  # filled ahead of launch by dashdiff.prefetch
         self.dash_record: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -322,6 +325,13 @@ class DashdiffLinear(LoraLinear):
         b_p = self.lora_B._modules[adapter]._parameters["weight"]
         beta = self.lora_autolora_beta._parameters[adapter]
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else a_p.dtype
+        pair = self._fd_pairs.get(adapter)
+        if pair is not None:
+            if x.shape[0] % 2:
+                raise RuntimeError(
+                    f"dashdiff: the batched finite-difference pass expects the doubled batch on dim 0 of every "
+                    f"adapted layer's input, got shape {tuple(x.shape)}: pass fd_batched=False to BilevelStep")
+            return PairedAutoLoraLinear.apply(self._adapter_input(x, adapter, dtype), beta, *pair, self.scaling[adapter])
         return FusedAutoLoraLinear.apply(self._adapter_input(x, adapter, dtype), a_p, b_p, beta, self.scaling[adapter])
 
     def _adapter_input(self, x: torch.Tensor, adapter: str, dtype: torch.dtype) -> torch.Tensor:

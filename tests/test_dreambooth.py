@@ -2,6 +2,7 @@
 ``main(args)``), and end-to-end runs through ``accelerate launch`` (3 launches: tiny SD, tiny SDXL,
 two CPU processes) whose exported files a stock-diffusers-only process loads and checks."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from dashdiff import training as T
@@ -303,6 +305,34 @@ def test_autolora_resume_lands_in_the_right_phase(db, tmp_path):
                      str(tmp_path / "full" / "checkpoint-search-1")))
 
 
+@pytest.mark.parametrize("snr_gamma", [None, 5.0])
+def test_prior_loss_and_doubled_batches(db, snr_gamma):
+    """The prior-preservation loss (instance MSE + weight x class MSE, class images in the second
+    half) and, for the AutoLoRA search's batched finite differences, a batch twice over has the
+    same loss as the batch."""
+    from diffusers import DDPMScheduler
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500, 900, 30])
+    sched = DDPMScheduler()
+    args = argparse.Namespace(snr_gamma=snr_gamma, prior_loss_weight=0.7)
+    mask = torch.tensor([False, False, True, True])
+    got = db.compute_loss(pred, target, t, sched, args, mask)
+    inst = F.mse_loss(pred[:2], target[:2], reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is not None:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(sched, t[:2])
+        inst = inst * torch.minimum(snr, torch.full_like(snr, snr_gamma)) / snr
+    want = inst.mean() + 0.7 * F.mse_loss(pred[2:], target[2:])
+    torch.testing.assert_close(got, want)
+    inputs = {"noisy": pred, "target": target, "timesteps": t, "prompts": ["a", "a", "c", "c"]}
+    d = db.double_inputs(inputs)
+    assert d["prompts"] == ["a", "a", "c", "c"] * 2 and d["noisy"].shape[0] == 8
+    torch.testing.assert_close(db.compute_loss(d["noisy"], d["target"], d["timesteps"], sched, args, d["prior_mask"]), got)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(db, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = db.compute_loss
@@ -374,8 +404,11 @@ def test_sd_all_methods_through_accelerate_launch(tmp_path):
                      "--dash_directions", "4", "--max_train_steps", "4", "--cache_latents", "--output_kohya_format",
                      "--with_prior_preservation", "--class_prompt", "a photo of a toy", "--num_class_images", "2",
                      "--class_data_dir", str(tmp_path / "class"), "--output_dir", str(tmp_path / "dash")]
+    # prior preservation in the search too: its batched finite differences check the doubled-batch loss
     auto = common + ["--method", "autolora", "--instance_data_dir", SUBJECT, "--autolora_search_steps", "2",
-                     "--max_train_steps", "2", "--output_dir", str(tmp_path / "autolora")]
+                     "--max_train_steps", "2", "--with_prior_preservation", "--class_prompt", "a photo of a toy",
+                     "--num_class_images", "2", "--class_data_dir", str(tmp_path / "class"),
+                     "--output_dir", str(tmp_path / "autolora")]
     proc = accelerate_launch(RUNS, *lora, "--next", *dash, "--next", *auto, env=THREAD_ENV)
     log = proc.stdout + proc.stderr
     assert "LoRA-Dash launched after optimizer step 2: 4 directions in each of 32 layers, chosen in" in log

@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--autolora_mode", choices=("darts", "first_order", "darts_unrolled"), default="darts")
     g.add_argument("--autolora_search_epochs", type=float, default=1.0, help="epochs of the bi-level search")
     g.add_argument("--autolora_beta_lr", type=float, default=3e-4)
+    g.add_argument("--autolora_fd_batched", type=_bool, nargs="?", const=True, default=True,
+                   help="true: the two finite-difference passes run as one pass over the micro-batch twice over (faster "
+                        "where the step is bound by per-operation overhead; twice the activations in that pass)")
     g.add_argument("--autolora_threshold", type=float, default=None, help="λ; default 1/k")
     g.add_argument("--autolora_rank_rule", choices=("softmax", "published"), default="softmax")
     g.add_argument("--autolora_retrain", type=_bool, nargs="?", const=True, default=True,
@@ -626,7 +629,7 @@ def search(run: Run, model: Any, train_ex: list[Example], val_ex: list[Example],
     dashdiff.autolora.BilevelStep). Returns the prepared model. The loss here is each micro-batch's
     per-token mean (BilevelStep averages over micro-batches)."""
     from dashdiff import training as T
-    from dashdiff.autolora import DEFAULT_BETA_BETAS, BilevelStep
+    from dashdiff.autolora import DEFAULT_BETA_BETAS, BilevelStep, double_batch
     from dashdiff.walk import iter_layers
 
     args, acc = run.args, run.accelerator
@@ -648,8 +651,13 @@ def search(run: Run, model: Any, train_ex: list[Example], val_ex: list[Example],
     run.model = model
     # BilevelStep counts its micro-batch calls against the accelerator's accumulation setting.
     acc.gradient_accumulation_steps = per_step // run.world
+    def double_micro_batch(batch: dict[str, Any]) -> dict[str, Any]:
+        # the token count doubles with the tokens, so the loss of the result is the mean of the copies'
+        return {**double_batch(batch), "targets": 2 * batch["targets"]}
+
     bilevel = BilevelStep(model, weight_opt, beta_opt, mode=args.autolora_mode, accelerator=acc,
-                          max_grad_norm=args.max_grad_norm or None)
+                          max_grad_norm=args.max_grad_norm or None, fd_batched=args.autolora_fd_batched,
+                          double=double_micro_batch)
 
     def loss_fn(net: Any, batch: dict[str, Any]) -> torch.Tensor:
         # The dropout masks travel with the batch, so BilevelStep's repeated passes agree.

@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--autolora_meta_lr", type=float, default=None, help="Adam learning rate of β (default 3e-4).")
     g.add_argument("--autolora_rollback", action="store_true", default=None,
                    help="Redo the inner step with the new β after each β update (published; off by default).")
+    g.add_argument("--autolora_fd_batched", action=argparse.BooleanOptionalAction, default=None,
+                   help="Run the two finite-difference passes as one pass over the micro-batch twice over (default on: "
+                        "faster where the step is bound by per-operation overhead, e.g. a GPU at small batch; that pass "
+                        "holds twice the activations). --no-autolora_fd_batched: two passes.")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--seed", type=int, default=None)
@@ -377,7 +381,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
         if getattr(args, name) is not None and args.method != "dash":
             errors.append(f"--{name} is a LoRA-Dash option: add --method dash or drop it")
     for name in ("autolora_search_steps", "autolora_val_fraction", "autolora_threshold", "autolora_rank_rule",
-                 "autolora_hypergradient", "autolora_meta_lr", "autolora_rollback"):
+                 "autolora_hypergradient", "autolora_meta_lr", "autolora_rollback", "autolora_fd_batched"):
         if getattr(args, name) is not None and args.method != "autolora":
             errors.append(f"--{name} is an AutoLoRA option: add --method autolora or drop it")
     if args.method == "autolora" and args.train_text_encoder:
@@ -451,6 +455,7 @@ def resolve_defaults(args: argparse.Namespace, family: str) -> None:
         args.autolora_hypergradient = args.autolora_hypergradient or "darts"
         args.autolora_meta_lr = args.autolora_meta_lr or DEFAULT_BETA_LR
         args.autolora_rollback = bool(args.autolora_rollback)
+        args.autolora_fd_batched = args.autolora_fd_batched is not False
     if args.text_encoder_lr is None:
         args.text_encoder_lr = args.learning_rate
     if args.adam_weight_decay_text_encoder is None:
@@ -832,32 +837,53 @@ class LossFn:
         if self.models.family == "sdxl":
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(unet_dtype), "time_ids": inputs["time_ids"].to(unet_dtype)}
         pred = unet(noisy.to(unet_dtype), inputs["timesteps"], embeds.to(unet_dtype), return_dict=False, **kwargs)[0]
+        mask = None
+        if self.prior and inputs.get("prior", True):
+            # class images fill the second half of a micro-batch (``collate``); a doubled batch carries its mask
+            mask = inputs.get("prior_mask")
+            if mask is None:
+                mask = torch.arange(pred.shape[0], device=pred.device) >= pred.shape[0] // 2
         return compute_loss(pred.float(), inputs["target"].float(), inputs["timesteps"], self.models.noise_scheduler,
-                            self.args, self.prior and inputs.get("prior", True))
+                            self.args, mask)
 
 
-def compute_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler, args, prior: bool
-                 ) -> torch.Tensor:
-    """MSE (Min-SNR weighted with --snr_gamma), plus the prior term on the second half under prior preservation."""
-    prior_loss = None
-    if prior:
-        pred, pred_prior = pred.chunk(2)
-        target, target_prior = target.chunk(2)
-        timesteps = timesteps.chunk(2)[0]
-        prior_loss = F.mse_loss(pred_prior, target_prior, reduction="mean")
-    if args.snr_gamma is None:
-        loss = F.mse_loss(pred, target, reduction="mean")
-    else:
+def double_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """A micro-batch twice over (the AutoLoRA search's batched finite-difference pass): tensors and
+    prompts repeated along the batch, the prior mask with them, so ``compute_loss`` of the result
+    is the mean of the two copies' losses."""
+    from dashdiff.autolora import double_batch
+
+    out = double_batch({k: v for k, v in inputs.items() if k != "prompts"})
+    out["prompts"] = list(inputs["prompts"]) * 2
+    if inputs.get("prior", True) and "prior_mask" not in inputs:
+        n = inputs["noisy"].shape[0]
+        mask = torch.arange(n, device=inputs["noisy"].device) >= n // 2
+        out["prior_mask"] = torch.cat([mask, mask])
+    return out
+
+
+def compute_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler, args,
+                 prior_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MSE (Min-SNR weighted with --snr_gamma) over the instance samples, plus ``--prior_loss_weight``
+    times the MSE over the class samples where ``prior_mask`` (batch,) is true (prior preservation).
+
+    Means of per-sample means (the samples have equal sizes, so this is diffusers' element mean),
+    selected by multiplying with the mask rather than by indexing, which would sync a GPU."""
+    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=list(range(1, pred.ndim)))
+    if args.snr_gamma is not None:
         from diffusers.training_utils import compute_snr
 
         snr = compute_snr(scheduler, timesteps)
         weights = torch.stack([snr, args.snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
         weights = weights / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weights / snr
-        loss = F.mse_loss(pred, target, reduction="none").mean(dim=list(range(1, pred.ndim))) * weights
-        loss = loss.mean()
-    if prior_loss is not None:
-        loss = loss + args.prior_loss_weight * prior_loss
-    return loss
+        per_sample = per_sample * weights
+    if prior_mask is None:
+        return per_sample.mean()
+    cls = prior_mask.to(per_sample.dtype)
+    inst = 1 - cls
+    loss = (per_sample * inst).sum() / inst.sum()
+    mse = F.mse_loss(pred, target, reduction="none").mean(dim=list(range(1, pred.ndim)))  # no SNR weight on the prior
+    return loss + args.prior_loss_weight * (mse * cls).sum() / cls.sum()
 
 
 # =========================================================================== pipelines
@@ -1295,7 +1321,8 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
                 torch.optim.Adam(betas_of(unet), lr=args.autolora_meta_lr, betas=(0.5, 0.999)))
             bilevel = BilevelStep(unet, weight_optimizer=phase.optimizer, beta_optimizer=beta_opt, mode=args.autolora_hypergradient,
                                   rollback=args.autolora_rollback, accelerator=accelerator,
-                                  max_grad_norm=args.max_grad_norm)
+                                  max_grad_norm=args.max_grad_norm, fd_batched=args.autolora_fd_batched,
+                                  double=double_inputs)
             start = resume.step if resume is not None and resume.phase == "search" else 0
             if start:
                 accelerator.load_state(str(resume.path))
