@@ -17,7 +17,7 @@ for section in "$@"; do
     overlap-sdxl) run bench/launch_time.py --model sdxl --device cuda --dtype bfloat16 --rank 4 --sections launch,overlap ;;
     overlap-sdxl-cuda) run bench/launch_time.py --model sdxl --device cuda --dtype bfloat16 --rank 4 --sections overlap --prefetch_device cuda ;;
     infer-sdxl)  run bench/infer_time.py --model sdxl --device cuda --dtype bfloat16 --rank 4 ;;
-    autolora)    run bench/autolora_cost.py --device cuda --model sdxl --bf16 --batch 1 --latent 128 --rounds 8 --warmup 2 --threads 8 || run bench/autolora_cost.py --device cuda --model sdxl --bf16 --batch 1 --latent 64 --rounds 8 --warmup 2 --threads 8 ;;
+    autolora)    run bench/autolora_cost.py --device cuda --model sdxl --bf16 --batch 1 --latent 128 --rounds 12 --warmup 2 --threads 8 || run bench/autolora_cost.py --device cuda --model sdxl --bf16 --batch 1 --latent 64 --rounds 8 --warmup 2 --threads 8 ;;
     *) echo "unknown section $section"; exit 2 ;;
   esac
 done

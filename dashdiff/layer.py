@@ -308,9 +308,8 @@ class DashdiffLinear(LoraLinear):
             src = flat if dtype == flat.dtype else torch.empty(flat.shape, dtype=dtype, device=flat.device)
             dims = (r, c_cat.shape[0] - r, a_cat.shape[1], b_cat.shape[0], launched)
             cached = self._dash_operands[(adapter, dtype)] = (flat, src, launched, operands(src, *dims))
-        if cached[1] is not flat:
-            with torch.no_grad():
-                cached[1].copy_(flat)
+        if cached[1] is not flat:  # neither requires grad (the parameters are views of flat), so no graph
+            cached[1].copy_(flat)
         ops = cached[3]
         a, a_t, b_t, coef, u_t = ops
         base = self._base_scaling[adapter]
