@@ -25,7 +25,7 @@ import torch
 from peft import LoraConfig
 
 from dashdiff import AutoLoraConfig
-from dashdiff.autolora import BilevelStep, _grads
+from dashdiff.autolora import BilevelStep, _grads, default_adam
 from dashdiff.tiny import tiny_sd_pipeline
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> dict:
 
     train, val = batch(), batch()
     plain = adapted(LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS, init_lora_weights="gaussian"))
-    plain_opt = torch.optim.Adam([p for p in plain.parameters() if p.requires_grad], lr=3e-4)
+    plain_opt = default_adam([p for p in plain.parameters() if p.requires_grad], lr=3e-4)  # the search's default
 
     def plain_step() -> None:
         with autocast:
@@ -98,7 +98,7 @@ def main(args: argparse.Namespace) -> dict:
     probe = None
     for mode, rollback, batched in (("darts", False, False), ("darts", False, True), ("darts", True, False),
                                     ("first_order", False, False), ("first_order", True, False)):
-        if batched and args.no_batched:
+        if (batched and args.no_batched) or (rollback and args.no_rollback):
             continue
         unet = adapted(AutoLoraConfig(r=8, lora_alpha=8, target_modules=TARGETS, init_lora_weights="gaussian"))
         search = BilevelStep(unet, mode=mode, rollback=rollback, fd_batched=batched)
@@ -174,6 +174,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast for the plain step, the inner step and the validation pass")
     p.add_argument("--no_batched", action="store_true", help="skip the batched finite-difference variant")
+    p.add_argument("--no_rollback", action="store_true", help="skip the roll-back variants")
     return p.parse_args(argv)
 
 

@@ -136,6 +136,15 @@ def _grads(loss: torch.Tensor, inputs: Sequence[torch.Tensor]) -> list[torch.Ten
     return [torch.zeros_like(p) if g is None else g for p, g in zip(inputs, gs)]
 
 
+def default_adam(params: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
+    """Adam as published, run as PyTorch's fused kernel where it can be (float parameters on the CPU or
+    one CUDA device), else foreach: the per-tensor Python loop of the default CPU Adam costs more than
+    a forward pass on a model with hundreds of adapted layers."""
+    from .training import fused_adamw_ok
+
+    return torch.optim.Adam(params, lr=lr, betas=betas, **({"fused": True} if fused_adamw_ok(params) else {"foreach": True}))
+
+
 def double_batch(batch: Any) -> Any:
     """The batch twice along dim 0: every tensor with a dim 0 is concatenated with itself (through
     dicts, lists and tuples); scalars, 0-d tensors and other objects are kept. The default input of
@@ -158,9 +167,17 @@ FD_BATCHED_CHECK_RTOL = 1e-2
 
 @dataclass
 class _OptimizerSnapshot:
-    """Copied per-parameter optimizer state."""
+    """Copied per-parameter optimizer state: the state's items as they were, tensors as copies."""
 
-    state: dict  # param -> {key: copied value}
+    params: list  # the parameters that had state
+    items: list  # per parameter: [(key, value)], tensor values taken from ``copies`` in order
+    copies: list  # copies of the tensor values
+
+    @property
+    def state(self) -> dict:
+        copies = iter(self.copies)
+        return {p: {k: next(copies) if isinstance(v, torch.Tensor) else v for k, v in its}
+                for p, its in zip(self.params, self.items)}
 
 
 class _Mirror:
@@ -169,28 +186,29 @@ class _Mirror:
     A copy stays valid until the next ``copy`` call."""
 
     def __init__(self) -> None:
-        self._key: Optional[list] = None
+        self._ids: Optional[list[int]] = None
         self._bufs: list[torch.Tensor] = []
 
     def copy(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        key = [(id(t), t.shape, t.dtype, t.device) for t in tensors]
-        if key != self._key:
-            self._bufs, self._key = [t.detach().clone() for t in tensors], key
-        elif tensors:
-            with torch.no_grad():
-                torch._foreach_copy_(self._bufs, tensors)
+        # Hot path (every step, thousands of tensors on a UNet): compare identities only; a tensor
+        # that changed shape under the same identity makes the copy raise, and the buffers are rebuilt.
+        ids = list(map(id, tensors))
+        if ids == self._ids and tensors:
+            try:
+                with torch.no_grad():
+                    torch._foreach_copy_(self._bufs, tensors)
+                return list(self._bufs)
+            except RuntimeError:
+                pass
+        self._bufs, self._ids = [t.detach().clone() for t in tensors], ids
         return list(self._bufs)
 
 
 def _snapshot_optimizer(opt: torch.optim.Optimizer, mirror: _Mirror) -> _OptimizerSnapshot:
     inner = _inner_optimizer(opt)
-    entries = [(p, k, v) for p, st in inner.state.items() for k, v in st.items()]
-    tensors = [v for _, _, v in entries if torch.is_tensor(v)]
-    copies = iter(mirror.copy(tensors))
-    state: dict = {p: {} for p in inner.state}
-    for p, k, v in entries:
-        state[p][k] = next(copies) if torch.is_tensor(v) else v
-    return _OptimizerSnapshot(state)
+    items = [list(st.items()) for st in inner.state.values()]
+    tensors = [v for its in items for _, v in its if isinstance(v, torch.Tensor)]
+    return _OptimizerSnapshot(list(inner.state), items, mirror.copy(tensors))
 
 
 def _restore_optimizer(opt: torch.optim.Optimizer, snap: _OptimizerSnapshot) -> None:
@@ -222,7 +240,7 @@ class BilevelStep:
     Args:
         model: the model with an AutoLoRA adapter (``AutoLoraConfig``), as the training loop calls
             it: plain, a ``PeftModel``, or prepared by ``accelerator.prepare`` (DDP).
-        weight_optimizer: optimizer of the inner step. Default: Adam, lr 3e-4, over the adapter's
+        weight_optimizer: optimizer of the inner step. Default: Adam (``default_adam``), lr 3e-4, over the adapter's
             ``lora_A`` / ``lora_B`` (prepared with ``accelerator`` when given). If it holds further
             parameters, they count as part of ``w`` (perturbed and differentiated like A, B).
         beta_optimizer: optimizer of β. Default: Adam, lr 3e-4, betas (0.5, 0.999). Always stepped
@@ -333,12 +351,11 @@ class BilevelStep:
         self._modules = list(self.root.modules())
 
         if weight_optimizer is None:
-            weight_optimizer = torch.optim.Adam(lora_w, lr=weight_lr)
+            weight_optimizer = default_adam(lora_w, lr=weight_lr)
             if accelerator is not None:
                 weight_optimizer = accelerator.prepare_optimizer(weight_optimizer)
         if beta_optimizer is None:
-            # foreach: one call over all layers' (k,) vectors instead of a Python loop over them
-            beta_optimizer = torch.optim.Adam(self.betas, lr=beta_lr, betas=DEFAULT_BETA_BETAS, foreach=True)
+            beta_optimizer = default_adam(self.betas, lr=beta_lr, betas=DEFAULT_BETA_BETAS)
         self.weight_optimizer = weight_optimizer
         self.beta_optimizer = beta_optimizer
 
@@ -536,16 +553,20 @@ class BilevelStep:
                 acc.clip_grad_norm_(self.weights, self.max_grad_norm)  # unscales first under fp16
             else:
                 self._clip()
+        scaler = self._scaler()
+        scale = scaler.get_scale() if scaler is not None else None
         opt.step()
-        skipped = bool(getattr(opt, "step_was_skipped", False))
+        # A fused optimizer skips inside its kernel (GradScaler hands it found_inf), which accelerate's
+        # step_was_skipped does not see; the scaler backing off its scale does.
+        skipped = bool(getattr(opt, "step_was_skipped", False)) or (scale is not None and scaler.get_scale() < scale)
         self._zero_grads(self.weights)
         return skipped
 
     def _beta_step(self, g: list[torch.Tensor]) -> None:
         for p in self._beta_opt_params:
             p.grad = None
-        for p, gi in zip(self.betas, g):
-            p.grad = gi.detach().to(p.dtype).clone()
+        for p, gi in zip(self.betas, g):  # g: fresh, graph-free tensors of this step
+            p.grad = gi if gi.dtype == p.dtype else gi.to(p.dtype)
         # β's gradient is exact and unscaled: step the torch optimizer, never accelerate's wrapper
         # (whose grad scaler would divide it by the loss scale, and which skips on accumulation steps).
         _inner_optimizer(self.beta_optimizer).step()
