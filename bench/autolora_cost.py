@@ -106,8 +106,10 @@ def main(args: argparse.Namespace) -> dict:
         name = f"{mode}" + (" + roll-back" if rollback else "") + (", batched FD" if batched else "")
         variants[name] = lambda s=search: _autocast_step(s, train, val, loss_fn, autocast)
 
-    def one_pass() -> None:  # forward + backward for the LoRA weights only, no optimizer
-        _grads(loss_fn(probe.model, train), probe.weights)
+    def one_pass() -> None:  # forward + backward for the LoRA weights only, no optimizer, at the plain step's precision
+        with autocast:
+            loss = loss_fn(probe.model, train)
+        _grads(loss, probe.weights)
 
     variants["one forward+backward pass"] = one_pass
     names = list(variants)

@@ -87,20 +87,20 @@ def _full_precision(root: nn.Module, device_type: str) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def _eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Every module in eval mode (dropout off), each module's own flag restored afterwards.
+def _eval_mode(module_dicts: Sequence[dict]) -> Iterator[None]:
+    """Every module in eval mode (dropout off), each module's own flag restored afterwards; takes the
+    modules' ``__dict__``s (collected once).
 
     Writes the ``training`` flags into each module's ``__dict__``: ``Module.eval()`` recurses through
     ``train()`` per module and even ``Module.__setattr__`` costs ~2 µs a module, milliseconds per
     step on a UNet's hundreds of modules. ``training`` is a plain attribute, so this is equivalent."""
-    dicts = [m.__dict__ for m in modules]
-    flags = [d["training"] for d in dicts]
+    flags = [d["training"] for d in module_dicts]
     try:
-        for d in dicts:
+        for d in module_dicts:
             d["training"] = False
         yield
     finally:
-        for d, flag in zip(dicts, flags):
+        for d, flag in zip(module_dicts, flags):
             d["training"] = flag
 
 
@@ -348,7 +348,7 @@ class BilevelStep:
                 "model in float32 and use mixed_precision (autocast) for the inner step instead of casting weights."
             )
         self.device_type = self.betas[0].device.type
-        self._modules = list(self.root.modules())
+        self._module_dicts = [m.__dict__ for m in self.root.modules()]  # for _eval_mode
 
         if weight_optimizer is None:
             weight_optimizer = default_adam(lora_w, lr=weight_lr)
@@ -624,7 +624,7 @@ class BilevelStep:
         (``at_center``: it is there already)."""
         out = [torch.zeros_like(p) for p in self.betas]
         try:
-            with _eval_mode(self._modules), _frozen(self.weights), torch.no_grad():
+            with _eval_mode(self._module_dicts), _frozen(self.weights), torch.no_grad():
                 for sign in (1.0, -1.0):
                     if not (at_center and sign == 1.0):
                         torch._foreach_copy_(self.weights, center)
@@ -678,7 +678,7 @@ class BilevelStep:
         try:
             for (_, layer, a), pair in zip(self.layers, self._pair_bufs):
                 layer._fd_pairs[a] = pair
-            with _eval_mode(self._modules), _frozen(self.weights), torch.no_grad():
+            with _eval_mode(self._module_dicts), _frozen(self.weights), torch.no_grad():
                 for tb in trains:
                     with self._fork_rng(), torch.enable_grad():
                         loss = loss_fn(net, self.double(tb)) / len(trains)
@@ -694,6 +694,9 @@ class BilevelStep:
         """One all-reduce for β's gradient and the two logged losses."""
         buf = torch.cat([_flat(g).to(torch.float64), val_loss.reshape(1), train_loss.to(torch.float64).reshape(1)])
         buf = self._all_reduce_mean(buf)
+        dtypes = {p.dtype for p in self.betas}
+        if len(dtypes) == 1:  # one cast for all layers, not one per layer
+            return _unflat(buf[:-2].to(dtypes.pop()), g), buf[-2:]
         return [x.to(p.dtype) for x, p in zip(_unflat(buf[:-2], g), self.betas)], buf[-2:]
 
     def _perturbation(self, v: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:

@@ -117,16 +117,16 @@ class FusedAutoLoraLinear(torch.autograd.Function):
     def forward(ctx, x, a, b, beta, scaling):
         alpha = torch.softmax(beta, 0)
         c = alpha * scaling
-        ac, bc = a, b
-        if c.dtype != x.dtype:
-            ac, bc, c = a.to(x.dtype), b.to(x.dtype), c.to(x.dtype)
+        b_c = b * c  # (out, k), in the parameters' dtype: one cast below covers B and α
+        ac = a
+        if b_c.dtype != x.dtype:
+            ac, b_c = a.to(x.dtype), b_c.to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         h = x2.mm(ac.t())  # (N, k)
-        b_c = bc * c  # (out, k)
         y = h.mm(b_c.t())
         # inputs saved as such (not their casts), so that a double backward can link to them
         ctx.save_for_backward(x, a, b, beta, h)
-        ctx.ac, ctx.bc, ctx.c, ctx.b_c, ctx.alpha, ctx.scaling = ac, bc, c, b_c, alpha, scaling
+        ctx.ac, ctx.c, ctx.b_c, ctx.alpha, ctx.scaling = ac, c, b_c, alpha, scaling
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -150,7 +150,7 @@ class FusedAutoLoraLinear(torch.autograd.Function):
             gh = _mm_to(g.t(), h, b.dtype)  # (out, k): gradient w.r.t. b_c
             grad_b = gh * ctx.c if need[2] else None
             if need[3]:
-                grad_c = (gh * ctx.bc).sum(0).to(ctx.alpha.dtype)
+                grad_c = (gh * b).sum(0).to(ctx.alpha.dtype)
                 grad_beta = torch._softmax_backward_data(grad_c * ctx.scaling, ctx.alpha, 0, ctx.alpha.dtype)
         return grad_x, grad_a, grad_b, grad_beta, None
 
