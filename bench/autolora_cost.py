@@ -148,10 +148,15 @@ def _autocast_step(search, train, val, loss_fn, autocast):
 
 
 def markdown(result: dict, args: argparse.Namespace) -> str:
+    model = ("SDXL UNet (random weights, float32 parameters, bf16 autocast where noted)" if args.model == "sdxl"
+             else "Tiny SD UNet (`dashdiff.tiny`, ~2 M parameters)")
+    precision = ("plain step, inner step and validation pass under bf16 autocast, finite-difference passes float32"
+                 if args.bf16 else "float32")
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{args.threads} CPU thread(s)"
     lines = [
-        f"Tiny SD UNet (`dashdiff.tiny`, ~2 M parameters), AutoLoRA k = 8 / LoRA r = 8 on `to_q to_k to_v to_out.0` "
-        f"(32 layers), batch {args.batch}, latents 4x{args.latent}x{args.latent}, float32, {args.threads} CPU "
-        f"thread(s); {args.rounds} interleaved rounds after {args.warmup} warm-up rounds.",
+        f"{model}, AutoLoRA k = 8 / LoRA r = 8 on `to_q to_k to_v to_out.0`, batch {args.batch}, latents "
+        f"4x{args.latent}x{args.latent}, {precision}, {device}; {args.rounds} interleaved rounds after {args.warmup} "
+        "warm-up rounds.",
         "",
         "| variant | median step | IQR | median per-round ratio to plain | IQR |",
         "|---|---:|---:|---:|---:|",
