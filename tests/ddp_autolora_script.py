@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 
 import torch
@@ -84,6 +85,11 @@ def main(args: argparse.Namespace) -> None:
         with open(args.out, "w") as f:
             json.dump(record, f)
     acc.wait_for_everyone()
+    # The DDP wrapper (its reducer holds the process group) goes first, then the process group:
+    # destroyed the other way round, at exit, a rank hung now and then in the gloo teardown.
+    del search
+    acc.free_memory()
+    gc.collect()
     acc.end_training()  # destroys the process group: exiting with it alive can abort a rank (SIGABRT)
 
 

