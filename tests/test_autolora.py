@@ -346,6 +346,11 @@ def test_batched_finite_differences_equal_the_two_pass_ones():
     assert torch.equal(before[0], flat(s.weights)) and torch.equal(before[1], flat(s.betas))
     assert all(not layer._fd_pairs for _, layer, _ in s.layers)
 
+    # a loss whose batch does not reach the adapted layers doubled on dim 0 gets a clear error
+    s = BilevelStep(make_net(), fd_batched=True, double=lambda b: (b[0][:-1], b[1][:-1]))
+    with pytest.raises(RuntimeError, match="doubled batch on dim 0"):
+        s.step(batch(1, n=16), batch(2), mse)
+
 
 def test_double_batch_and_batched_arguments():
     from collections import namedtuple

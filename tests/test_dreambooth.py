@@ -138,6 +138,7 @@ def test_parse_time_errors(db, capsys, tmp_path):
         ("--resolution", "100"): "multiple of 8",
         ("--dash_warmup_steps", "3"): "add --method dash",
         ("--autolora_search_steps", "3", "--method", "dash"): "add --method autolora",
+        ("--no-autolora_fd_batched", "--method", "dash"): "add --method autolora",
         ("--method", "autolora", "--train_text_encoder"): "rank search runs on the UNet",
         ("--lora_layers", "to_q,,to_k"): "empty name",
         ("--dataset_name", str(tmp_path / "nope")): "give exactly one of",
