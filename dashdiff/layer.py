@@ -289,10 +289,12 @@ class DashdiffLinear(LoraLinear):
     def _dash_delta_out(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         # Hot path (every forward of every targeted layer): C-level dict lookups instead of
         # ModuleDict / ParameterDict __getitem__, cached views, one cast under autocast.
+        # (self._modules[...] rather than self.lora_A: Module.__getattr__ is a Python-level fallback)
         a_cat, b_cat, c_cat, key, flat = self._dash_storage[adapter]
-        a_p = self.lora_A._modules[adapter]._parameters["weight"]
-        b_p = self.lora_B._modules[adapter]._parameters["weight"]
-        delta = self.lora_dash_delta._parameters[adapter]
+        mods = self._modules
+        a_p = mods["lora_A"]._modules[adapter]._parameters["weight"]
+        b_p = mods["lora_B"]._modules[adapter]._parameters["weight"]
+        delta = mods["lora_dash_delta"]._parameters[adapter]
         # Module.to() / PEFT's adapter-dtype cast replace data or whole Parameters: re-fuse then.
         if (a_p.data_ptr(), b_p.data_ptr(), delta.data_ptr()) != key:
             a_cat, b_cat, c_cat, _, flat = self._fuse_storage(adapter)
@@ -320,9 +322,10 @@ class DashdiffLinear(LoraLinear):
         return FusedDashLinear.apply(x, a_p, b_p, delta, (a, a_t, b_t, coef, u_t, base * lam, lam, r))
 
     def _autolora_delta_out(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        a_p = self.lora_A._modules[adapter]._parameters["weight"]
-        b_p = self.lora_B._modules[adapter]._parameters["weight"]
-        beta = self.lora_autolora_beta._parameters[adapter]
+        mods = self._modules
+        a_p = mods["lora_A"]._modules[adapter]._parameters["weight"]
+        b_p = mods["lora_B"]._modules[adapter]._parameters["weight"]
+        beta = mods["lora_autolora_beta"]._parameters[adapter]
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else a_p.dtype
         pair = self._fd_pairs.get(adapter)
         if pair is not None:
@@ -335,7 +338,7 @@ class DashdiffLinear(LoraLinear):
 
     def _adapter_input(self, x: torch.Tensor, adapter: str, dtype: torch.dtype) -> torch.Tensor:
         """The adapter's input: its dropout (skipped when it is the identity), then ``dtype``."""
-        dropout = self.lora_dropout._modules[adapter]
+        dropout = self._modules["lora_dropout"]._modules[adapter]
         if not isinstance(dropout, nn.Identity):
             x = dropout(x)
         return x if x.dtype == dtype else x.to(dtype)
@@ -353,7 +356,7 @@ class DashdiffLinear(LoraLinear):
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
         for adapter in self.active_adapters:
-            if adapter not in self.lora_A._modules:
+            if adapter not in self._modules["lora_A"]._modules:
                 continue
             kind = self.adapter_kind.get(adapter, "lora")
             if kind == "dash":
