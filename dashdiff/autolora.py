@@ -648,10 +648,13 @@ class BilevelStep:
         got = self._beta_grad_batched(trains, loss_fn, net, center, v, eps)
         if not self._fd_checked:
             want = self._beta_grad_at(trains, loss_fn, net, center, v, eps, at_center)
-            gap, size = _flat(got) - _flat(want), _flat(want).norm()
-            if gap.norm() > FD_BATCHED_CHECK_RTOL * size + 1e-12:
+            gap, size = (_flat(got) - _flat(want)).norm(), _flat(want).norm()
+            bad = (gap > FD_BATCHED_CHECK_RTOL * size + 1e-12).to(torch.float64).reshape(1)
+            if self._distributed():  # one verdict for all processes, or the ones that pass would wait forever
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=getattr(self.model, "process_group", None))
+            if bool(bad):
                 raise ValueError(
-                    f"dashdiff: fd_batched=True gave a finite difference {float(gap.norm() / size):.1%} away from the "
+                    f"dashdiff: fd_batched=True gave a finite difference {float(gap / size):.1%} away from the "
                     "two-pass one: loss_fn(model, double(batch)) must be the mean of the two copies' losses (a mean over "
                     "the samples on dim 0, with every tensor of the batch doubled on dim 0). Make the loss such a mean, "
                     "pass a matching double=..., or use fd_batched=False.")
