@@ -31,7 +31,7 @@ from .layer import DashdiffLinear
 from .ranks import determine_ranks
 from .walk import base_model, iter_layers, resolve_adapter
 
-__all__ = ["BilevelStep", "double_batch", "retrain_config", "split_train_val", "split_indices"]
+__all__ = ["BilevelStep", "default_adam", "double_batch", "retrain_config", "split_train_val", "split_indices"]
 
 Mode = Literal["darts", "first_order", "darts_unrolled"]
 MODES = ("darts", "first_order", "darts_unrolled")
@@ -667,7 +667,8 @@ class BilevelStep:
         runs copy 1 at ``center + εv`` and copy 2 at ``center − εv`` (``PairedAutoLoraLinear``) and hands
         β the difference of the copies' gradients, ½(∂β L+ − ∂β L−) for a mean loss. The weights
         themselves are not touched."""
-        if self._pair_bufs is None:
+        first = self._pair_bufs[0][0] if self._pair_bufs else None
+        if first is None or first.device != center[0].device or first.dtype != center[0].dtype:
             self._pair_bufs = [(torch.empty((2, *self.weights[i].shape), dtype=center[i].dtype, device=center[i].device),
                                 torch.empty((2, *self.weights[j].shape), dtype=center[j].dtype, device=center[j].device))
                                for i, j in self._pair_index]
