@@ -142,7 +142,8 @@ def default_adam(params: list[torch.Tensor], lr: float, betas: tuple[float, floa
     a forward pass on a model with hundreds of adapted layers."""
     from .training import fused_adamw_ok
 
-    return torch.optim.Adam(params, lr=lr, betas=betas, **({"fused": True} if fused_adamw_ok(params) else {"foreach": True}))
+    kind = {"fused": True} if fused_adamw_ok(params) else {"foreach": True}
+    return torch.optim.Adam(params, lr=lr, betas=betas, **kind)
 
 
 def double_batch(batch: Any) -> Any:
@@ -374,8 +375,8 @@ class BilevelStep:
         self._beta_opt_params = [p for p in _optimizer_params(beta_optimizer)]
         if fd_batched and len(self.weights) != len(lora_w):
             raise ValueError(
-                "dashdiff: fd_batched=True perturbs only the adapters' lora_A / lora_B, but the weight optimizer holds "
-                f"{len(self.weights) - len(lora_w)} further trainable parameters: use fd_batched=False")
+                "dashdiff: fd_batched=True perturbs only the adapters' lora_A / lora_B, but the weight optimizer "
+                f"holds {len(self.weights) - len(lora_w)} further trainable parameters: use fd_batched=False")
         # w's index of each layer's (A, B), and persistent (2, ...) buffers for the batched pass
         index = {id(p): i for i, p in enumerate(self.weights)}
         self._pair_index = [(index[id(layer.lora_A[a].weight)], index[id(layer.lora_B[a].weight)])
@@ -655,9 +656,9 @@ class BilevelStep:
             if bool(bad):
                 raise ValueError(
                     f"dashdiff: fd_batched=True gave a finite difference {float(gap / size):.1%} away from the "
-                    "two-pass one: loss_fn(model, double(batch)) must be the mean of the two copies' losses (a mean over "
-                    "the samples on dim 0, with every tensor of the batch doubled on dim 0). Make the loss such a mean, "
-                    "pass a matching double=..., or use fd_batched=False.")
+                    "two-pass one: loss_fn(model, double(batch)) must be the mean of the two copies' losses (a "
+                    "mean over the samples on dim 0, with every tensor of the batch doubled on dim 0). Make the "
+                    "loss such a mean, pass a matching double=..., or use fd_batched=False.")
             self._fd_checked = True
         return got
 
@@ -669,9 +670,10 @@ class BilevelStep:
         themselves are not touched."""
         first = self._pair_bufs[0][0] if self._pair_bufs else None
         if first is None or first.device != center[0].device or first.dtype != center[0].dtype:
-            self._pair_bufs = [(torch.empty((2, *self.weights[i].shape), dtype=center[i].dtype, device=center[i].device),
-                                torch.empty((2, *self.weights[j].shape), dtype=center[j].dtype, device=center[j].device))
-                               for i, j in self._pair_index]
+            def pair_buf(i: int) -> torch.Tensor:
+                return torch.empty((2, *center[i].shape), dtype=center[i].dtype, device=center[i].device)
+
+            self._pair_bufs = [(pair_buf(i), pair_buf(j)) for i, j in self._pair_index]
         order = [i for pair in self._pair_index for i in pair]
         c, d = [center[i] for i in order], [v[i] for i in order]
         for sign, half in ((1.0, 0), (-1.0, 1)):
