@@ -26,3 +26,27 @@ def test_launch_time_sections():
 def test_infer_time_table():
     text = infer_time.main(["--model", "tiny-unet", "--steps", "2", "--warmup", "1"])
     assert "| export r+s, fused |" in text
+
+
+def test_autolora_cost_variants():
+    import autolora_cost
+    import torch
+
+    threads = torch.get_num_threads()  # the bench sets its own thread count
+    try:
+        res = autolora_cost.main(autolora_cost.parse_args(["--rounds", "2", "--warmup", "0", "--no_rollback"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert set(res) == {"plain LoRA step", "darts", "darts, batched FD", "first_order", "one forward+backward pass"}
+    assert all(r["ratio"][1] > 0 for r in res.values())
+
+
+def test_ab_dash_function_table(tmp_path, capsys):
+    import ab_dash_function
+
+    old = tmp_path / "functional_old.py"  # the A/B against the same function still runs both paths
+    old.write_text((Path(__file__).resolve().parents[1] / "dashdiff" / "functional.py").read_text())
+    ab_dash_function.main(["--model", "tiny-unet", "--device", "cpu", "--dtype", "float32", "--old", str(old),
+                           "--steps", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert all(f"| {m} |" in out for m in ("lora_r", "lora_r+s", "dash", "dash_old"))
