@@ -16,7 +16,6 @@ import argparse
 import importlib.util
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import step_time  # noqa: E402
+from profile_step import phase_times  # noqa: E402
 from step_time import build_base, make_method  # noqa: E402
 
 import dashdiff.layer as layer_module  # noqa: E402
@@ -51,26 +51,9 @@ def main(argv=None) -> None:
     methods = ["lora_r", "lora_r+s", "dash", "dash_old"]
     built = {m: make_method(base, "dash" if m == "dash_old" else m, r, 8, targets, torch.float32) for m in methods}
 
-    def sync() -> None:
-        if dev == "cuda":
-            torch.cuda.synchronize()
-
     def step(meth: str) -> tuple[float, float, float]:
-        m, opt = built[meth]
         layer_module.FusedDashLinear = old.FusedDashLinear if meth == "dash_old" else new_fn
-        sync()
-        t0 = time.perf_counter()
-        with torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
-            loss = loss_fn(m, batch)
-        sync()
-        t1 = time.perf_counter()
-        loss.backward()
-        sync()
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        return t1 - t0, t2 - t1, time.perf_counter() - t2
+        return phase_times(*built[meth], loss_fn, batch, dev, dtype)
 
     times: dict[str, list] = {m: [] for m in methods}
     try:

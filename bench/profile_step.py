@@ -19,6 +19,29 @@ from step_time import build_base, make_method  # noqa: E402
 PHASES = ("forward", "backward", "optimizer")
 
 
+def phase_times(model, opt, loss_fn, batch, dev: str, dtype: torch.dtype) -> tuple[float, float, float]:
+    """One training step's forward, backward and optimizer wall times (s), synchronised at each
+    boundary; autocast to ``dtype`` unless it is float32."""
+
+    def sync() -> None:
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    sync()
+    t0 = time.perf_counter()
+    with torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
+        loss = loss_fn(model, batch)
+    sync()
+    t1 = time.perf_counter()
+    loss.backward()
+    sync()
+    t2 = time.perf_counter()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+    return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="tiny-unet")
@@ -40,24 +63,8 @@ def main(argv=None):
     methods = args.methods.split(",")
     built = {meth: make_method(base, meth, args.rank, 8, targets, torch.float32) for meth in methods}
 
-    def sync():
-        if dev == "cuda":
-            torch.cuda.synchronize()
-
     def step(m, opt) -> tuple[float, float, float]:
-        sync()
-        t0 = time.perf_counter()
-        with torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
-            loss = loss_fn(m, batch)
-        sync()
-        t1 = time.perf_counter()
-        loss.backward()
-        sync()
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        return t1 - t0, t2 - t1, time.perf_counter() - t2
+        return phase_times(m, opt, loss_fn, batch, dev, dtype)
 
     times = {meth: {k: [] for k in PHASES} for meth in methods}
     for i in range(5 + args.phase_steps):
