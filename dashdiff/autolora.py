@@ -617,6 +617,24 @@ class BilevelStep:
         k = len(self.betas)
         return acc[:k], acc[k:], total
 
+    @contextmanager
+    def _fd_mode(self) -> Iterator[None]:
+        """The finite-difference passes' mode: eval (dropout off), LoRA weights frozen (∂β only), no
+        graph outside the passes themselves."""
+        with _eval_mode(self._module_dicts), _frozen(self.weights), torch.no_grad():
+            yield
+
+    def _add_beta_grads(self, out: list[torch.Tensor], trains: list, loss_fn: LossFn, net: nn.Module,
+                        sign: float, prepare: Callable[[Any], Any] = lambda batch: batch) -> None:
+        """``out += sign · ∂β`` of the mean training loss over ``trains`` (each batch through ``prepare``
+        first), each pass from the RNG state at entry (so every finite-difference pass sees the same
+        random draws)."""
+        for tb in trains:
+            with self._fork_rng(), torch.enable_grad():
+                loss = loss_fn(net, prepare(tb)) / len(trains)
+                gs = _grads(loss, self.betas)
+            torch._foreach_add_(out, gs, alpha=sign)
+
     def _beta_grad_at(self, trains: list, loss_fn: LossFn, net: nn.Module,
                       center: list[torch.Tensor], v: list[torch.Tensor], eps: float, at_center: bool = False
                       ) -> list[torch.Tensor]:
@@ -625,16 +643,12 @@ class BilevelStep:
         (``at_center``: it is there already)."""
         out = [torch.zeros_like(p) for p in self.betas]
         try:
-            with _eval_mode(self._module_dicts), _frozen(self.weights), torch.no_grad():
+            with self._fd_mode():
                 for sign in (1.0, -1.0):
                     if not (at_center and sign == 1.0):
                         torch._foreach_copy_(self.weights, center)
                     torch._foreach_add_(self.weights, v, alpha=sign * eps)
-                    for tb in trains:
-                        with self._fork_rng(), torch.enable_grad():
-                            loss = loss_fn(net, tb) / len(trains)
-                            gs = _grads(loss, self.betas)
-                        torch._foreach_add_(out, gs, alpha=sign)
+                    self._add_beta_grads(out, trains, loss_fn, net, sign)
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(self.weights, center)
@@ -684,12 +698,8 @@ class BilevelStep:
         try:
             for (_, layer, a), pair in zip(self.layers, self._pair_bufs):
                 layer._fd_pairs[a] = pair
-            with _eval_mode(self._module_dicts), _frozen(self.weights), torch.no_grad():
-                for tb in trains:
-                    with self._fork_rng(), torch.enable_grad():
-                        loss = loss_fn(net, self.double(tb)) / len(trains)
-                        gs = _grads(loss, self.betas)
-                    torch._foreach_add_(out, gs)
+            with self._fd_mode():
+                self._add_beta_grads(out, trains, loss_fn, net, 1.0, prepare=self.double)
         finally:
             for _, layer, a in self.layers:
                 layer._fd_pairs.pop(a, None)

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
 def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``a @ b`` for a gradient of a ``dtype`` parameter. On CUDA, bf16 / fp16 operands of a float32
     parameter go through cuBLAS's float32 output (``out_dtype``): the float32 accumulator is kept
@@ -23,9 +26,6 @@ def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     if dtype == torch.float32 and a.dtype in _HALF and a.is_cuda:
         return torch.mm(a, b, out_dtype=dtype)
     return a.mm(b)
-
-
-_HALF = (torch.bfloat16, torch.float16)
 
 
 def operands(flat: torch.Tensor, r: int, s: int, n_in: int, n_out: int, launched: bool

@@ -30,6 +30,13 @@ from .functional import FusedAutoLoraLinear, FusedDashLinear, PairedAutoLoraLine
 from .launch import GramEig, Selection, select_directions
 
 
+def _compute_dtype(x: torch.Tensor, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype an adapter computes in: autocast's for ``x``'s device when autocast is on, else the
+    parameters'."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else param_dtype
+
+
 def _stock_save_hook(module: "DashdiffLinear", state_dict, prefix, local_metadata) -> None:
     # PEFT's and diffusers' stock save paths go through get_peft_model_state_dict; the files they
     # write load in stock loaders as plain rank-r LoRA and silently lose the dash term / α.
@@ -304,7 +311,7 @@ class DashdiffLinear(LoraLinear):
         # forward, no allocation, no view ops on this host-bound path. A backward reads the copy of
         # the latest forward, which holds the same values unless the weights were changed between
         # this forward and its backward (which the optimizer never does).
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else flat.dtype
+        dtype = _compute_dtype(x, flat.dtype)
         cached = self._dash_operands.get((adapter, dtype))
         if cached is None or cached[0] is not flat or cached[2] != launched:
             src = flat if dtype == flat.dtype else torch.empty(flat.shape, dtype=dtype, device=flat.device)
@@ -326,7 +333,7 @@ class DashdiffLinear(LoraLinear):
         a_p = mods["lora_A"]._modules[adapter]._parameters["weight"]
         b_p = mods["lora_B"]._modules[adapter]._parameters["weight"]
         beta = mods["lora_autolora_beta"]._parameters[adapter]
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else a_p.dtype
+        dtype = _compute_dtype(x, a_p.dtype)
         pair = self._fd_pairs.get(adapter)
         if pair is not None:
             if x.shape[0] % 2:
