@@ -838,13 +838,18 @@ class LossFn:
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(unet_dtype), "time_ids": inputs["time_ids"].to(unet_dtype)}
         pred = unet(noisy.to(unet_dtype), inputs["timesteps"], embeds.to(unet_dtype), return_dict=False, **kwargs)[0]
         mask = None
-        if self.prior and inputs.get("prior", True):
-            # class images fill the second half of a micro-batch (``collate``); a doubled batch carries its mask
+        if self.prior and inputs.get("prior", True):  # a doubled batch carries its own mask
             mask = inputs.get("prior_mask")
             if mask is None:
-                mask = torch.arange(pred.shape[0], device=pred.device) >= pred.shape[0] // 2
+                mask = prior_half_mask(pred.shape[0], pred.device)
         return compute_loss(pred.float(), inputs["target"].float(), inputs["timesteps"], self.models.noise_scheduler,
                             self.args, mask)
+
+
+def prior_half_mask(n: int, device) -> torch.Tensor:
+    """(n,) bool, true for the class images, which fill the second half of a micro-batch under prior
+    preservation (``collate``)."""
+    return torch.arange(n, device=device) >= n // 2
 
 
 def double_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -856,8 +861,7 @@ def double_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     out = double_batch({k: v for k, v in inputs.items() if k != "prompts"})
     out["prompts"] = list(inputs["prompts"]) * 2
     if inputs.get("prior", True) and "prior_mask" not in inputs:
-        n = inputs["noisy"].shape[0]
-        mask = torch.arange(n, device=inputs["noisy"].device) >= n // 2
+        mask = prior_half_mask(inputs["noisy"].shape[0], inputs["noisy"].device)
         out["prior_mask"] = torch.cat([mask, mask])
     return out
 
@@ -869,7 +873,8 @@ def compute_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tens
 
     Means of per-sample means (the samples have equal sizes, so this is diffusers' element mean),
     selected by multiplying with the mask rather than by indexing, which would sync a GPU."""
-    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=list(range(1, pred.ndim)))
+    mse = F.mse_loss(pred, target, reduction="none").mean(dim=list(range(1, pred.ndim)))  # (batch,)
+    per_sample = mse
     if args.snr_gamma is not None:
         from diffusers.training_utils import compute_snr
 
@@ -882,8 +887,7 @@ def compute_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tens
     cls = prior_mask.to(per_sample.dtype)
     inst = 1 - cls
     loss = (per_sample * inst).sum() / inst.sum()
-    mse = F.mse_loss(pred, target, reduction="none").mean(dim=list(range(1, pred.ndim)))  # no SNR weight on the prior
-    return loss + args.prior_loss_weight * (mse * cls).sum() / cls.sum()
+    return loss + args.prior_loss_weight * (mse * cls).sum() / cls.sum()  # no SNR weight on the prior
 
 
 # =========================================================================== pipelines
