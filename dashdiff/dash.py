@@ -18,6 +18,7 @@ from .layer import DashdiffLinear
 from .walk import iter_layers, resolve_adapter
 
 last_launch_seconds: float = 0.0  # wall-clock of the latest launch, for the scripts' log line
+last_prefetch_report = None  # prefetch.FinishReport of the latest launch that had a prefetch, else None
 
 
 def _distributed() -> tuple[int, int]:
@@ -44,10 +45,11 @@ def _launch(targets: list[tuple[str, DashdiffLinear, str]]) -> None:
     """Launch the given layers. Under torch.distributed the SVD work is split round-robin over
     the processes and each result is broadcast from its owner, so every process installs the
     same directions before the next forward (METHODS.md, distributed)."""
-    global last_launch_seconds
+    global last_launch_seconds, last_prefetch_report
     t0 = time.perf_counter()
+    last_prefetch_report = None
     for handle in {id(h): h for h in (getattr(layer, "_prefetcher", None) for _, layer, _ in targets) if h}.values():
-        handle.wait()
+        last_prefetch_report = handle.finish()  # never waits on the slower path (dashdiff.prefetch)
     rank, world = _distributed()
     if world == 1:
         for _, layer, adapter in targets:

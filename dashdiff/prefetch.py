@@ -1,7 +1,7 @@
 """Overlap the launch's expensive half with pre-launch training.
 
 The Gram eigendecomposition of each ``W0`` does not depend on training, so it can run while the
-pre-launch steps train: a background thread works through the layers and parks each result
+pre-launch steps train: background workers go through the layers and park each result
 (k × k eigenvectors + σ, float64) in host memory; the launch then only does the cheap,
 training-dependent part (the diagonal projection and the top-s selection). Memory: 8·k² bytes per
 layer on the host (SDXL UNet ~5 GB, LLaMA-7B's 160 targets ~21 GB); nothing stays on the GPU.
@@ -11,13 +11,20 @@ on a side stream and decomposes it with LAPACK, so the GPU that trains never wai
 ``"cuda"`` decomposes on the weight's GPU on a side stream, faster alone but cuSOLVER's eigensolver
 synchronises with the host and stalls the training stream (BENCHMARKS.md). Opt-in: call
 ``prefetch_spectra`` after injection.
+
+The launch never waits on the slower path: when it comes before the prefetch is done
+(``finish``), the launching thread takes the layers no worker has started, from the back of the
+queue, and decomposes them in line on the weight's device, while the workers finish theirs from
+the front; a layer a worker is still busy with when the queue is empty is decomposed in line too,
+and whichever result comes first is used.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -34,62 +41,147 @@ def default_workers() -> int:
     return max(1, min(6, (os.cpu_count() or 1) - 4))
 
 
+@dataclass
+class FinishReport:
+    """What ``SpectrumPrefetcher.finish`` did: layers whose spectra the workers had finished before the
+    launch, those the launch decomposed in line (not started, or still running on a worker), and
+    the seconds it took."""
+
+    prefetched: int
+    in_line: int
+    seconds: float
+
+
 class SpectrumPrefetcher:
-    """Handle of a running prefetch; ``wait()`` blocks until every layer is done (launch calls it)."""
+    """Handle of a running prefetch. ``finish()`` (what the launch calls) completes it as fast as the
+    host and the weights' device together allow; ``wait()`` blocks until the workers did every layer."""
+
+    _TODO, _RUNNING, _DONE = 0, 1, 2
 
     def __init__(self, jobs: list, device: str = "cpu", workers: Optional[int] = None) -> None:
         self._jobs = jobs
         self._device = device
         self._workers = workers or default_workers()
+        self._lock = threading.Lock()
+        self._state = [self._TODO] * len(jobs)
+        self._front, self._back = 0, len(jobs)  # workers claim from the front, the launch from the back
+        self._all_done = threading.Event()
+        self._n_done = 0
         self._stream = None
         self.error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, name="dashdiff-prefetch", daemon=True)
-        self._thread.start()
+        self.report: Optional[FinishReport] = None
+        if not jobs:
+            self._all_done.set()
+        w = jobs[0][0].get_base_layer().weight if jobs else None
+        if w is not None and w.is_cuda:
+            self._stream = torch.cuda.Stream(device=w.device)
+        # On the GPU one side-stream worker; on the host one decomposition per worker thread, one
+        # OpenMP thread each: side by side scales far better than one multi-threaded eigh (the
+        # tridiagonal reduction is memory-bound).
+        n = 1 if (w is not None and w.is_cuda and device == "cuda") else self._workers
+        self._threads = [threading.Thread(target=self._work, name=f"dashdiff-prefetch-{i}", daemon=True)
+                         for i in range(min(n, max(1, len(jobs))))]
+        for t in self._threads:
+            t.start()
 
-    def _one(self, layer, adapter: str) -> None:
+    # ------------------------------------------------------------------ bookkeeping
+    def _claim_front(self) -> Optional[int]:
+        with self._lock:
+            while self._front < self._back:
+                i = self._front
+                self._front += 1
+                if self._state[i] == self._TODO:
+                    self._state[i] = self._RUNNING
+                    return i
+            return None
+
+    def _claim_back(self) -> Optional[int]:
+        with self._lock:
+            while self._back > self._front:
+                self._back -= 1
+                i = self._back
+                if self._state[i] == self._TODO:
+                    self._state[i] = self._RUNNING
+                    return i
+            return None
+
+    def _store(self, i: int, eig: Optional[GramEig]) -> bool:
+        """Record job i's result unless another path stored it first; True if this one counted."""
+        layer, adapter = self._jobs[i]
+        with self._lock:
+            if self._state[i] == self._DONE:
+                return False
+            if eig is not None and not layer.is_launched(adapter):
+                layer.eig_cache.setdefault(adapter, eig)
+            self._state[i] = self._DONE
+            self._n_done += 1
+            if self._n_done == len(self._jobs):
+                self._all_done.set()
+            return True
+
+    # ------------------------------------------------------------------ the two paths
+    def _host(self, i: int) -> Optional[GramEig]:
+        layer, adapter = self._jobs[i]
         if layer.is_launched(adapter) or adapter in layer.eig_cache:
-            return
+            return None
         w = layer.get_base_layer().weight
         if w.is_cuda and self._device == "cuda":
             # No pinned buffers: cudaHostAlloc synchronises the whole device and would stall the
             # training stream (measured: 0.55 s steps became 4.5 s).
             with torch.cuda.stream(self._stream):
                 eig = gram_eig(w)
-                eig = GramEig(evecs=eig.evecs.cpu(), sigma=eig.sigma.cpu(), wide=eig.wide)
-        else:
-            if w.is_cuda:
-                with torch.cuda.stream(self._stream):  # a pageable copy: synchronises this stream only
-                    w = w.detach().to("cpu")
-            eig = gram_eig(w)
-        layer.eig_cache[adapter] = eig
+                return GramEig(evecs=eig.evecs.cpu(), sigma=eig.sigma.cpu(), wide=eig.wide)
+        if w.is_cuda:
+            with torch.cuda.stream(self._stream):  # a pageable copy: synchronises this stream only
+                w = w.detach().to("cpu")
+        return gram_eig(w)
 
-    def _run(self) -> None:
+    def _work(self) -> None:
+        torch.set_num_threads(1)  # per calling thread: one LAPACK thread per worker
         try:
-            w = self._jobs[0][0].get_base_layer().weight if self._jobs else None
-            if w is not None and w.is_cuda:
-                self._stream = torch.cuda.Stream(device=w.device)
-            if w is not None and w.is_cuda and self._device == "cuda":
-                for job in self._jobs:
-                    self._one(*job)
-                return
-            # Host LAPACK: one decomposition per worker thread, one OpenMP thread each (the setting is
-            # per calling thread). Side by side scales far better than one multi-threaded eigh: the
-            # tridiagonal reduction is memory-bound.
-            with ThreadPoolExecutor(self._workers, thread_name_prefix="dashdiff-prefetch",
-                                    initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                for future in [pool.submit(self._one, *job) for job in self._jobs]:
-                    future.result()
-        except BaseException as e:  # surfaced by wait(): a failed prefetch must not pass silently
+            while self.error is None and (i := self._claim_front()) is not None:
+                eig = self._host(i)
+                self._store(i, eig)
+        except BaseException as e:  # surfaced by wait()/finish(): a failed prefetch must not pass silently
             self.error = e
+            self._all_done.set()
+
+    def _in_line(self, i: int) -> bool:
+        layer, adapter = self._jobs[i]
+        if layer.is_launched(adapter) or self._state[i] == self._DONE:
+            return False
+        return self._store(i, gram_eig(layer.get_base_layer().weight))
+
+    # ------------------------------------------------------------------ public
+    def finish(self) -> FinishReport:
+        """Complete every layer now: the not-yet-started ones in line (from the back of the queue)
+        while the workers finish theirs; then any layer still on a worker, in line as well."""
+        t0 = time.perf_counter()
+        if self.error is not None:
+            raise RuntimeError("dashdiff: spectrum prefetch failed") from self.error
+        before = self._n_done
+        in_line = 0
+        while (i := self._claim_back()) is not None:
+            in_line += self._in_line(i)
+        with self._lock:
+            running = [i for i, s in enumerate(self._state) if s == self._RUNNING]
+        for i in running:  # a worker's layer: decompose here too, the first result counts
+            in_line += self._in_line(i)
+        self._all_done.wait()
+        if self.error is not None:
+            raise RuntimeError("dashdiff: spectrum prefetch failed") from self.error
+        self.report = FinishReport(prefetched=before, in_line=in_line, seconds=time.perf_counter() - t0)
+        return self.report
 
     def wait(self) -> None:
-        self._thread.join()
+        """Block until the workers have done every layer (no in-line work)."""
+        self._all_done.wait()
         if self.error is not None:
             raise RuntimeError("dashdiff: spectrum prefetch failed") from self.error
 
     @property
     def done(self) -> bool:
-        return not self._thread.is_alive()
+        return self._all_done.is_set()
 
 
 def prefetch_spectra(model, adapter_name: Optional[str] = None, device: str = "cpu",
@@ -102,14 +194,14 @@ def prefetch_spectra(model, adapter_name: Optional[str] = None, device: str = "c
     ``default_workers()``: 6, or all cores but four if fewer).
 
     Under torch.distributed each process prefetches only the layers whose launch it owns (the
-    launch splits layers round-robin in this same order). The launch waits for the prefetch to
-    finish; layers without a cached spectrum are computed at launch as usual.
+    launch splits layers round-robin in this same order). A launch that comes before the prefetch
+    is done completes it with ``finish()``: it never waits longer than the faster path.
     """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"dashdiff: prefetch_spectra device must be 'cpu' or 'cuda', got {device!r}")
     rank, world = _distributed()
     layers = [(layer, a) for _, layer, a in iter_layers(model, "dash", adapter_name) if not layer.is_launched(a)]
     jobs = [job for i, job in enumerate(layers) if i % world == rank]
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"dashdiff: prefetch_spectra device must be 'cpu' or 'cuda', got {device!r}")
     handle = SpectrumPrefetcher(jobs, device, workers)
     for layer, _ in layers:
         layer._prefetcher = handle

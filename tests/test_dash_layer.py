@@ -342,6 +342,47 @@ def test_prefetch_options():
     assert handle.done and all("default" in layer.eig_cache for layer in layers(model).values())
 
 
+def test_launch_does_not_wait_for_a_slow_prefetch(monkeypatch):
+    # Workers stuck on their layers (a slow host): the launch must decompose every layer in line,
+    # those not started and those still on a worker, and select exactly what a launch without
+    # prefetch selects. The workers are released 20 s later, so a launch that waits for them fails.
+    import threading
+    import time
+    from dashdiff import prefetch
+
+    release = threading.Event()
+    original = prefetch.SpectrumPrefetcher._host
+
+    def stuck(self, i):
+        release.wait(20)
+        return original(self, i)
+
+    monkeypatch.setattr(prefetch.SpectrumPrefetcher, "_host", stuck)
+    plain, pre = dash_model(t=1, seed=3), dash_model(t=1, seed=3)
+    handle = dashdiff.prefetch_spectra(pre, workers=1)
+    n = len(layers(pre))
+    t0 = time.perf_counter()
+    assert dashdiff.dash_step(pre)
+    elapsed = time.perf_counter() - t0
+    release.set()
+    assert elapsed < 10, f"the launch waited {elapsed:.1f} s for the workers"
+    assert handle.report.in_line == n and handle.report.prefetched == 0
+    assert dashdiff.dash.last_prefetch_report is handle.report
+    dashdiff.dash_step(plain)
+    a, b = dashdiff.selected_directions(plain), dashdiff.selected_directions(pre)
+    assert {k: v.tolist() for k, v in a.items()} == {k: v.tolist() for k, v in b.items()}
+    handle.wait()  # the released worker's late result is dropped, not installed after the launch
+    assert all(not layer.eig_cache for layer in layers(pre).values())
+
+
+def test_launch_after_a_finished_prefetch_uses_it():
+    pre = dash_model(t=1, seed=3)
+    handle = dashdiff.prefetch_spectra(pre, workers=2)
+    handle.wait()
+    assert dashdiff.dash_step(pre)
+    assert handle.report.prefetched == len(layers(pre)) and handle.report.in_line == 0
+
+
 def test_half_precision_base_trains_the_models_own_parameters():
     # PEFT upcasts half-precision adapters to float32 by replacing the Parameter objects: the
     # fused path must follow the model's current parameters, before and after launch.
