@@ -12,6 +12,10 @@ Sections (each prints a Markdown table; ``--write`` appends them to BENCHMARKS.m
 3. ``overlap``: what the prefetch costs the pre-launch training steps it runs beside: median step
    time with and without the prefetch thread, on the real model (bf16), so the launch's total
    added wall-clock = extra step time while prefetching + what is left at launch.
+4. ``warmups``: the launch's cost to a run after a warm-up of W training steps beside the prefetch,
+   for each W in ``--warmups``: seconds the launch took (finishing the prefetch in line where it was
+   not done), against the in-line launch (no prefetch) and the rest of the prefetch alone. The
+   target: never more than min(in-line, rest of the prefetch) + 1 s.
 
     python bench/launch_time.py --model sdxl --device cuda --write
 """
@@ -152,6 +156,63 @@ def overlap_section(model, make_batch, loss_fn, device: str, dtype, steps: int) 
             f"| {med:.3f} | {len(beside)} | {wall:.1f} | {statistics.median(beside):.3f} | {extra:.2f} |")
 
 
+def warmups_section(model, make_batch, loss_fn, device: str, dtype, warmups: list[int]) -> str:
+    layers = [(n, layer, a) for n, layer, a in dashdiff.walk.iter_layers(model, "dash")]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    batch = make_batch(torch.Generator().manual_seed(0))
+    dev_type = device.split(":")[0]
+
+    def step() -> None:
+        with torch.autocast(dev_type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def reset() -> None:
+        for _, layer, a in layers:
+            layer._dash_launched[a] = False
+            layer.eig_cache.clear()
+            layer._prefetcher = None
+
+    def launch() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        dashdiff.dash._launch(layers)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        step()
+    reset()
+    in_line = launch()
+    reset()
+    handle = dashdiff.prefetch_spectra(model, device=PREFETCH[0], workers=PREFETCH[1])
+    t0 = time.perf_counter()
+    handle.wait()
+    alone = time.perf_counter() - t0
+    rows = ["| warm-up steps | warm-up wall (s) | prefetch left after warm-up, alone (s) | in-line launch (s) | "
+            "launch took (s) | layers prefetched / in line | within min(in-line, rest) + 1 s |",
+            "|---|---|---|---|---|---|---|"]
+    for w in warmups:
+        reset()
+        _sync(device)
+        handle = dashdiff.prefetch_spectra(model, device=PREFETCH[0], workers=PREFETCH[1])
+        t0 = time.perf_counter()
+        for _ in range(w):
+            step()
+        _sync(device)
+        warm = time.perf_counter() - t0
+        took = launch()
+        rep = handle.report
+        rest = max(0.0, alone - warm)
+        ok = took <= min(in_line, rest) + 1.0
+        rows.append(f"| {w} | {warm:.1f} | {rest:.1f} | {in_line:.2f} | {took:.2f} | {rep.prefetched} / {rep.in_line} | "
+                    f"{'yes' if ok else 'NO'} |")
+        print(rows[-1], flush=True)
+    return f"prefetch alone (no training): {alone:.1f} s for {len(layers)} layers\n\n" + "\n".join(rows)
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny-unet", choices=["tiny-unet", "sd15", "sdxl", "tiny-llama", "llama7b"])
@@ -164,6 +225,7 @@ def main(argv=None) -> str:
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--published_sample", type=int, default=3)
     p.add_argument("--overlap_steps", type=int, default=10)
+    p.add_argument("--warmups", default="5,15,25,100", help="warm-up lengths for the warmups section")
     p.add_argument("--prefetch_device", default="cpu", choices=["cpu", "cuda"],
                    help="where prefetch_spectra decomposes (dashdiff.prefetch)")
     p.add_argument("--prefetch_workers", type=int, default=None, help="host decompositions side by side")
@@ -180,7 +242,7 @@ def main(argv=None) -> str:
         out.append("Selection equality over trials (decaying spectra, 3 decades):\n\n"
                    + selection_section(shapes, args.device, args.trials, args.directions))
         print(out[-1], flush=True)
-    if "launch" in sections or "overlap" in sections:
+    if "launch" in sections or "overlap" in sections or "warmups" in sections:
         import peft
 
         torch.manual_seed(0)
@@ -195,6 +257,10 @@ def main(argv=None) -> str:
         if "launch" in sections:
             text, _ = launch_section(model, args.device, args.directions, args.published_sample)
             out.append("Launch time for all targets:\n\n" + text)
+            print(out[-1], flush=True)
+        if "warmups" in sections:
+            out.append("Launch after a warm-up beside the prefetch:\n\n" + warmups_section(
+                model, make_batch, loss_fn, args.device, dtype, [int(w) for w in args.warmups.split(",")]))
             print(out[-1], flush=True)
         if "overlap" in sections:
             for _, layer, a in dashdiff.walk.iter_layers(model, "dash"):
