@@ -302,9 +302,9 @@ class Suite:
     # ------------------------------------------------------------------ groups
     def group_sdxl(self) -> None:
         kohya = ["--output_kohya_format"]
-        short = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--dash_warmup_steps", "2"]
+        short = ["--max_train_steps", "4", "--checkpointing_steps", "2"]
         self.dreambooth("sdxl-lora-bf16", "sdxl", "lora", "bf16", short + kohya)
-        self.dreambooth("sdxl-dash-bf16", "sdxl", "dash", "bf16", short + kohya)
+        self.dreambooth("sdxl-dash-bf16", "sdxl", "dash", "bf16", short + kohya + ["--dash_warmup_steps", "2"])
         # The same run killed after its first checkpoint (before the launch at step 2), then resumed.
         self.killed_and_resumed("sdxl-dash-bf16-resume", "sdxl", "dash", "bf16",
                                 ["--max_train_steps", "4", "--checkpointing_steps", "1", "--dash_warmup_steps", "2"]
