@@ -96,6 +96,8 @@ def select_directions(
             f"dash_directions s={s} exceeds min(out, in)={min(out_f, in_f)} of a {out_f}x{in_f} layer: "
             "lower dash_directions or leave this layer out of target_modules."
         )
+    if eig is not None and eig.evecs.device != w0.device:
+        return _select_from_host_eig(w0, a, b, scaling, s, eig)
     spec = spectrum(w0, eig)
     dsigma = diagonal_projection(spec, a, b, scaling)
     rate = dsigma.abs() / torch.where(spec.eligible, spec.sigma, torch.ones_like(spec.sigma))
@@ -109,3 +111,46 @@ def select_directions(
     u_s[:, : idx.numel()] = spec.u[:, idx]
     v_s_t[: idx.numel()] = spec.v[:, idx].t()
     return Selection(indices=idx, u_s=u_s, v_s_t=v_s_t, sigma=spec.sigma, change_rate=rate)
+
+
+def _select_from_host_eig(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, s: int,
+                          eig: GramEig) -> Selection:
+    """``select_directions`` for a spectrum prefetched to the host while ``w0`` lives elsewhere (a
+    GPU): the same float64 math, arranged so that only (r, k)-sized products and the s chosen
+    columns cross between the devices. Moving every layer's k × k eigenvectors to the GPU instead
+    cost most of a launch that came after a finished prefetch (BENCHMARKS.md).
+
+    Wide (out <= in): u = evecs, v = W0ᵀ u / σ, so A v = (A W0ᵀ) u / σ. Tall: v = evecs,
+    u = W0 v / σ, so uᵀ B = vᵀ (W0ᵀ B) / σ. The small factors are formed on ``w0``'s device."""
+    host = eig.evecs.device
+    w = w0.detach().to(torch.float64)
+    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    out_f, in_f = w.shape
+    sigma = eig.sigma.to(torch.float64)
+    eligible = sigma > max(out_f, in_f) * _EPS32 * sigma[0]
+    safe = torch.where(eligible, sigma, torch.ones_like(sigma))
+    vecs = eig.evecs.to(torch.float64)
+    if eig.wide:
+        ub = vecs.t() @ b64.to(host)  # (k, r)
+        av = (a64 @ w.t()).to(host) @ vecs / safe  # (r, k)
+    else:
+        ub = vecs.t() @ (w.t() @ b64).to(host) / safe[:, None]  # (k, r)
+        av = a64.to(host) @ vecs  # (r, k)
+    dsigma = scaling * (ub * av.t()).sum(1)
+    rate = dsigma.abs() / safe
+    rate = torch.where(eligible, rate, torch.full_like(rate, float("nan")))
+    ranked = torch.where(eligible, rate, torch.full_like(rate, -1.0))
+    order = torch.sort(ranked, descending=True, stable=True).indices
+    idx = order[: min(s, int(eligible.sum()))]
+    chosen = vecs[:, idx].to(w.device)
+    scale = safe[idx].to(w.device)
+    u_s = torch.zeros(out_f, s, dtype=torch.float64, device=w.device)
+    v_s_t = torch.zeros(s, in_f, dtype=torch.float64, device=w.device)
+    if eig.wide:
+        u_s[:, : idx.numel()] = chosen
+        v_s_t[: idx.numel()] = (chosen.t() @ w) / scale[:, None]
+    else:
+        v_s_t[: idx.numel()] = chosen.t()
+        u_s[:, : idx.numel()] = (w @ chosen) / scale
+    return Selection(indices=idx.to(w.device), u_s=u_s, v_s_t=v_s_t, sigma=sigma.to(w.device),
+                     change_rate=rate.to(w.device))

@@ -428,3 +428,23 @@ def test_autocast_forward_follows_every_weight_update():
         out.float().pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
+def test_host_spectrum_launch_matches_float64_svd(shape):
+    # The launch from a spectrum prefetched to the host (weights on a GPU in real runs) takes a
+    # different arrangement of the products; reference: float64 SVD of W0 and the explicit ΔW.
+    from dashdiff.launch import _select_from_host_eig, gram_eig
+
+    torch.manual_seed(0)
+    w = torch.randn(*shape, dtype=torch.float64) * torch.logspace(0, -2, shape[1], dtype=torch.float64)
+    a, b = torch.randn(4, shape[1]) * 0.1, torch.randn(shape[0], 4) * 0.1
+    got = _select_from_host_eig(w.float(), a, b, 2.0, 5, gram_eig(w.float()))
+    u, sig, vh = torch.linalg.svd(w.float().double(), full_matrices=False)
+    dsig = torch.einsum("ik,ij,jk->k", u, 2.0 * b.double() @ a.double(), vh.t())
+    want = torch.topk(dsig.abs() / sig, 5).indices
+    assert got.indices.tolist() == want.tolist()
+    torch.testing.assert_close(got.change_rate, dsig.abs() / sig, rtol=1e-9, atol=1e-12)
+    for j, i in enumerate(want.tolist()):  # each chosen rank-1 direction u_i v_iᵀ (sign-free)
+        torch.testing.assert_close(torch.outer(got.u_s[:, j], got.v_s_t[j]), torch.outer(u[:, i], vh[i]),
+                                   rtol=0, atol=1e-9)
