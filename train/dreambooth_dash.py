@@ -807,9 +807,11 @@ def draw_inputs(batch: dict[str, Any], models: Models, gen: torch.Generator, dev
         raise TrainingError(f"unsupported prediction_type {sched.config.prediction_type!r} in the model's scheduler")
     out = {"noisy": noisy, "timesteps": timesteps, "target": target, "prompts": batch["prompts"]}
     if models.family == "sdxl":
-        res = args.resolution
-        ids = torch.cat([batch["original_size"], batch["crop_top_left"],
-                         torch.tensor([[res, res]] * bsz, dtype=torch.long)], dim=1)
+        # The target size is made where the batch's sizes are (accelerate's loader has moved them to
+        # the GPU): a CPU tensor here broke every SDXL step on a GPU (issue 12).
+        size = batch["original_size"]
+        target = size.new_full((size.shape[0], 2), args.resolution)
+        ids = torch.cat([size, batch["crop_top_left"].to(size.device), target], dim=1)
         out["time_ids"] = ids.to(device)
     return out
 
