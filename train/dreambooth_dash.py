@@ -725,6 +725,19 @@ def adapter_config(args: argparse.Namespace, targets: list[str]):
     return LoraConfig(**common)
 
 
+def add_text_encoder_adapter(text_encoder: nn.Module, config) -> None:
+    """Attach ``config`` to a transformers text encoder with PEFT's ``inject_adapter_in_model``.
+
+    Not transformers' ``PreTrainedModel.add_adapter``: that wrapper refuses PEFT releases older than
+    a minimum each transformers release sets (5.24.0 wants PEFT >= 0.22, which does not exist), and
+    it adds nothing training needs. The layers, their initialisation (same RNG draws) and the
+    recorded ``base_model_name_or_path`` are what ``add_adapter`` gives."""
+    from peft import inject_adapter_in_model
+
+    config.base_model_name_or_path = text_encoder.__dict__.get("name_or_path", None)  # as add_adapter records it
+    inject_adapter_in_model(config, text_encoder)
+
+
 def retrain_adapter_config(args: argparse.Namespace, ranks: dict[str, int]):
     from dashdiff.autolora import retrain_config
 
@@ -1252,7 +1265,7 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
         else:
             models.unet.add_adapter(adapter_config(args, args.lora_layers))
         for te in train_encoders:
-            te.add_adapter(adapter_config(args, TEXT_ENCODER_LAYERS))
+            add_text_encoder_adapter(te, adapter_config(args, TEXT_ENCODER_LAYERS))
         if weight_dtype != torch.float32:
             from diffusers.training_utils import cast_training_params
 
