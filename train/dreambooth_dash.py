@@ -1540,7 +1540,9 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
                 warnings.simplefilter("ignore", UserWarning)  # "not launched yet" is reported in the record instead
                 dashdiff.export_lora(final_host, output_dir, format="diffusers")
                 if args.output_kohya_format:
-                    dashdiff.export_lora(final_host, output_dir, format="kohya")
+                    # the host has no scheduler: the metadata's SD 2.x 512 / 768-v label needs the prediction type
+                    dashdiff.export_lora(final_host, output_dir, format="kohya",
+                                         prediction_type=models.noise_scheduler.config.prediction_type)
             dashdiff.save_adapter(final_host, output_dir / T.ADAPTER_STATE)
             if args.save_reference_output:
                 save_reference_output(final_host, models, args, device, output_dir)
