@@ -141,11 +141,11 @@ def test_dreambooth_sdxl_every_method_runs_on_cuda(tmp_path):
                      "--validation_prompt", "a photo of sks toy", "--num_validation_images", "1",
                      "--output_dir", str(tmp_path / "lora")]
     dash = common + ["--method", "dash", "--dash_warmup_steps", "1", "--dash_directions", "4", "--max_train_steps", "3",
-                     "--cache_latents", "--with_prior_preservation", "--class_prompt", "a photo of a toy",
+                     "--train_text_encoder", "--cache_latents", "--with_prior_preservation", "--class_prompt", "a photo of a toy",
                      "--num_class_images", "2", "--class_data_dir", str(tmp_path / "class"),
                      "--output_dir", str(tmp_path / "dash")]
     auto = common + ["--method", "autolora", "--autolora_search_steps", "2", "--max_train_steps", "2",
-                     "--train_text_encoder", "--output_dir", str(tmp_path / "autolora")]
+                     "--output_dir", str(tmp_path / "autolora")]
     runs = str(ROOT / "tests" / "scripts" / "dreambooth_runs.py")
     proc = accelerate_launch(runs, *lora, "--next", *dash, "--next", *auto, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
