@@ -14,7 +14,9 @@ folded into B and the pruned components dropped (α not renormalised), plain LoR
   with keys ``base_model.model.<module>.lora_A.weight``.
 - ``kohya``: ``pytorch_lora_weights_kohya.safetensors``, ``lora_unet_<module_with_underscores>``
   ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``; one common alpha with ``r_i / alpha``
-  folded into ``lora_up`` (diffusers 0.42.1 mis-scales per-layer alphas).
+  folded into ``lora_up`` (diffusers 0.42.1 mis-scales per-layer alphas); sd-scripts' metadata
+  (``kohya_metadata``: base-model version, architecture, network dim / alpha) and zero factors
+  completing partly adapted text-encoder attention layers (``_a1111_zero_fill``).
 - ``merged``: the base model(s) with ``W0 + ΔW``, saved like ``save_pretrained``; the user's
   model is not modified.
 
@@ -324,6 +326,106 @@ def _kohya_key(obj, roots: dict[str, nn.Module], f: PlainFactor) -> str:
     return head + _canonical_module(roots[f.component], f.module).replace(".", "_")
 
 
+# --------------------------------------------------------------------------- kohya metadata
+
+KOHYA_NETWORK_MODULE = "networks.lora"  # kohya sd-scripts' LoRA module: what A1111 / Forge show as the type
+SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"  # sd-scripts' MODEL_VERSION_SDXL_BASE_V1_0
+_SAI_IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models", "sd1": "diffusers", "sd2": "diffusers"}
+# Text encoders that A1111 runs as open_clip (OpenCLIP ViT-bigG of SDXL, ViT-H of SD 2.x): their attention is one
+# nn.MultiheadAttention, patched only when a LoRA holds q, k, v AND out_proj for that layer (else skipped silently).
+_ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def base_model_family(obj) -> str:
+    """``"sdxl"``, ``"sd2"`` or ``"sd1"`` from the UNet's config: SDXL's ``text_time`` added
+    conditioning (or a second text encoder), SD 2.x's 1024-wide cross-attention (OpenCLIP ViT-H);
+    anything else is taken for SD 1.x (768-wide CLIP ViT-L, and the tiny test models)."""
+    if _is_sdxl(obj):
+        return "sdxl"
+    unet = getattr(obj, "unet", None) if _is_pipeline(obj) else obj
+    config = getattr(root_model(unet), "config", None) if isinstance(unet, nn.Module) else None
+    if getattr(config, "addition_embed_type", None) == "text_time":  # a lone SDXL UNet
+        return "sdxl"
+    return "sd2" if getattr(config, "cross_attention_dim", None) == 1024 else "sd1"
+
+
+def _prediction_type(obj, prediction_type: Optional[str]) -> str:
+    if prediction_type is None:
+        sched = getattr(obj, "scheduler", None) if _is_pipeline(obj) else None
+        prediction_type = getattr(getattr(sched, "config", None), "prediction_type", None) or "epsilon"
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"dashdiff: prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    return prediction_type
+
+
+def kohya_metadata(family: str, v_prediction: bool, ranks: list[int], alpha: float, title: str) -> dict[str, str]:
+    """The safetensors metadata kohya sd-scripts writes and A1111 / Forge read, as strings.
+
+    A1111's ``detect_version`` labels a LoRA SDXL when ``ss_base_model_version`` starts with
+    ``sdxl_``, SD2 when ``ss_v2 == "True"``, else SD1, and its Lora tab hides files of another
+    version than the loaded checkpoint. ``ss_network_dim`` / ``ss_network_alpha`` are the rank and
+    alpha when every layer has the same rank; with per-layer ranks (AutoLoRA, or LoRA-Dash layers
+    not launched) they are ``"Dynamic"``, as sd-scripts' ``resize_lora.py`` writes for such files
+    (loaders read each layer's rank from its tensors)."""
+    v2 = family == "sd2"
+    if family == "sdxl":
+        version, arch, resolution = SDXL_BASE_MODEL_VERSION, "stable-diffusion-xl-v1-base", "1024x1024"
+    else:
+        # sd-scripts' get_model_version_str_for_sd1_sd2 and sai_model_spec.determine_architecture
+        version = ("sd_v2" if v2 else "sd_v1") + ("_v" if v_prediction else "")
+        if v2:
+            arch = "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
+        else:
+            arch = "stable-diffusion-v1"
+        resolution = "768x768" if v2 and v_prediction else "512x512"
+    uniform = len(set(ranks)) == 1
+    meta = {
+        "ss_network_module": KOHYA_NETWORK_MODULE,
+        "ss_network_dim": str(ranks[0]) if uniform else "Dynamic",
+        "ss_network_alpha": str(float(alpha)) if uniform else "Dynamic",
+        "ss_base_model_version": version,
+        "ss_v2": str(v2),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{arch}/lora",
+        "modelspec.implementation": _SAI_IMPLEMENTATION[family],
+        "modelspec.title": title,
+        "modelspec.resolution": resolution,
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+    }
+    if not uniform:
+        meta["ss_training_comment"] = (
+            f"dashdiff export with per-layer ranks {min(ranks)}..{max(ranks)}; each layer's lora_up carries "
+            f"r_i / alpha (alpha {float(alpha):g}), so every layer loads at scale 1")
+    return meta
+
+
+def _a1111_zero_fill(roots: dict[str, nn.Module], active: list[PlainFactor]) -> list[PlainFactor]:
+    """Rank-1 zero factors for the attention projections a text-encoder layer lacks among q, k, v,
+    out_proj when it has any of them. A1111 applies an open_clip attention (SDXL's second encoder,
+    SD 2.x's encoder) only with all four, and diffusers (0.42.1) recognises kohya text-encoder keys
+    by an out_proj entry; a zero ΔW changes nothing in any loader."""
+    have = {(f.component, f.module) for f in active}
+    fills = []
+    for comp in ("text_encoder", "text_encoder_2"):
+        layers = {f.module.rsplit(".", 1)[0] for f in active
+                  if f.component == comp and f.module.rsplit(".", 1)[-1] in _ATTN_PROJ}
+        for layer in sorted(layers):
+            for proj in _ATTN_PROJ:
+                name = f"{layer}.{proj}"
+                if (comp, name) in have:
+                    continue
+                try:
+                    mod = roots[comp].get_submodule(name)
+                except AttributeError:
+                    continue  # an attention without this projection: nothing any loader could patch
+                if not isinstance(mod, nn.Linear):
+                    continue
+                like = active[0].a  # the file's dtype and device
+                fills.append(PlainFactor(comp, name, like.new_zeros(1, mod.in_features),
+                                         like.new_zeros(mod.out_features, 1), {"zero_fill": True}))
+    return fills
+
+
 # --------------------------------------------------------------------------- writers
 
 
@@ -343,32 +445,26 @@ def _write_diffusers(obj, folder: Path, factors, header) -> Path:
     return path
 
 
-def _write_kohya(obj, folder: Path, factors, header) -> Path:
+def _write_kohya(obj, folder: Path, factors, header, prediction_type: Optional[str] = None) -> Path:
     roots = {c: root_model(m) for c, m in components(obj)}
     active = _active(factors)
+    family = base_model_family(obj)
+    v_pred = _prediction_type(obj, prediction_type) == "v_prediction"
+    fills = _a1111_zero_fill(roots, active)
     # One alpha for the whole file (the most common rank, so most lora_up need no rescale); each
     # layer's loader scale alpha / r_i is undone by folding r_i / alpha into lora_up.
     alpha = float(Counter(f.rank for f in active).most_common(1)[0][0]) if active else 1.0
-    header = dict(header, kohya_alpha=alpha)
+    header = dict(header, kohya_alpha=alpha, kohya_zero_filled=[f.name for f in fills])
     tensors = {}
-    for f in active:
+    for f in active + fills:
         key = _kohya_key(obj, roots, f)
         tensors[f"{key}.lora_down.weight"] = f.a
         tensors[f"{key}.lora_up.weight"] = f.b * (f.rank / alpha)
         tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-    te_only_qkv = [c for c in ("text_encoder", "text_encoder_2")
-                   if any(f.component == c for f in active) and not any(f.component == c and f.module.endswith("out_proj") for f in active)]
-    if te_only_qkv:
-        # diffusers 0.42.1 recognises kohya text-encoder keys by an out_proj entry; without one,
-        # load_lora_weights raises "Could not automatically infer state dict type".
-        warnings.warn(
-            f"dashdiff: the kohya file's {te_only_qkv} LoRA has no out_proj layer: A1111 / ComfyUI read it, but "
-            "diffusers' load_lora_weights (0.42.1) cannot; use format='diffusers' for diffusers.",
-            UserWarning,
-            stacklevel=3,
-        )
+    title = f"dashdiff {header.get('method', 'lora')} ({header.get('adapter_name', 'default')})"
+    meta = kohya_metadata(family, v_pred, [f.rank for f in active] or [1], alpha, title)
     path = folder / KOHYA_WEIGHT_NAME
-    safeio.save_safetensors(tensors, path, {"format": "pt", HEADER_KEY: json.dumps(header)})
+    safeio.save_safetensors(tensors, path, {"format": "pt", **meta, HEADER_KEY: json.dumps(header)})
     return path
 
 
@@ -505,6 +601,7 @@ def export_lora(
     format: str = "diffusers",
     adapter_name: str = "default",
     threshold: Optional[float] = None,
+    prediction_type: Optional[str] = None,
 ) -> str:
     """Write ``adapter_name`` of a model, ``PeftModel`` or diffusers pipeline as a plain LoRA.
 
@@ -512,8 +609,11 @@ def export_lora(
     (``PeftModel.from_pretrained(base, folder)``; a pipeline gets one sub-folder per component),
     ``"kohya"`` (A1111 / ComfyUI; ``load_lora_weights(folder, weight_name=KOHYA_WEIGHT_NAME)``) or
     ``"merged"`` (the base model(s) with ΔW merged, for ``from_pretrained``). ``threshold``: the
-    AutoLoRA λ (default: the config's, else 1/k). LoRA-Dash before launch exports as rank r with a
-    warning. Returns the path written (the weight file, or the folder for peft / merged).
+    AutoLoRA λ (default: the config's, else 1/k). ``prediction_type`` (kohya only): the base model's
+    ``"epsilon"`` / ``"v_prediction"`` for the metadata that tells A1111 what the file is for
+    (default: the pipeline scheduler's, else epsilon; see ``kohya_metadata``). LoRA-Dash before
+    launch exports as rank r with a warning. Returns the path written (the weight file, or the
+    folder for peft / merged).
     """
     if format not in FORMATS:
         raise ValueError(f"dashdiff: unknown export format {format!r}; use one of {FORMATS}")
@@ -525,7 +625,7 @@ def export_lora(
     if format == "diffusers":
         return str(_write_diffusers(model_or_pipeline, folder, factors, header))
     if format == "kohya":
-        return str(_write_kohya(model_or_pipeline, folder, factors, header))
+        return str(_write_kohya(model_or_pipeline, folder, factors, header, prediction_type))
     if format == "peft":
         return str(_write_peft(model_or_pipeline, folder, factors, header, adapter_name))
     return str(_write_merged(model_or_pipeline, folder, factors, header))

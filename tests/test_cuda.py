@@ -2,6 +2,12 @@
 come out of cuBLAS in float32 (``functional._mm_to``). Skipped without a GPU; run on the device
 machine with ``pytest tests/test_cuda.py``."""
 
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -59,3 +65,154 @@ def test_fused_autolora_bf16_gradients_are_float32_and_accurate():
     want = torch.autograd.grad(autolora_reference(x.double(), *prims, scaling), prims, gy.double())
     for g_got, g_want in zip(got, want):
         _close(g_got, g_want, 2e-2)
+
+
+# --------------------------------------------------------------------------- device audit (issue 12)
+# The scripts, the app and the evaluation on a GPU: each of these crashed, or would crash, where a
+# tensor made on the CPU meets the cuda batch. tests/test_devices.py checks the training step on the
+# CPU (meta device); these run the real paths on cuda.
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBJECT = str(ROOT / "assets" / "subject")
+DEV = "cuda"  # the device these checks are for (a CPU dry run of the test code sets "cpu")
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _step_loss(db, model: str, device: str, latents: bool) -> list[float]:
+    """One DreamBooth micro-batch (prior preservation, Min-SNR) on ``device``, batch tensors there as
+    accelerate's loader leaves them; inputs drawn from a CPU generator as the script does."""
+    from dashdiff.tiny import resolve_model
+
+    path = resolve_model(model)
+    family = db.detect_family(path)
+    args = db.parse_args(["--pretrained_model_name_or_path", path, "--instance_data_dir", SUBJECT,
+                          "--instance_prompt", "a photo of sks toy", "--resolution", "64", "--output_dir", "unused",
+                          "--report_to", "none", "--snr_gamma", "5"])
+    db.resolve_defaults(args, family)
+    models = db.load_models(args, family, path, torch.float32)
+    for m in (models.vae, models.unet, *models.text_encoders):
+        m.to(device)
+    g = torch.Generator().manual_seed(3)
+    batch = {"original_size": torch.tensor([[64, 64], [80, 72]], device=device),
+             "crop_top_left": torch.tensor([[0, 0], [8, 4]], device=device),
+             "prompts": ["a photo of sks toy", "a photo of a toy"]}
+    if latents:
+        batch["latent_params"] = torch.randn(2, 8, 8, 8, generator=g).to(device)
+    else:
+        batch["pixel_values"] = torch.rand(2, 3, 64, 64, generator=g).mul(2).sub(1).to(device)
+    inputs = db.draw_inputs(batch, models, torch.Generator().manual_seed(0), torch.device(device), args,
+                            torch.float32)
+    loss_fn = db.LossFn(models, args, db.PromptCache(), [], prior=True)
+    losses = [loss_fn(models.unet, inputs), loss_fn(models.unet, db.double_inputs(inputs))]
+    return [float(x) for x in losses]
+
+
+@cuda
+@pytest.mark.parametrize("model,latents", [("tiny-sdxl", False), ("tiny-sdxl", True), ("tiny-sd", False)])
+def test_dreambooth_step_on_cuda_matches_cpu(model, latents):
+    """SDXL's time ids (the crash of issue 12), VAE sampling, noise, timesteps, the prior mask and
+    the doubled batch on cuda; the CPU generators make the same inputs on both devices, so the losses
+    agree (cuDNN convolutions may use TF32: 1e-2 relative)."""
+    db = _load("dreambooth_dash", ROOT / "train" / "dreambooth_dash.py")
+    got, want = _step_loss(db, model, DEV, latents), _step_loss(db, model, "cpu", latents)
+    assert got == pytest.approx(want, rel=1e-2)
+
+
+@cuda
+def test_dreambooth_sdxl_every_method_runs_on_cuda(tmp_path):
+    """The scripts as a user runs them on one GPU (bf16): every method, text-encoder training,
+    cached latents, prior preservation with class images generated on the GPU, validation images,
+    the reference output and the kohya export."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from launch_utils import accelerate_launch
+
+    common = ["--pretrained_model_name_or_path", "tiny-sdxl", "--instance_data_dir", SUBJECT,
+              "--instance_prompt", "a photo of sks toy", "--resolution", "64", "--train_batch_size", "2",
+              "--learning_rate", "1e-3", "--report_to", "none", "--mixed_precision", "bf16",
+              "--save_reference_output", "--output_kohya_format", "--num_inference_steps", "2"]
+    lora = common + ["--method", "lora", "--train_text_encoder", "--max_train_steps", "2", "--snr_gamma", "5",
+                     "--validation_prompt", "a photo of sks toy", "--num_validation_images", "1",
+                     "--output_dir", str(tmp_path / "lora")]
+    dash = common + ["--method", "dash", "--dash_warmup_steps", "1", "--dash_directions", "4", "--max_train_steps", "3",
+                     "--train_text_encoder", "--cache_latents", "--with_prior_preservation", "--class_prompt", "a photo of a toy",
+                     "--num_class_images", "2", "--class_data_dir", str(tmp_path / "class"),
+                     "--output_dir", str(tmp_path / "dash")]
+    auto = common + ["--method", "autolora", "--autolora_search_steps", "2", "--max_train_steps", "2",
+                     "--output_dir", str(tmp_path / "autolora")]
+    runs = str(ROOT / "tests" / "scripts" / "dreambooth_runs.py")
+    proc = accelerate_launch(runs, *lora, "--next", *dash, "--next", *auto, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    for name in ("lora", "dash", "autolora"):
+        record = json.loads((tmp_path / name / "dashdiff_run.json").read_text())
+        assert record["status"] == "done" and record["family"] == "sdxl", record
+        assert (tmp_path / name / "pytorch_lora_weights_kohya.safetensors").is_file()
+    assert (tmp_path / "lora" / "validation_0.png").is_file()
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+
+
+@cuda
+def test_app_renders_every_method_on_cuda(tmp_path):
+    """The app's load (full-state files converted on the GPU) and render path, fp16 on cuda."""
+    import dashdiff
+    from dashdiff.tiny import tiny_sdxl_pipeline
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    folders = {}
+    for slot, cfg in (("dash", dashdiff.LoraDashConfig(r=4, lora_alpha=4, target_modules=targets, dash_directions=2)),
+                      ("autolora", dashdiff.AutoLoraConfig(r=4, lora_alpha=4, target_modules=targets))):
+        pipe = tiny_sdxl_pipeline()
+        pipe.unet.add_adapter(cfg)
+        with torch.no_grad():
+            for n, p in pipe.unet.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.3)
+        if slot == "dash":
+            dashdiff.launch_dash(pipe.unet)
+        folders[slot] = tmp_path / slot
+        folders[slot].mkdir()
+        dashdiff.save_adapter(pipe, folders[slot])
+    app = _load("dashdiff_app", ROOT / "app.py")
+    r = app.Renderer("tiny-sdxl", device=DEV)
+    try:
+        for slot, folder in folders.items():
+            r.load(slot, folder / app.STATE_FILE)
+        images = r.render("a photo of sks toy", seed=1, steps=3, width=64, height=64)
+    finally:
+        r.close()
+    assert len(images) == 3
+    base, dash, auto = (np.asarray(im, dtype=np.float32) for im in images)
+    assert np.abs(base - dash).mean() > 0.5 and np.abs(base - auto).mean() > 0.5  # the adapters act
+
+
+@cuda
+def test_commonsense_eval_generates_on_cuda(tmp_path):
+    """commonsense_eval.py on the GPU (fp16, beam search), with a launched LoRA-Dash adapter file."""
+    import dashdiff
+    from dashdiff.commonsense import DATASETS
+    from dashdiff.tiny import resolve_model
+    from transformers import AutoModelForCausalLM
+
+    base = resolve_model("tiny-llama")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(dashdiff.LoraDashConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                    dash_directions=2, init_lora_weights=False), model)
+    dashdiff.launch_dash(model)
+    adapter = tmp_path / "dash.safetensors"
+    dashdiff.save_adapter(model, adapter)
+    script = _load("commonsense_eval", ROOT / "train" / "commonsense_eval.py")
+    out = tmp_path / "out"
+    payload = script.main(script.parse_args([
+        "--dataset", "all", "--data_dir", str(ROOT / "tests" / "fixtures" / "commonsense"), "--base_model", base,
+        "--lora_weights", str(adapter), "--limit", "2", "--batch_size", "2", "--max_new_tokens", "4",
+        "--device", DEV, "--output_dir", str(out), "--no_progress"]))
+    assert payload["complete"] and list(payload["accuracy"]) == list(DATASETS)
+    assert all(len(json.loads((out / f"{n}.json").read_text())) == 2 for n in DATASETS)

@@ -725,6 +725,19 @@ def adapter_config(args: argparse.Namespace, targets: list[str]):
     return LoraConfig(**common)
 
 
+def add_text_encoder_adapter(text_encoder: nn.Module, config) -> None:
+    """Attach ``config`` to a transformers text encoder with PEFT's ``inject_adapter_in_model``.
+
+    Not transformers' ``PreTrainedModel.add_adapter``: that wrapper refuses PEFT releases older than
+    a minimum each transformers release sets (5.24.0 wants PEFT >= 0.22, which does not exist), and
+    it adds nothing training needs. The layers, their initialisation (same RNG draws) and the
+    recorded ``base_model_name_or_path`` are what ``add_adapter`` gives."""
+    from peft import inject_adapter_in_model
+
+    config.base_model_name_or_path = text_encoder.__dict__.get("name_or_path", None)  # as add_adapter records it
+    inject_adapter_in_model(config, text_encoder)
+
+
 def retrain_adapter_config(args: argparse.Namespace, ranks: dict[str, int]):
     from dashdiff.autolora import retrain_config
 
@@ -807,9 +820,11 @@ def draw_inputs(batch: dict[str, Any], models: Models, gen: torch.Generator, dev
         raise TrainingError(f"unsupported prediction_type {sched.config.prediction_type!r} in the model's scheduler")
     out = {"noisy": noisy, "timesteps": timesteps, "target": target, "prompts": batch["prompts"]}
     if models.family == "sdxl":
-        res = args.resolution
-        ids = torch.cat([batch["original_size"], batch["crop_top_left"],
-                         torch.tensor([[res, res]] * bsz, dtype=torch.long)], dim=1)
+        # The target size is made where the batch's sizes are (accelerate's loader has moved them to
+        # the GPU): a CPU tensor here broke every SDXL step on a GPU (issue 12).
+        size = batch["original_size"]
+        target = size.new_full((size.shape[0], 2), args.resolution)
+        ids = torch.cat([size, batch["crop_top_left"].to(size.device), target], dim=1)
         out["time_ids"] = ids.to(device)
     return out
 
@@ -1250,7 +1265,7 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
         else:
             models.unet.add_adapter(adapter_config(args, args.lora_layers))
         for te in train_encoders:
-            te.add_adapter(adapter_config(args, TEXT_ENCODER_LAYERS))
+            add_text_encoder_adapter(te, adapter_config(args, TEXT_ENCODER_LAYERS))
         if weight_dtype != torch.float32:
             from diffusers.training_utils import cast_training_params
 
@@ -1525,7 +1540,9 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
                 warnings.simplefilter("ignore", UserWarning)  # "not launched yet" is reported in the record instead
                 dashdiff.export_lora(final_host, output_dir, format="diffusers")
                 if args.output_kohya_format:
-                    dashdiff.export_lora(final_host, output_dir, format="kohya")
+                    # the host has no scheduler: the metadata's SD 2.x 512 / 768-v label needs the prediction type
+                    dashdiff.export_lora(final_host, output_dir, format="kohya",
+                                         prediction_type=models.noise_scheduler.config.prediction_type)
             dashdiff.save_adapter(final_host, output_dir / T.ADAPTER_STATE)
             if args.save_reference_output:
                 save_reference_output(final_host, models, args, device, output_dir)
