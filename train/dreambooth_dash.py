@@ -1237,6 +1237,7 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
         commit_start()
 
     last_checkpoint: list[Optional[Path]] = [resume.path if resume else None]
+    state: dict[str, Any] = {"launch": None, "bar": None}  # the LoRA-Dash launch; the open progress bar
     try:
         # ---- class images
         if args.with_prior_preservation:
@@ -1379,7 +1380,6 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
             return dashdiff.determine_ranks(root)
 
         # ================================================================ the step loop
-        state = {"launch": None}
 
         def train_step(batch, step: int, micro: int):
             gen = T.step_generator(args.seed, _NOISE, 1, step, micro, accelerator.process_index)
@@ -1416,7 +1416,7 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
                 logger.info("%s: all %d steps were done before the checkpoint; nothing left to train", label,
                             phase.max_steps)
                 return
-            bar = _progress(phase.max_steps, start, not accelerator.is_local_main_process, label)
+            bar = state["bar"] = _progress(phase.max_steps, start, not accelerator.is_local_main_process, label)
             step = start
             num_epochs = math.ceil(phase.max_steps / phase.updates_per_epoch)
             first_epoch = start // phase.updates_per_epoch
@@ -1561,6 +1561,8 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
                         output_dir / T.ADAPTER_STATE)
         accelerator.wait_for_everyone()
     except (T.NonFiniteLossError, T.CheckpointWriteError) as err:
+        if state["bar"] is not None:
+            state["bar"].close()  # end the progress line, so the error is a line of its own
         # Leave a record of why there are no final weights; the last good checkpoint stays as it was.
         if accelerator.is_main_process:
             why = "non-finite loss" if isinstance(err, T.NonFiniteLossError) else "checkpoint write failed"
