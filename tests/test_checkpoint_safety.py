@@ -279,6 +279,14 @@ def test_a_crafted_pickle_is_not_executed_and_the_refused_resume_changes_nothing
                                               "missing"):
         run(db, argv(out, *STEPS, "--resume_from_checkpoint", str(out / "checkpoint-4")))
     assert snapshot(out) == before
+    # a resume that passes the checks but fails while loading (an adapter of another rank): the
+    # step log and the record are only touched once the checkpoint has been loaded
+    out = tmp_path / "other-rank"
+    shutil.copytree(reference, out)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match="shape"):
+        run(db, argv(out, *STEPS, "--rank", "8", "--resume_from_checkpoint", "latest"))
+    assert snapshot(out) == before
 
 
 def test_resume_from_the_last_checkpoint_trains_nothing_more(db, reference, tmp_path):
