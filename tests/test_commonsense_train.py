@@ -367,6 +367,74 @@ def test_adapter_for_another_base_model_names_shapes(runs: dict[str, Path], tmp_
                                   str(runs["dash"] / "dashdiff_adapter.safetensors"))
 
 
+# --------------------------------------------------------------------------- checkpoints and folders
+# (issue 13; the DreamBooth script's cases and the kill-mid-save trials: tests/test_checkpoint_safety.py)
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_crafted_extra_state_is_not_executed_and_the_refused_resume_changes_nothing(
+        runs: dict[str, Path], base: Path, tmp_path: Path) -> None:
+    """extra_state.pt used to be read with weights_only=False: a crafted one ran its payload."""
+    import shutil
+
+    from dashdiff.training import CHECKPOINT_STATE, TrainingError
+
+    out = tmp_path / "run"
+    shutil.copytree(runs["dash"], out)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    ckpt = out / "checkpoint-6"
+    torch.save({"scheduler": Payload()}, ckpt / "extra_state.pt")
+    info = json.loads((ckpt / CHECKPOINT_STATE).read_text())
+    info["files"]["extra_state.pt"] = (ckpt / "extra_state.pt").stat().st_size  # the attacker fixes the manifest
+    (ckpt / CHECKPOINT_STATE).write_text(json.dumps(info))
+    before = _snapshot(out)
+    with pytest.raises(TrainingError, match=r"extra_state\.pt: refused to load it.*nothing was executed"):
+        run_main(cli(base, out, "dash", "--resume_from_checkpoint", "checkpoint-6"))
+    assert not marker.exists()
+    assert _snapshot(out) == before  # the step log not cut, the record not flipped to "running"
+    # the genuine file is plain data: it loads with weights_only=True
+    assert "scheduler" in torch.load(runs["dash"] / "checkpoint-6" / "extra_state.pt", weights_only=True)
+
+
+def test_resume_from_the_last_checkpoint_trains_nothing_more(runs: dict[str, Path], base: Path,
+                                                             tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(runs["dash"], out)
+    record = run_main(cli(base, out, "dash", "--export_merged", "--resume_from_checkpoint", "latest"))
+    assert record["status"] == "done" and record["results"]["train_steps"] == 8
+    assert step_losses(out) == step_losses(runs["dash"])  # no step 9
+    assert max_diff(load_file(runs["dash"] / "dashdiff_adapter.safetensors"),
+                    load_file(out / "dashdiff_adapter.safetensors")) == 0
+
+
+def test_overwrite_with_a_bad_data_file_deletes_nothing(runs: dict[str, Path], base: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from dashdiff.training import TrainingError
+
+    out = tmp_path / "run"
+    shutil.copytree(runs["lora"], out)
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{")
+    before = _snapshot(out)
+    with pytest.raises(TrainingError, match="bad.json: not valid JSON"):
+        run_main(cli(base, out, "lora", "--overwrite_output_dir", "--data_path", str(bad)))
+    assert _snapshot(out) == before
+
+
 # --------------------------------------------------------------------------- Trainer callback
 
 

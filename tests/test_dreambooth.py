@@ -241,9 +241,10 @@ def test_output_dir_guard(db, tmp_path):
     b = db.parse_args(base(tmp_path / "other", "tiny-sd", "--checkpointing_steps", "7"))
     c = db.parse_args(base(out, "tiny-sd", "--rank", "8"))
     assert T.args_fingerprint(a) == T.args_fingerprint(b) != T.args_fingerprint(c)
-    for step in (1, 2, 3):
-        (out / f"checkpoint-{step}").mkdir()
-    (out / "checkpoint-search-9").mkdir()
+    # complete checkpoints (with their marker): `latest` and pruning only count those
+    for name in ("checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-search-9"):
+        (out / name).mkdir()
+        T.write_checkpoint_info(out / name, {"files": {}})
     assert T.resolve_resume(out, "latest").path.name == "checkpoint-3"
     T.prune_checkpoints(out, 3)
     assert [c.path.name for c in T.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]

@@ -395,6 +395,7 @@ class Run:
     fingerprint: str
     model: Any = None  # the model being trained (as prepared); checkpoints save and load its adapter
     last_checkpoint: Optional[Path] = None
+    commit: Any = None  # called once a resume has been loaded (see main): then the folder is changed
     timings: dict[str, float] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
 
@@ -477,24 +478,40 @@ def save_checkpoint(run: Run, phase: str, step: int, stateful: dict[str, Any], i
     """``checkpoint-<step>/`` (``checkpoint-search-<step>/``): accelerate's state (prepared optimizer,
     grad scaler, RNG) with the full dashdiff adapter state instead of the model weights (the hooks of
     ``dashdiff.training.register_state_hooks``), ``extra_state.pt`` with the ``state_dict()`` of each
-    of ``stateful`` (objects accelerate does not hold: the scheduler, β's optimizer) and the step."""
+    of ``stateful`` (objects accelerate does not hold: the scheduler, β's optimizer; plain tensors
+    and numbers, loaded back with ``weights_only=True``) and the step. Written aside and renamed into
+    place complete (``dashdiff.training.save_checkpoint``)."""
     from dashdiff import training as T
+    from dashdiff.safeio import atomic_write
 
-    acc = run.accelerator
-    path = run.out / T.checkpoint_name(phase, step)
-    if acc.is_main_process:
-        T.prune_checkpoints(run.out, run.args.checkpoints_total_limit)
-    acc.wait_for_everyone()
-    acc.save_state(str(path))
-    if acc.is_main_process:
-        torch.save({name: obj.state_dict() for name, obj in stateful.items()}, path / "extra_state.pt")
-        T.write_checkpoint_info(path, {"phase": phase, "step": step, "fingerprint": run.fingerprint,
-                                       "trajectory": trajectory_settings(run.args), "num_processes": run.world,
-                                       **info})
-    acc.wait_for_everyone()
+    def write_extra(folder: Path) -> None:
+        state = {name: obj.state_dict() for name, obj in stateful.items()}
+        atomic_write(folder / "extra_state.pt", lambda tmp: torch.save(state, tmp))
+
+    path = T.save_checkpoint(run.accelerator, run.out, phase, step,
+                             {"fingerprint": run.fingerprint, "trajectory": trajectory_settings(run.args),
+                              "num_processes": run.world, **info},
+                             run.args.checkpoints_total_limit, write_extra)
     run.last_checkpoint = path
     run.log.write({"event": "checkpoint", "phase": phase, "step": step, "path": path.name})
     return path
+
+
+def check_resume(ckpt: Any, fingerprint: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Refuse a checkpoint that is incomplete, holds a pickle that is more than data, or was made
+    with other trajectory settings; returns its marker. Reads only."""
+    from dashdiff import training as T
+
+    info = T.validate_checkpoint(ckpt.path)
+    if info.get("fingerprint") != fingerprint:
+        saved = info.get("trajectory", {})
+        now = trajectory_settings(args)
+        diff = {k: (saved.get(k), now[k]) for k in now if json.dumps(saved.get(k)) != json.dumps(now[k])}
+        raise T.TrainingError(
+            f"--resume_from_checkpoint {ckpt.path}: the checkpoint was made with other settings, so resuming would "
+            f"not continue that run: {', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in diff.items()) or 'unknown'}"
+        )
+    return info
 
 
 def load_checkpoint(run: Run, ckpt: Any, stateful: dict[str, Any]) -> int:
@@ -504,20 +521,16 @@ def load_checkpoint(run: Run, ckpt: Any, stateful: dict[str, Any]) -> int:
 
     if ckpt is None:
         return 0
-    info = T.read_checkpoint_info(ckpt.path)
-    if info.get("fingerprint") != run.fingerprint:
-        saved = info.get("trajectory", {})
-        now = trajectory_settings(run.args)
-        diff = {k: (saved.get(k), now[k]) for k in now if json.dumps(saved.get(k)) != json.dumps(now[k])}
-        raise T.TrainingError(
-            f"--resume_from_checkpoint {ckpt.path}: the checkpoint was made with other settings, so resuming would "
-            f"not continue that run: {', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in diff.items()) or 'unknown'}"
-        )
+    info = check_resume(ckpt, run.fingerprint, run.args)
     run.accelerator.load_state(str(ckpt.path))
-    extra = torch.load(ckpt.path / "extra_state.pt", map_location="cpu", weights_only=False)
+    # weights_only: the file holds tensors and numbers only; anything else is refused, never run
+    # (check_resume has already refused such a file with a clear message before anything was written)
+    extra = torch.load(ckpt.path / "extra_state.pt", map_location="cpu", weights_only=True)
     for name, obj in stateful.items():
         obj.load_state_dict(extra[name])
     run.last_checkpoint = ckpt.path
+    if run.commit is not None:
+        run.commit()
     run.print(f"resumed from {ckpt.path} at {ckpt.phase} step {info['step']}")
     return info["step"]
 
@@ -748,7 +761,15 @@ def write_rank_report(run: Run, model: Any) -> dict[str, int]:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Train, export and record one run; returns the run record (also in <output_dir>/dashdiff_run.json)."""
+    """Train, export and record one run; returns the run record (also in <output_dir>/dashdiff_run.json).
+    The output folder is locked for the run (released at the end, also on error)."""
+    from dashdiff import training as T
+
+    with T.RunGuard() as guard:
+        return _main(args, guard)
+
+
+def _main(args: argparse.Namespace, guard: Any) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -763,12 +784,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision=args.mixed_precision,
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     out = Path(args.output_dir)
+    # Every check before anything in the folder changes (the lock aside): a refused run, a bad data
+    # file or a refused resume leaves the folder as it was.
+    guard.acquire(accelerator, out)
     fingerprint = T.args_fingerprint(trajectory_settings(args))
     resume = T.resolve_resume(out, args.resume_from_checkpoint)
-    T.check_output_dir(out, fingerprint, args.resume_from_checkpoint, args.overwrite_output_dir)
-    if accelerator.is_main_process and args.overwrite_output_dir and resume is None:
-        T.clear_for_overwrite(out)
-    accelerator.wait_for_everyone()
+    restart = T.restarts_in_place(out, args.resume_from_checkpoint, resume, fingerprint)
+    T.check_output_dir(out, fingerprint, args.resume_from_checkpoint if resume or restart else None,
+                       args.overwrite_output_dir)
+    if resume is not None:
+        check_resume(resume, fingerprint, args)
 
     # Data first: a bad file fails in a second, before any model is loaded (and on the command
     # line as one message naming the file and record, no traceback).
@@ -785,14 +810,28 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                        accelerator.device)
     if args.use_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    accelerator.wait_for_everyone()  # every process has checked everything before rank 0 deletes
+    if accelerator.is_main_process and args.overwrite_output_dir and resume is None:
+        T.clear_for_overwrite(out)
 
     run = Run(args=args, accelerator=accelerator, out=out, pad_id=tokenizer.pad_token_id,
               log=T.StepLog(out / T.STEP_LOG, enabled=accelerator.is_main_process), fingerprint=fingerprint)
-    if resume is not None:
-        order = {"search": 0, "train": 1}
-        point = (order[resume.phase], resume.step)
-        run.log.truncate(lambda r: (order.get(r.get("phase"), 2), r.get("step", 0)) <= point)
-        run.log.write({"event": "resume", "phase": resume.phase, "step": resume.step, "path": str(resume.path)})
+
+    def commit() -> None:
+        """Cut the step log back to the resume point and record the run as running: called once the
+        resume has been loaded (by load_checkpoint), at once for a fresh start."""
+        if resume is not None:
+            order = {"search": 0, "train": 1}
+            point = (order[resume.phase], resume.step)
+            run.log.truncate(lambda r: (order.get(r.get("phase"), 2), r.get("step", 0)) <= point)
+            run.log.write({"event": "resume", "phase": resume.phase, "step": resume.step, "path": str(resume.path)})
+        elif restart:
+            run.log.truncate(lambda r: False)
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            T.write_run_record(out, record)
+        run.commit = None
+
     record = {
         "script": "train/commonsense_dash.py", "fingerprint": fingerprint, "args": T.run_arguments(args),
         "method": kind, "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
@@ -800,9 +839,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "data": {"records": len(records), "train": len(train_records), "val": len(val_records)},
         "versions": {"torch": torch.__version__, "dashdiff": dashdiff.__version__},
     }
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        T.write_run_record(out, record)
+    run.commit = commit
+    if resume is None:
+        commit()
     T.register_state_hooks(accelerator, lambda: accelerator.unwrap_model(run.model), dashdiff.save_adapter,
                            dashdiff.load_adapter)
 

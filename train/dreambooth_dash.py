@@ -1152,7 +1152,13 @@ def _progress(total: int, initial: int, disable: bool, desc: str):
 def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None]] = None) -> dict:
     """Train as the flags say; returns the run record. ``on_event(name, info)`` is called on every
     process at 'launch' (LoRA-Dash, right after the launch), 'search_end' (AutoLoRA, ranks chosen)
-    and 'end' (after training, before export), with ``info["host"]`` the adapted components."""
+    and 'end' (after training, before export), with ``info["host"]`` the adapted components.
+    The output folder is locked for the run (released at the end, also on error)."""
+    with T.RunGuard() as guard:
+        return _main(args, on_event, guard)
+
+
+def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None]], guard: T.RunGuard) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
@@ -1179,12 +1185,14 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
 
-    # ---- everything that can refuse the run, before anything is written
+    # ---- everything that can refuse the run, before anything is written (but the lock)
+    guard.acquire(accelerator, output_dir)
     fingerprint = T.args_fingerprint(args)
     resume = T.resolve_resume(output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint == "latest" and resume is None:
         logger.info("--resume_from_checkpoint latest: no checkpoint in %s, starting a new run", output_dir)
-    T.check_output_dir(output_dir, fingerprint, args.resume_from_checkpoint if resume else None,
+    restart = T.restarts_in_place(output_dir, args.resume_from_checkpoint, resume, fingerprint)
+    T.check_output_dir(output_dir, fingerprint, args.resume_from_checkpoint if resume or restart else None,
                        args.overwrite_output_dir)
     unique_items = instance_items(args)
     split: Optional[tuple[list[int], list[int]]] = None  # AutoLoRA: (search-train, search-validation) indices
@@ -1200,7 +1208,7 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
     if resume is not None:
         if args.method != "autolora" and resume.phase == "search":
             raise TrainingError(f"{resume.path} is an AutoLoRA search checkpoint; this run is --method {args.method}")
-        info = T.read_checkpoint_info(resume.path)
+        info = T.validate_checkpoint(resume.path)  # complete, and no pickle that is more than data
         if info.get("method") != args.method:
             raise TrainingError(f"{resume.path} was written by a --method {info.get('method')} run; this run is "
                                 f"--method {args.method}")
@@ -1227,10 +1235,24 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
         logger.warning("resuming a run started with other arguments (hash %s, now %s)", previous.get("fingerprint"),
                        fingerprint)
         record["previous_fingerprint"] = previous.get("fingerprint")
-    if accelerator.is_main_process:
-        T.write_run_record(output_dir, record)
+    steps_log = T.StepLog(output_dir / T.STEP_LOG, enabled=accelerator.is_main_process)
+
+    def commit_start() -> None:
+        """Record the run as running and cut the step log back to the resume point: only once the
+        resume has been loaded, so a refused or failed resume leaves the folder as it was."""
+        if resume is not None:
+            order = {"search": 0, "train": 1}
+            steps_log.truncate(lambda r: (order[r["phase_kind"]], r["step"]) <= (order[resume.phase], resume.step))
+        elif restart:
+            steps_log.truncate(lambda r: False)
+        if accelerator.is_main_process:
+            T.write_run_record(output_dir, record)
+
+    if resume is None:
+        commit_start()
 
     last_checkpoint: list[Optional[Path]] = [resume.path if resume else None]
+    state: dict[str, Any] = {"launch": None, "bar": None}  # the LoRA-Dash launch; the open progress bar
     try:
         # ---- class images
         if args.with_prior_preservation:
@@ -1299,10 +1321,6 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
 
         unet = models.unet
         encoders: list[nn.Module] = list(train_encoders)
-        steps_log = T.StepLog(output_dir / T.STEP_LOG, enabled=accelerator.is_main_process)
-        if resume is not None:
-            order = {"search": 0, "train": 1}
-            steps_log.truncate(lambda r: (order[r["phase_kind"]], r["step"]) <= (order[resume.phase], resume.step))
         if accelerator.is_main_process and args.report_to != "none":
             accelerator.init_trackers("dreambooth-dash", config={k: v for k, v in T.run_arguments(args).items()
                                                                   if isinstance(v, (int, float, str, bool))})
@@ -1345,6 +1363,7 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
             start = resume.step if resume is not None and resume.phase == "search" else 0
             if start:
                 accelerator.load_state(str(resume.path))
+                commit_start()
 
             def val_batch(step: int, micro: int) -> dict[str, Any]:
                 gen = T.step_generator(args.seed, _VAL_PICK, step, micro, accelerator.process_index)
@@ -1376,7 +1395,6 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
             return dashdiff.determine_ranks(root)
 
         # ================================================================ the step loop
-        state = {"launch": None}
 
         def train_step(batch, step: int, micro: int):
             gen = T.step_generator(args.seed, _NOISE, 1, step, micro, accelerator.process_index)
@@ -1398,16 +1416,10 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
         current_phase: list[Optional[Phase]] = [None]
 
         def save_checkpoint(phase: Phase, step: int, extra: dict) -> None:
-            name = T.checkpoint_name(phase.name, step)
-            path = output_dir / name
-            if accelerator.is_main_process:
-                T.prune_checkpoints(output_dir, args.checkpoints_total_limit)
-            accelerator.wait_for_everyone()
-            accelerator.save_state(str(path))
-            if accelerator.is_main_process:
-                T.write_checkpoint_info(path, {"phase": phase.name, "step": step, "method": args.method,
-                                               "fingerprint": fingerprint, **extra})
-            accelerator.wait_for_everyone()
+            # written aside and renamed into place complete; older ones pruned only after that
+            path = T.save_checkpoint(accelerator, output_dir, phase.name, step,
+                                     {"method": args.method, "fingerprint": fingerprint, **extra},
+                                     args.checkpoints_total_limit)
             last_checkpoint[0] = path
             logger.info("saved %s", path)
 
@@ -1415,7 +1427,11 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
             """Epochs over the phase's data from optimizer step ``start``: skip what a resume has seen."""
             current_phase[0] = phase
             label = {"search": "search", "train": "retrain" if args.method == "autolora" else "train"}[phase.name]
-            bar = _progress(phase.max_steps, start, not accelerator.is_local_main_process, label)
+            if start >= phase.max_steps:  # resumed from the phase's last checkpoint: nothing left to train
+                logger.info("%s: all %d steps were done before the checkpoint; nothing left to train", label,
+                            phase.max_steps)
+                return
+            bar = state["bar"] = _progress(phase.max_steps, start, not accelerator.is_local_main_process, label)
             step = start
             num_epochs = math.ceil(phase.max_steps / phase.updates_per_epoch)
             first_epoch = start // phase.updates_per_epoch
@@ -1518,6 +1534,7 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
         start = 0
         if resume is not None and resume.phase == "train":
             accelerator.load_state(str(resume.path))
+            commit_start()
             start = resume.step
             if args.method == "dash":
                 launched = [l.lora_dash_launch_step[a] for _, l, a in dashdiff.walk.iter_layers(host(), "dash")]
@@ -1555,15 +1572,18 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
             if args.validation_prompt:
                 images = final_validation(args, models, model_path, output_dir, weight_dtype, device)
             record["validation_images"] = images
-            (output_dir / "README.md").write_text(model_card(args, family, record, images), encoding="utf-8")
+            T.write_model_card(output_dir, model_card(args, family, record, images))  # spares a user's README.md
             T.write_run_record(output_dir, record)
             logger.info("done: %s (stock-loadable LoRA), %s (full dashdiff state)", output_dir / "pytorch_lora_weights.safetensors",
                         output_dir / T.ADAPTER_STATE)
         accelerator.wait_for_everyone()
-    except T.NonFiniteLossError as err:
+    except (T.NonFiniteLossError, T.CheckpointWriteError) as err:
+        if state["bar"] is not None:
+            state["bar"].close()  # end the progress line, so the error is a line of its own
         # Leave a record of why there are no final weights; the last good checkpoint stays as it was.
         if accelerator.is_main_process:
-            record.update(status="stopped: non-finite loss", error=str(err),
+            why = "non-finite loss" if isinstance(err, T.NonFiniteLossError) else "checkpoint write failed"
+            record.update(status=f"stopped: {why}", error=str(err),
                           last_checkpoint=str(last_checkpoint[0]) if last_checkpoint[0] else None)
             T.write_run_record(output_dir, record)
         accelerator.end_training()
