@@ -36,8 +36,9 @@ def method_option_errors(args: Any, method: str, options: Mapping[str, str], met
     errors = []
     for name, owner in options.items():
         if getattr(args, name, None) is not None and method != owner:
-            errors.append(f"--{name} is a {_METHOD_LABELS.get(owner, owner)} option: add {method_flag} {owner} "
-                          f"or drop it")
+            label = _METHOD_LABELS.get(owner, owner)
+            article = "an" if label[0] in "AEIOU" else "a"
+            errors.append(f"--{name} is {article} {label} option: add {method_flag} {owner} or drop it")
     return errors
 
 
