@@ -115,6 +115,52 @@ def check_output_dir_writable(output_dir: PathLike, flag: str = "--output_dir") 
                             "can write to") from None
 
 
+# --------------------------------------------------------------------------- adapters
+
+
+def _adapter_weight_keys(folder: Path) -> set[str]:
+    from safetensors import safe_open
+
+    file = folder / "adapter_model.safetensors"
+    if file.is_file():
+        with safe_open(str(file), framework="pt") as fh:
+            return set(fh.keys())
+    file = folder / "adapter_model.bin"
+    if file.is_file():
+        import torch
+
+        # weights_only: a tensor dict, never code (a crafted pickle is refused by torch itself)
+        return set(torch.load(file, map_location="meta", weights_only=True, mmap=True).keys())
+    raise FileNotFoundError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
+
+
+def check_peft_weights_loaded(peft_model: Any, folder: PathLike, adapter_name: str = "default") -> None:
+    """Raise ``ValueError`` unless every weight in the PEFT folder went into the model and every
+    adapted module got its weights. PEFT itself only warns when ``target_modules`` in
+    ``adapter_config.json`` do not match the weights' module names, and the model then runs with
+    none of them (or with freshly initialised layers)."""
+    from peft import get_peft_model_state_dict
+
+    folder = Path(folder)
+    in_file = {k for k in _adapter_weight_keys(folder)}
+    in_model = set(get_peft_model_state_dict(peft_model, adapter_name=adapter_name).keys())
+    unused, unset = sorted(in_file - in_model), sorted(in_model - in_file)
+    if not unused and not unset:
+        return
+    cfg = peft_model.peft_config.get(adapter_name)
+    targets = sorted(cfg.target_modules) if isinstance(getattr(cfg, "target_modules", None), (set, list)) else \
+        getattr(cfg, "target_modules", None)
+    msg = [f"{folder} does not fit this model: its adapter_config.json targets {targets!r}, but"]
+    if unused:
+        msg.append(f"{len(unused)} of the {len(in_file)} weights in the file name modules it did not adapt "
+                   f"(e.g. {unused[0]})" + (";" if unset else "."))
+    if unset:
+        msg.append(f"{len(unset)} adapted weights have nothing in the file (e.g. {unset[0]}).")
+    msg.append("Was it trained on another base model, or was adapter_config.json edited? Fix target_modules to the "
+               "modules the weights name.")
+    raise ValueError(" ".join(msg))
+
+
 # --------------------------------------------------------------------------- images
 
 

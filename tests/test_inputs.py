@@ -320,3 +320,60 @@ def test_dreambooth_images_too_large_or_16_bit(tmp_path, monkeypatch):
     for fn in (db.load_image, lambda p: db.check_images([p])):
         with pytest.raises(T.TrainingError, match=r"a\.png: the image is too large to decode safely"):
             fn(folder / "a.png")
+
+
+# --------------------------------------------------------------------------- eval script
+
+ev = _load("commonsense_eval", "train/commonsense_eval.py")
+
+
+def test_eval_refuses_a_peft_folder_whose_targets_miss_its_weights(llama, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama),
+                           LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    good = tmp_path / "good"
+    model.save_pretrained(good)
+    ev._attach_adapter(AutoModelForCausalLM.from_pretrained(llama), str(good))  # fits: no error
+    bad = tmp_path / "bad"
+    model.save_pretrained(bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["k_proj"]  # the weights still name q_proj
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"targets \['k_proj'\].*name modules it did not adapt .*q_proj.*"
+                                         r"adapted weights have nothing in the file .*k_proj"):
+        ev._attach_adapter(AutoModelForCausalLM.from_pretrained(llama), str(bad))
+    data = tmp_path / "data"
+    (data / "boolq").mkdir(parents=True)
+    (data / "boolq" / "test.json").write_text(json.dumps([{"instruction": "q", "input": "", "answer": "true"}]))
+    argv = ["--dataset", "boolq", "--data_dir", str(data), "--base_model", llama, "--lora_weights", str(bad),
+            "--max_new_tokens", "2", "--num_beams", "1", "--output_dir", str(tmp_path / "out"), "--no_progress"]
+    assert ev.cli(argv) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # (transformers' loading bars come before it)
+    assert last.startswith("commonsense_eval.py: error: ") and "does not fit this model" in last
+    assert "Traceback" not in err and not (tmp_path / "out" / "boolq.json").exists()
+
+
+def test_eval_checks_inputs_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ev, "load_model", lambda args: pytest.fail("the model was loaded before the inputs were checked"))
+    data = tmp_path / "data"
+    (data / "boolq").mkdir(parents=True)
+    (data / "boolq" / "test.json").write_text(json.dumps([{"instruction": "q", "input": "", "answer": "true"}]))
+    base = ["--dataset", "boolq", "--data_dir", str(data), "--base_model", "tiny-llama", "--no_progress",
+            "--output_dir", str(tmp_path / "out")]
+    cases = {
+        ("--lora_weights", str(tmp_path / "typo")): "--lora_weights " + str(tmp_path / "typo") + " does not exist",
+        ("--lora_weights", str(data)): "the folder has no adapter_config.json",
+        ("--lora_weights", str(data / "boolq" / "test.json")): "expected a PEFT adapter folder",
+        ("--output_dir", "/proc/dashdiff-test/out"): "cannot write there",
+        ("--data_dir", str(tmp_path / "nope")): "no test set for boolq",
+    }
+    for extra, msg in cases.items():
+        assert ev.cli(base + list(extra)) == 1, extra
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err and err.count("\n") == 1, (extra, err)
+    (data / "boolq" / "test.json").write_text("[]")
+    assert ev.cli(base) == 1 and "holds no records" in capsys.readouterr().err
+    assert "--seed must be from 0" in parse_error(ev.parse_args, base + ["--seed", "-1"], capsys)
