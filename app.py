@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import queue
 import shutil
 import sys
 import tempfile
@@ -76,6 +77,10 @@ class RenderError(ValueError):
     """A problem the user can fix; the message says how and is shown in the UI as it is."""
 
 
+class Cancelled(RenderError):
+    """A render stopped by its cancel flag (Cancel button, client gone) between two steps."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """Accepted ranges. Sizes must be multiples of 8 (diffusers' pipelines refuse others)."""
@@ -86,6 +91,20 @@ class Limits:
     scale: tuple[float, float] = (-2.0, 4.0)
     seed: tuple[int, int] = (0, 2**63 - 1)
     prompt_chars: int = 2000
+    device: str = ""  # named in the messages: the size and steps caps follow it
+
+    @classmethod
+    def for_device(cls, device: str, native: int, max_side: Optional[int] = None,
+                   max_steps: Optional[int] = None) -> "Limits":
+        """Caps one request cannot exceed on ``device``: on a GPU 1024 px per side (or the model's
+        native size if larger: SDXL's 1024) and 100 steps; on a CPU, where one 2048 px render kept a
+        core busy for over 20 minutes, the native size up to 512 px (at least 256) and 50 steps.
+        ``max_side`` / ``max_steps`` (``--max-side`` / ``--max-steps``) override them."""
+        gpu = device.startswith("cuda")
+        side = max(1024, native) if gpu else max(256, min(native, 512))
+        side = max_side if max_side is not None else side
+        steps = max_steps if max_steps is not None else (100 if gpu else 50)
+        return cls(steps=(1, steps), size=(64, side - side % 8), device=device)
 
 
 # --------------------------------------------------------------------------- adapter files
@@ -214,14 +233,13 @@ class Renderer:
     """
 
     def __init__(self, base: str = "tiny-sd", device: Optional[str] = None, dtype: Optional[str] = None,
-                 limits: Limits = Limits()) -> None:
+                 limits: Optional[Limits] = None) -> None:
         import torch
         from diffusers import DiffusionPipeline
 
         from dashdiff.tiny import resolve_model
 
         self.base = base
-        self.limits = limits
         self.device = device or _default_device()
         torch_dtype = getattr(torch, dtype) if dtype else (torch.float16 if self.device == "cuda" else torch.float32)
         path = resolve_model(base)
@@ -230,6 +248,8 @@ class Renderer:
         except Exception as e:
             raise RenderError(f"could not load base model {base!r}: {type(e).__name__}: {e}") from e
         self.pipe.to(self.device)
+        # None: the caps follow the device and the model's native size (Limits.for_device)
+        self.limits = limits if limits is not None else Limits.for_device(self.device, self.default_size)
         # Shallow template of the adapter-carrying components, taken before any adapter is loaded:
         # full-state files are restored into copies of it (see the module docstring).
         self._template = {name: self._share_copy(mod) for name, mod in self._components(self.pipe)}
@@ -439,18 +459,21 @@ class Renderer:
             except (TypeError, ValueError):
                 return float("nan")
 
-        def whole(value: Any, what: str, lo: int, hi: int) -> int:
+        on = f" on {lim.device}" if lim.device else ""
+
+        def whole(value: Any, what: str, lo: int, hi: int, capped: bool = False) -> int:
             if not math.isfinite(number(value)) or number(value) != int(number(value)):
                 raise RenderError(f"{what} must be a whole number from {lo} to {hi}, got {value!r}.")
             if not lo <= int(value) <= hi:
-                raise RenderError(f"{what} must be from {lo} to {hi}, got {int(value)}.")
+                why = f" (the cap{on}, so one request cannot hold the app for long)" if capped and int(value) > hi else ""
+                raise RenderError(f"{what} must be from {lo} to {hi}{why}, got {int(value)}.")
             return int(value)
 
         seed_i = whole(seed, "Seed", *lim.seed)
-        steps_i = whole(steps, "Steps", *lim.steps)
+        steps_i = whole(steps, "Steps", *lim.steps, capped=True)
         sizes = []
         for value, what in ((width, "Width"), (height, "Height")):
-            v = whole(value, what, *lim.size)
+            v = whole(value, what, *lim.size, capped=True)
             if v % 8:
                 raise RenderError(f"{what} must be a multiple of 8 (the pipeline requires it), got {v}: try {v - v % 8 or 8}.")
             sizes.append(v)
@@ -462,13 +485,20 @@ class Renderer:
     def render(self, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20,
                guidance: float = 7.5, width: Optional[int] = None, height: Optional[int] = None,
                scale: float = 1.0, methods: Optional[Sequence[str]] = None,
-               on_method: Optional[Callable[[int, int, str], None]] = None) -> list["Image.Image"]:
+               on_method: Optional[Callable[[int, int, str], None]] = None,
+               on_step: Optional[Callable[[int, int], None]] = None,
+               cancel: Optional[threading.Event] = None) -> list["Image.Image"]:
         """One image per method ("base", "lora", "dash", "autolora"; default: all available),
-        each from the same seed. ``scale`` is the LoRA scale λ (``cross_attention_kwargs``)."""
+        each from the same seed. ``scale`` is the LoRA scale λ (``cross_attention_kwargs``).
+
+        ``on_step(step, steps)`` is called after every denoising step; once ``cancel`` is set the
+        render raises ``Cancelled`` at the end of the step under way (diffusers'
+        ``callback_on_step_end``), so a cancelled or abandoned request frees the pipeline within
+        one step instead of finishing its image."""
         import torch
 
-        width = self.default_size if width is None else width
-        height = self.default_size if height is None else height
+        width = min(self.default_size, self.limits.size[1]) if width is None else width
+        height = min(self.default_size, self.limits.size[1]) if height is None else height
         seed_i, steps_i, w, h = self.validate(prompt, seed, steps, guidance, width, height, scale)
         methods = list(methods) if methods is not None else self.available()
         if not methods:
@@ -478,9 +508,18 @@ class Renderer:
                 raise RenderError(f"unknown method {m!r}: use base, {', '.join(SLOTS)}")
             if m != "base" and m not in self.adapters:
                 raise RenderError(f"No {LABELS[m]} adapter is loaded: load one in the Adapters tab first.")
+        def each_step(pipe, step: int, timestep, tensors: dict) -> dict:
+            if on_step is not None:
+                on_step(step + 1, steps_i)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"Cancelled after step {step + 1} of {steps_i}.")
+            return tensors
+
         images = []
         with self._lock:
             for i, m in enumerate(methods):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("Cancelled before rendering.")
                 if on_method is not None:
                     on_method(i, len(methods), LABELS[m])
                 kwargs: dict[str, Any] = {}
@@ -502,6 +541,7 @@ class Renderer:
                     height=h,
                     generator=generator,
                     output_type="pil",
+                    callback_on_step_end=each_step,
                     **kwargs,
                 )
                 images.append(out.images[0])
@@ -525,6 +565,7 @@ class AppState:
     banner: str = ""  # markdown shown on top (how to make the demo adapters, load problems)
     max_upload_mb: int = 256
     default_steps: int = 20  # the Steps slider's initial value
+    queue_size: int = 16  # requests that may wait for the render slot (demo.queue max_size)
 
 
 def demo_files(folder: Path = DEMO_DIR) -> dict[str, Path]:
@@ -560,6 +601,8 @@ def build_state(args: argparse.Namespace, demo_dir: Path = DEMO_DIR) -> AppState
     # Check the named files before the (possibly minutes-long) model load.
     given = {slot: _file_arg(getattr(args, slot), f"--{slot}") for slot in SLOTS}
     renderer = Renderer(args.base, device=args.device, dtype=args.dtype)
+    if getattr(args, "max_side", None) is not None or getattr(args, "max_steps", None) is not None:
+        renderer.limits = Limits.for_device(renderer.device, renderer.default_size, args.max_side, args.max_steps)
     banner: list[str] = []
     if any(given.values()):
         for slot, path in given.items():
@@ -579,7 +622,9 @@ def build_state(args: argparse.Namespace, demo_dir: Path = DEMO_DIR) -> AppState
                 "(trains LoRA, LoRA-Dash and AutoLoRA on the tiny model, a few minutes on CPU) and restart, "
                 "or load your own files in the *Adapters* tab. The base model renders meanwhile."
             )
-    return AppState(renderer=renderer, banner="\n\n".join(banner), max_upload_mb=args.max_upload_mb)
+    return AppState(renderer=renderer, banner="\n\n".join(banner), max_upload_mb=args.max_upload_mb,
+                    queue_size=getattr(args, "queue_size", 16),
+                    default_steps=min(20, renderer.limits.steps[1]))
 
 
 # --------------------------------------------------------------------------- UI
@@ -625,26 +670,54 @@ def build_demo(state: AppState) -> "gr.Blocks":
     size = renderer.default_size
 
     def generate(prompt, negative, seed, steps, guidance, width, height, scale, with_base,
-                 progress=gr.Progress(track_tqdm=True)):
+                 progress=gr.Progress()):
+        """A generator, so that gradio can stop it: when the client goes away or Cancel is pressed,
+        gradio closes the generator at its next yield (one per denoising step), and the ``finally``
+        sets the render's cancel flag, which stops the pipeline at the end of the step under way.
+        (A plain function would run on in its worker thread until the image was done.)"""
         methods = [m for m in renderer.available() if m != "base" or with_base]
         t0 = time.perf_counter()
+        cancel = threading.Event()
+        events: "queue.Queue[tuple[str, Any]]" = queue.Queue()
+        current = {"label": ""}
+
+        def on_method(i, n, label):
+            current["label"] = f"{label} ({i + 1}/{n})"
+
+        def work():
+            try:
+                events.put(("done", renderer.render(
+                    prompt, negative, seed, steps, guidance, width, height, scale, methods, on_method=on_method,
+                    on_step=lambda k, n: events.put(("step", (k, n))), cancel=cancel)))
+            except BaseException as e:  # noqa: BLE001 - handed to the generator, which reports it
+                events.put(("error", e))
+
+        threading.Thread(target=work, name="dashdiff-render", daemon=True).start()
         try:
-            images = renderer.render(
-                prompt, negative, seed, steps, guidance, width, height, scale, methods,
-                on_method=lambda i, n, label: progress((i, n), desc=f"Rendering {label}"),
-            )
-        except RenderError as e:
-            raise gr.Error(str(e)) from None
-        except Exception as e:  # keep the app usable, say what happened
-            log.exception("generation failed")
+            while True:
+                kind, value = events.get()
+                if kind == "step":
+                    k, n = value
+                    progress((k, n), desc=f"Rendering {current['label']}")
+                    yield gr.skip(), gr.skip(), f"Rendering {current['label']}: step {k}/{n}"
+                    continue
+                break
+        finally:
+            cancel.set()  # closed early (client gone, Cancel): stop the render; after the end: no-op
+        if kind == "error":
+            e = value
+            if isinstance(e, RenderError):
+                raise gr.Error(str(e)) from None
+            log.error("generation failed", exc_info=e)  # keep the app usable, say what happened
             raise gr.Error(f"Generation failed ({type(e).__name__}: {e}). Try other settings.") from None
+        images = value
         by_method = dict(zip(methods, images))
         gallery = [(img, LABELS[m]) for m, img in by_method.items()]
         pair = (by_method["lora"], by_method["dash"]) if {"lora", "dash"} <= by_method.keys() else None
         note = f"{len(images)} image(s), seed {int(seed)}, {time.perf_counter() - t0:.1f} s"
         if pair is None:
             note += " — the slider compares LoRA and LoRA-Dash once both are loaded"
-        return gallery, pair, note
+        yield gallery, pair, note
 
     def load_adapter(slot_label, file):
         if file is None:
@@ -732,10 +805,16 @@ def build_demo(state: AppState) -> "gr.Blocks":
                             guidance = gr.Slider(lim.guidance[0], lim.guidance[1], value=7.5, step=0.5, label="Guidance")
                             scale = gr.Slider(lim.scale[0], lim.scale[1], value=1.0, step=0.05, label="LoRA scale")
                         with gr.Row():
-                            width = gr.Slider(lim.size[0], lim.size[1], value=size, step=8, label="Width")
-                            height = gr.Slider(lim.size[0], lim.size[1], value=size, step=8, label="Height")
+                            width = gr.Slider(lim.size[0], lim.size[1], value=min(size, lim.size[1]), step=8,
+                                              label="Width")
+                            height = gr.Slider(lim.size[0], lim.size[1], value=min(size, lim.size[1]), step=8,
+                                               label="Height")
                         with_base = gr.Checkbox(label="Also render the base model", value=True)
-                        button = gr.Button("Generate", variant="primary", elem_id="generate")
+                        with gr.Row():
+                            button = gr.Button("Generate", variant="primary", elem_id="generate")
+                            stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                        gr.Markdown(f"Up to {lim.size[1]} px per side and {lim.steps[1]} steps on {renderer.device}; "
+                                    "requests wait in a queue, one render at a time.", elem_id="limits")
                     with gr.Column(scale=3):
                         gallery = gr.Gallery(label="Same seed, side by side", columns=4, format="png", height="auto",
                                              object_fit="contain", elem_id="gallery")
@@ -765,10 +844,13 @@ def build_demo(state: AppState) -> "gr.Blocks":
                 table = gr.Dataframe(label="Per layer", interactive=False, wrap=True)
                 inspected = gr.State(None)
 
-        button.click(generate, [prompt, negative, seed, steps, guidance, width, height, scale, with_base],
-                     [gallery, slider, note], api_name="generate")
-        prompt.submit(generate, [prompt, negative, seed, steps, guidance, width, height, scale, with_base],
-                      [gallery, slider, note], api_visibility="private")
+        renders = [
+            button.click(generate, [prompt, negative, seed, steps, guidance, width, height, scale, with_base],
+                         [gallery, slider, note], api_name="generate"),
+            prompt.submit(generate, [prompt, negative, seed, steps, guidance, width, height, scale, with_base],
+                          [gallery, slider, note], api_visibility="private"),
+        ]
+        stop.click(None, None, None, cancels=renders, api_visibility="private")
         load_button.click(load_adapter, [slot, upload], [status, source], api_name="load_adapter")
         inspect_button.click(inspect, [source, inspect_file], [summary, overview, layer_pick, layer_plot, table, inspected],
                              api_name="inspect")
@@ -791,19 +873,33 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="default 7860")
     p.add_argument("--max-upload-mb", type=int, default=256, help="largest accepted upload (default 256)")
+    p.add_argument("--max-side", type=int, default=None,
+                   help="largest width / height (default: 1024 on CUDA, the model's native size up to 512 on CPU)")
+    p.add_argument("--max-steps", type=int, default=None, help="most denoising steps (default: 100 on CUDA, 50 on CPU)")
+    p.add_argument("--queue-size", type=int, default=16,
+                   help="requests that may wait for the one render slot; more are refused (default 16)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on cuda, float32 otherwise")
     args = p.parse_args(argv)
     if not 0 < args.max_upload_mb <= 10_000:
         p.error("--max-upload-mb must be from 1 to 10000")
+    if not 1 <= args.port <= 65535:
+        p.error(f"--port must be from 1 to 65535, got {args.port}")
+    if args.max_side is not None and not 64 <= args.max_side <= 4096:
+        p.error(f"--max-side must be from 64 to 4096, got {args.max_side}")
+    if args.max_steps is not None and not 1 <= args.max_steps <= 1000:
+        p.error(f"--max-steps must be from 1 to 1000, got {args.max_steps}")
+    if not 1 <= args.queue_size <= 1000:
+        p.error(f"--queue-size must be from 1 to 1000, got {args.queue_size}")
     return args
 
 
 def launch(state: AppState, host: str = "127.0.0.1", port: Optional[int] = None, block: bool = True):
     """Queue and launch the demo; returns it (after closing, when ``block``)."""
     demo = build_demo(state)
-    demo.queue(default_concurrency_limit=1)  # one pipeline: one generation at a time
+    # One pipeline: one render at a time; a bounded queue, whose position gradio shows each waiting user.
+    demo.queue(default_concurrency_limit=1, max_size=state.queue_size)
     demo.launch(server_name=host, server_port=port, max_file_size=f"{state.max_upload_mb}mb",
                 prevent_thread_lock=not block, show_error=True, footer_links=["api"])
     return demo

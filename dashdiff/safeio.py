@@ -60,7 +60,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: PathLike, metadata:
 
 def write_json(obj: object, path: PathLike) -> None:
     """Atomically write ``obj`` as indented, key-sorted JSON."""
-    text = json.dumps(obj, indent=2, sort_keys=True)
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)  # strict JSON: no bare NaN
 
     def _write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:

@@ -40,6 +40,7 @@ from .export import (
     full_name,
     iter_lora_layers,
     resolve_any_adapter,
+    root_model,
 )
 from .layer import DashdiffLinear
 from .walk import components
@@ -185,66 +186,252 @@ def _component(obj, name: str, file: Path) -> nn.Module:
     raise ValueError(f"dashdiff: {file} holds an adapter for {label}, but the target has {have}")
 
 
-def load_adapter(model_or_pipeline, path: Union[str, os.PathLike], adapter_name: Optional[str] = None):
-    """Load a file written by ``save_adapter`` into a model, ``PeftModel`` or pipeline, in place.
+# Bounds on what a file may ask for, checked before anything is allocated: a header claiming a huge
+# rank (r = 2,000,000 in a 260 KB file) must be refused from the numbers, not by running out of memory.
+_METHODS = ("lora", "dash", "autolora")
 
-    Components that lack the adapter get it injected from the stored config first. Every tensor is
-    copied and each LoRA-Dash layer's launch record and step counters are restored, so outputs are
-    identical and training continues (launched layers stay launched). All checks (missing modules,
-    shapes) run before anything is copied. ``adapter_name`` renames the adapter (default: the
-    stored name). Returns ``model_or_pipeline``.
-    """
-    file = _file_path(path)
-    tensors, header = _read_state(file)
-    adapter = adapter_name or header["adapter_name"]
 
-    # 1. inject where needed
-    for comp_name, entry in header["configs"].items():
-        comp = _component(model_or_pipeline, comp_name, file)
-        if not any(True for _ in iter_lora_layers(comp, adapter)):
-            _inject(comp, config_from_dict(entry), adapter)
+def _fit_message(file: Path, adapter: str, missing: list[str], extra: list[str]) -> str:
+    msg = [f"dashdiff: {file} does not fit this model's adapter {adapter!r}."]
+    if missing:
+        msg.append(f"Modules in the file but not adapted in the model ({len(missing)}): {', '.join(missing[:10])}"
+                   + (" ..." if len(missing) > 10 else "") + ".")
+    if extra:
+        msg.append(f"Modules adapted in the model but not in the file ({len(extra)}): {', '.join(extra[:10])}"
+                   + (" ..." if len(extra) > 10 else "") + ".")
+    msg.append("Was it trained on another base model or with other target_modules?")
+    return " ".join(msg)
 
-    # 2. match the file's layers with the model's, check everything before copying
-    present = {full_name(c, n): layer for c, _, n, layer in iter_lora_layers(model_or_pipeline, adapter)
-               if c in header["configs"]}
-    wanted = header["layers"]
-    missing = sorted(set(wanted) - set(present))
-    extra = sorted(set(present) - set(wanted))
+
+def _whole(value: Any, lo: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lo
+
+
+def _parse_header(file: Path, header: dict) -> tuple[dict[str, Any], dict[str, dict]]:
+    """(configs per component, layers) from a state header, every field type-checked."""
+    configs, layers = header.get("configs"), header.get("layers")
+    if not isinstance(header.get("adapter_name"), str) or not isinstance(configs, dict) or not configs \
+            or not isinstance(layers, dict) or not layers:
+        raise ValueError(f"dashdiff: {file}: the '{HEADER_KEY}' header lacks adapter_name, configs or layers (a "
+                         "damaged or hand-edited file)")
+    parsed = {}
+    for comp_name, entry in configs.items():
+        try:
+            parsed[comp_name] = config_from_dict(entry)
+        except Exception as err:  # noqa: BLE001 - any failure of the config's own checks
+            raise ValueError(f"dashdiff: {file}: the stored config of {comp_name or 'the model'!r} is invalid "
+                             f"({type(err).__name__}: {err})") from None
+    for name, meta in layers.items():
+        if not isinstance(meta, dict) or meta.get("method") not in _METHODS or not _whole(meta.get("r"), 1) \
+                or (meta["method"] == "dash" and not _whole(meta.get("s"), 1)):
+            raise ValueError(f"dashdiff: {file}: layer {name!r} in the header has no valid method / r / s ({meta!r})")
+    return parsed, layers
+
+
+def _split_name(name: str, comps: dict) -> tuple[Optional[str], str]:
+    """(component, module name relative to it) of a file's layer name; component None if unknown."""
+    if "" in comps:
+        return "", name
+    comp, _, rel = name.partition(".")
+    return (comp, rel) if comp in comps else (None, name)
+
+
+def _features(module: nn.Module) -> Optional[tuple[int, int]]:
+    """(in, out) of a Linear or of a LoRA layer's base Linear; None for anything else."""
+    if isinstance(module, LoraLayer) and isinstance(getattr(module, "in_features", None), int):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return None
+
+
+def _expected(meta: dict, n_in: int, n_out: int) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Suffix -> (shape, is floating point) of one layer's tensors, from its header entry."""
+    r = meta["r"]
+    out = {"lora_A.weight": ((r, n_in), True), "lora_B.weight": ((n_out, r), True)}
+    if meta["method"] == "dash":
+        s = meta["s"]
+        out.update({"lora_dash_delta": ((s,), True), "lora_dash_U": ((n_out, s), True),
+                    "lora_dash_V": ((s, n_in), True), "lora_dash_step": ((), False),
+                    "lora_dash_launch_step": ((), False)})
+    elif meta["method"] == "autolora":
+        out.update({"lora_autolora_beta": ((r,), True), "lora_autolora_outer_steps": ((), False)})
+    return out
+
+
+def _check_tensor(file: Path, key: str, t: torch.Tensor, shape: tuple[int, ...], floating: bool,
+                  model_shape: Optional[tuple[int, ...]] = None) -> None:
+    if tuple(t.shape) != shape:
+        where = model_shape if model_shape is not None else shape
+        raise ValueError(
+            f"dashdiff: {file}: {key} has shape {tuple(t.shape)} in the file but {tuple(where)} in the "
+            "model: this adapter was trained for another base model (or another r / dash_directions). Load it "
+            "into the base model it was trained on, or into a model without this adapter so that it is "
+            "injected from the stored config."
+        )
+    if floating != t.is_floating_point():
+        raise ValueError(f"dashdiff: {file}: {key} is {t.dtype}, expected a "
+                         f"{'floating-point' if floating else 'integer'} tensor (a damaged or hand-edited file)")
+    if floating and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"dashdiff: {file}: {key} holds NaN or infinite values: the run that wrote it had "
+                         "diverged; load an earlier checkpoint")
+
+
+def _validate(obj, file: Path, tensors: dict[str, torch.Tensor], header: dict, adapter: str) -> tuple[dict, dict]:
+    """Check the whole file against itself and the model before anything is changed; returns
+    (configs of the components that need the adapter injected, the model's existing layers)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.other import get_pattern_key
+
+    configs, wanted = _parse_header(file, header)
+    comps = {name: _component(obj, name, file) for name in configs}
+    to_inject = {name: cfg for name, cfg in configs.items()
+                 if not any(True for _ in iter_lora_layers(comps[name], adapter))}
+    present = {full_name(c, n): layer for c, _, n, layer in iter_lora_layers(obj, adapter) if c in configs}
+
+    # which modules the adapter covers once injected: the existing layers, plus what each stored
+    # config's target_modules would adapt (PEFT's own matching)
+    covered: dict[str, tuple[nn.Module, Optional[Any]]] = {k: (v, None) for k, v in present.items()}
+    for comp_name, cfg in to_inject.items():
+        root = root_model(comps[comp_name])
+        if isinstance(cfg.target_modules, str) and cfg.target_modules == "all-linear":
+            raise ValueError(f"dashdiff: {file}: target_modules 'all-linear' cannot be checked before injection; "
+                             "save the adapter with an explicit list")
+        for name, module in root.named_modules():
+            if _features(module) is not None and check_target_module_exists(cfg, name):
+                covered[full_name(comp_name, name)] = (module, cfg)
+    missing = sorted(set(wanted) - set(covered))
+    extra = sorted(set(covered) - set(wanted))
     if missing or extra:
-        msg = [f"dashdiff: {file} does not fit this model's adapter {adapter!r}."]
-        if missing:
-            msg.append(f"Modules in the file but not adapted in the model ({len(missing)}): {', '.join(missing[:10])}"
-                       + (" ..." if len(missing) > 10 else "") + ".")
-        if extra:
-            msg.append(f"Modules adapted in the model but not in the file ({len(extra)}): {', '.join(extra[:10])}"
-                       + (" ..." if len(extra) > 10 else "") + ".")
-        msg.append("Was it trained on another base model or with other target_modules?")
-        raise ValueError(" ".join(msg))
-    plan: list[tuple[str, LoraLayer, dict[str, torch.Tensor]]] = []
+        raise ValueError(_fit_message(file, adapter, missing, extra))
+
+    known: set[str] = set()
     for name, meta in wanted.items():
-        layer = present[name]
-        kind = _kind(layer, adapter)
-        if kind != meta["method"]:
-            raise ValueError(
-                f"dashdiff: {file}: {name} holds a {meta['method']!r} adapter in the file but a {kind!r} adapter named "
-                f"{adapter!r} in the model; delete the model's adapter first or load under another adapter_name"
-            )
-        targets = _layer_tensors(layer, adapter)
-        for suffix, dst in targets.items():
+        module, cfg = covered[name]
+        n_in, n_out = _features(module)
+        k = min(n_in, n_out)
+        if meta["r"] > k or meta.get("s", 0) > k:
+            raise ValueError(f"dashdiff: {file}: {name} claims rank r={meta['r']}"
+                             + (f", s={meta['s']}" if "s" in meta else "")
+                             + f" but the layer is {n_out}x{n_in} (at most {k}): a damaged or hand-edited file")
+        if cfg is not None:  # to be injected: the config must give this layer the file's rank
+            comp_name, rel = _split_name(name, configs)
+            r_cfg = cfg.rank_pattern.get(get_pattern_key(cfg.rank_pattern.keys(), rel), cfg.r)
+            if r_cfg != meta["r"]:
+                raise ValueError(f"dashdiff: {file}: the stored config gives {name} rank {r_cfg}, the layer list "
+                                 f"says {meta['r']} (a damaged or hand-edited file)")
+        else:
+            kind = _kind(module, adapter)
+            if kind != meta["method"]:
+                raise ValueError(
+                    f"dashdiff: {file}: {name} holds a {meta['method']!r} adapter in the file but a {kind!r} adapter "
+                    f"named {adapter!r} in the model; delete the model's adapter first or load under another "
+                    "adapter_name")
+        model_tensors = _layer_tensors(module, adapter) if cfg is None else {}
+        for suffix, (shape, floating) in _expected(meta, n_in, n_out).items():
             key = f"{name}.{suffix}"
             if key not in tensors:
                 raise ValueError(f"dashdiff: {file} lacks tensor {key} (a damaged or hand-edited file)")
-            src = tensors[key]
-            if src.shape != dst.shape:
-                raise ValueError(
-                    f"dashdiff: {file}: {key} has shape {tuple(src.shape)} in the file but {tuple(dst.shape)} in the "
-                    "model: this adapter was trained for another base model (or another r / dash_directions). Load it "
-                    "into the base model it was trained on, or into a model without this adapter so that it is "
-                    "injected from the stored config."
-                )
-        plan.append((name, layer, targets))
+            dst = model_tensors.get(suffix)
+            _check_tensor(file, key, tensors[key], tuple(dst.shape) if dst is not None else shape, floating,
+                          tuple(dst.shape) if dst is not None else None)
+            known.add(key)
+        if meta["method"] == "dash" and f"{name}.dash_record.indices" in tensors:
+            idx = tensors[f"{name}.dash_record.indices"]
+            _check_tensor(file, f"{name}.dash_record.indices", idx, (min(idx.numel(), meta["s"]),), False)
+            if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < k):
+                raise ValueError(f"dashdiff: {file}: {name}.dash_record.indices out of range 0..{k - 1}")
+            for field_name in ("sigma", "change_rate"):
+                key = f"{name}.dash_record.{field_name}"
+                if key not in tensors:
+                    raise ValueError(f"dashdiff: {file} lacks tensor {key} (a damaged or hand-edited file)")
+                _check_tensor(file, key, tensors[key], (k,), True)
+            known.update(f"{name}.dash_record.{f}" for f in _RECORD_FIELDS)
+    stray = sorted(set(tensors) - known)
+    if stray:
+        raise ValueError(f"dashdiff: {file} holds {len(stray)} tensor(s) that belong to no layer of its header "
+                         f"(e.g. {stray[0]}): a damaged or hand-edited file")
+    return {n: (comps[n], cfg) for n, cfg in to_inject.items()}, present
 
-    # 3. copy in place (LoRA-Dash's A/B/U/V are views of one storage: never rebind them)
+
+_ABSENT = object()
+
+
+class _Undo:
+    """Enough of a model's state to put it back exactly if injection fails half-way: every module's
+    children, parameters and buffers, the LoRA layers' per-adapter dicts and the PEFT configs."""
+
+    def __init__(self, comps: list[nn.Module]) -> None:
+        self.saved, self.configs = [], []
+        own = ("_modules", "_parameters", "_buffers")
+        for comp in comps:
+            for module in comp.modules():
+                extra = {k: dict(v) for k, v in vars(module).items()
+                         if isinstance(module, LoraLayer) and isinstance(v, dict) and k not in own}
+                self.saved.append((module, dict(module._modules), dict(module._parameters), dict(module._buffers),
+                                   extra))
+            # attributes injection may add or fill: PEFT's config dict, diffusers' "loaded" flag
+            for holder in {id(h): h for h in (comp, root_model(comp))}.values():
+                for attr in ("peft_config", "_hf_peft_config_loaded"):
+                    value = vars(holder).get(attr, _ABSENT)
+                    self.configs.append((holder, attr, dict(value) if isinstance(value, dict) else value, value))
+
+    def restore(self) -> None:
+        for module, children, params, buffers, extra in self.saved:
+            module._modules.clear(); module._modules.update(children)  # noqa: E702
+            module._parameters.clear(); module._parameters.update(params)  # noqa: E702
+            module._buffers.clear(); module._buffers.update(buffers)  # noqa: E702
+            for k, v in extra.items():
+                getattr(module, k).clear()
+                getattr(module, k).update(v)
+        for holder, attr, copy, value in self.configs:
+            if value is _ABSENT:
+                vars(holder).pop(attr, None)
+            elif isinstance(value, dict):
+                value.clear()
+                value.update(copy)
+                vars(holder)[attr] = value
+            else:
+                vars(holder)[attr] = value
+
+
+def load_adapter(model_or_pipeline, path: Union[str, os.PathLike], adapter_name: Optional[str] = None):
+    """Load a file written by ``save_adapter`` into a model, ``PeftModel`` or pipeline, in place.
+
+    The whole file is checked first, against itself and the model: the stored configs, every
+    layer's module (it exists and is a Linear the config targets), each rank against the layer's
+    size, every tensor's shape, dtype and finiteness, no stray tensors. Only then are components
+    that lack the adapter injected from the stored config and every tensor copied; each LoRA-Dash
+    layer's launch record and step counters are restored, so outputs are identical and training
+    continues (launched layers stay launched). On any refusal the model is left exactly as it was.
+    ``adapter_name`` renames the adapter (default: the stored name). Returns ``model_or_pipeline``.
+    """
+    file = _file_path(path)
+    tensors, header = _read_state(file)
+    adapter = adapter_name or header.get("adapter_name")
+    injections, _ = _validate(model_or_pipeline, file, tensors, header, adapter)
+    wanted = header["layers"]
+
+    undo = _Undo([comp for comp, _ in injections.values()])
+    try:
+        # 1. inject where needed (the file fits: checked above)
+        for comp, cfg in injections.values():
+            _inject(comp, cfg, adapter)
+        present = {full_name(c, n): layer for c, _, n, layer in iter_lora_layers(model_or_pipeline, adapter)
+                   if c in header["configs"]}
+        plan: list[tuple[str, LoraLayer, dict[str, torch.Tensor]]] = []
+        for name in wanted:
+            layer = present[name]
+            targets = _layer_tensors(layer, adapter)
+            for suffix, dst in targets.items():  # cannot fail after _validate; kept as a guard
+                if tensors[f"{name}.{suffix}"].shape != dst.shape:
+                    raise ValueError(f"dashdiff: {file}: {name}.{suffix} does not fit the injected layer")
+            plan.append((name, layer, targets))
+    except BaseException:
+        undo.restore()
+        raise
+
+    # 2. copy in place (LoRA-Dash's A/B/U/V are views of one storage: never rebind them)
     with torch.no_grad():
         for name, layer, targets in plan:
             for suffix, dst in targets.items():

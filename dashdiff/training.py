@@ -90,6 +90,8 @@ def default_dash_warmup_steps(gradient_accumulation_steps: int) -> int:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN / Infinity: a bare NaN makes the file unreadable to strict parsers
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, (list, tuple)):
@@ -725,6 +727,10 @@ def read_checkpoint_info(path: PathLike) -> dict[str, Any]:
         raise TrainingError(f"{file} is damaged ({err}): resume from another checkpoint") from None
     if not isinstance(info, dict):
         raise TrainingError(f"{file} is damaged (not a JSON object): resume from another checkpoint")
+    missing = [name for name in (ADAPTER_STATE, "optimizer.bin") if not (Path(path) / name).is_file()]
+    if missing:
+        raise TrainingError(f"{path} lacks {', '.join(missing)} (an interrupted save?): resume from another "
+                            "checkpoint")
     return info
 
 
@@ -776,7 +782,7 @@ class StepLog:
     def truncate(self, keep: Callable[[dict], bool]) -> None:
         if not self.enabled or not self.path.exists():
             return
-        rows = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = self.read(self.path)
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows if keep(r))
         atomic_write(self.path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
@@ -785,14 +791,27 @@ class StepLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(_jsonable(dict(row)), sort_keys=True) + "\n")
+            fh.write(json.dumps(_jsonable(dict(row)), sort_keys=True, allow_nan=False) + "\n")
 
     @staticmethod
     def read(path: PathLike) -> list[dict]:
+        """The rows; a torn last line (a run killed mid-write) is dropped, a damaged earlier one
+        raises ``TrainingError`` naming the line."""
         path = Path(path)
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        rows = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                if n == len(lines):  # only the last write can have been cut short
+                    continue
+                raise TrainingError(f"{path} line {n} is damaged (not JSON): fix or delete that line") from None
+        return rows
 
 
 def fused_adamw_ok(params: list[torch.Tensor]) -> bool:

@@ -230,7 +230,7 @@ def test_bad_files_are_refused_and_slots_survive(renderer, files, tmp_path):
         ({"steps": 2.5}, "whole number"),
         ({"width": 60}, "Width must be from 64"),
         ({"height": 100}, "multiple of 8"),
-        ({"width": 4096}, "Width must be from 64 to 2048"),
+        ({"width": 4096}, r"Width must be from 64 to 256 \(the cap on cpu"),  # device cap (issue 13)
         ({"guidance": float("nan")}, "Guidance"),
         ({"seed": -1}, "Seed"),
     ],
@@ -239,6 +239,83 @@ def test_bad_inputs_are_refused(renderer, change, message):
     kwargs = dict(prompt="a cat", seed=0, steps=STEPS, guidance=7.5, width=64, height=64, scale=1.0) | change
     with pytest.raises(app.RenderError, match=message):
         renderer.render(**kwargs)
+
+
+# --------------------------------------------------------------------------- limits and cancellation
+
+
+def test_limits_follow_the_device_and_the_native_size():
+    cpu, gpu = app.Limits.for_device("cpu", 1024), app.Limits.for_device("cuda", 1024)
+    assert (cpu.size, cpu.steps, gpu.size, gpu.steps) == ((64, 512), (1, 50), (64, 1024), (1, 100))
+    assert app.Limits.for_device("cpu", 64).size == (64, 256) and app.Limits.for_device("cuda:1", 512).size == (64, 1024)
+    assert app.Limits.for_device("cpu", 512, max_side=2000, max_steps=7) == app.Limits(
+        steps=(1, 7), size=(64, 2000), device="cpu")
+
+
+def test_caps_are_refused_with_the_reason(renderer):
+    assert renderer.limits == app.Limits.for_device("cpu", 64)  # tiny-sd: 64 px native
+    with pytest.raises(app.RenderError, match=r"Width must be from 64 to 256 \(the cap on cpu, so one request "
+                                              r"cannot hold the app for long\), got 2048"):
+        renderer.render("a cat", steps=STEPS, width=2048, height=64)
+    with pytest.raises(app.RenderError, match=r"Steps must be from 1 to 50 \(the cap on cpu"):
+        renderer.render("a cat", steps=51)
+
+
+def test_cancel_stops_a_render_within_a_step(renderer):
+    import threading
+
+    before = renderer.render("a cat", seed=1, steps=STEPS, methods=["base"])[0]
+    cancel, seen = threading.Event(), []
+
+    def on_step(step, steps):
+        seen.append(step)
+        if step == 3:
+            cancel.set()  # as the UI's generator does when gradio closes it
+
+    with pytest.raises(app.Cancelled, match="after step 3 of 50"):
+        renderer.render("a cat", seed=1, steps=50, methods=["base", "lora"], on_step=on_step, cancel=cancel)
+    assert seen == [1, 2, 3]  # stopped at the end of the step under way; the second method never started
+    # from another thread, mid-render: the pipeline is free again within a step
+    cancel, started, seen = threading.Event(), threading.Event(), []
+    errors = []
+
+    def work():
+        try:
+            renderer.render("a cat", seed=1, steps=50, methods=["base"], on_step=lambda k, n: (seen.append(k),
+                                                                                           started.set()),
+                            cancel=cancel)
+        except app.Cancelled as e:
+            errors.append(e)
+
+    t = threading.Thread(target=work)
+    t.start()
+    assert started.wait(30)
+    at = len(seen)
+    cancel.set()
+    t.join(30)
+    assert not t.is_alive() and errors and len(seen) <= at + 2
+    assert _differ(before, renderer.render("a cat", seed=1, steps=STEPS, methods=["base"])[0]) == 0  # unharmed
+
+
+def test_queue_is_bounded_with_one_render_at_a_time(renderer):
+    state = app.AppState(renderer=renderer, default_steps=STEPS, queue_size=3)
+    demo = app.launch(state, "127.0.0.1", _free_port(), block=False)
+    try:
+        assert demo._queue.max_size == 3 and demo._queue.default_concurrency_limit == 1
+        cancels = [d for d in demo.config["dependencies"] if d.get("cancels")]
+        assert len(cancels) == 1 and len(cancels[0]["cancels"]) == 2  # the Cancel button stops both triggers
+    finally:
+        demo.close()
+
+
+def test_port_and_caps_flags(capsys):
+    for argv, msg in ((["--port", "99999"], "--port must be from 1 to 65535, got 99999"),
+                      (["--max-side", "8"], "--max-side must be from 64"), (["--queue-size", "0"], "--queue-size")):
+        with pytest.raises(SystemExit):
+            app.parse_args(argv)
+        assert msg in capsys.readouterr().err
+    args = app.parse_args(["--max-side", "128", "--max-steps", "9", "--queue-size", "4"])
+    assert (args.max_side, args.max_steps, args.queue_size) == (128, 9, 4)
 
 
 # --------------------------------------------------------------------------- command line
@@ -319,6 +396,38 @@ def test_client_renders_side_by_side(client):
     for a, b in zip(gallery, gallery2):
         assert np.array_equal(_px(Image.open(a["image"])), _px(Image.open(b["image"])))
     assert "seed 5" in note
+
+
+def test_client_cancel_stops_the_render(client, renderer):
+    """A job the client cancels (as gradio does when a page closes) stops within a step or two,
+    and the render slot is free again at once."""
+    import time
+
+    calls = []
+    unet = renderer.pipe.unet
+    original = unet.forward
+
+    def counting(*a, **kw):
+        calls.append(time.perf_counter())
+        time.sleep(0.05)  # a slow step, so the job is surely mid-render when cancelled
+        return original(*a, **kw)
+
+    unet.forward = counting
+    try:
+        job = client.submit("a cat", "", 1, 50, 7.5, 64, 64, 1.0, True, api_name="/generate")
+        deadline = time.time() + 60
+        while len(calls) < 3 and time.time() < deadline:
+            time.sleep(0.01)
+        assert len(calls) >= 3
+        job.cancel()
+        at = len(calls)
+        assert renderer._lock.acquire(timeout=30)  # the render let go of the pipeline
+        renderer._lock.release()
+        assert len(calls) <= at + 2 < 50 * 4  # 4 methods x 50 steps if it had run on
+    finally:
+        unet.forward = original
+    gallery, _, _ = _generate(client)  # the next request is served
+    assert len(gallery) == 4
 
 
 def test_client_errors_then_recovers(client, files, tmp_path):

@@ -62,8 +62,14 @@ def _fresh_accelerate():
 
 
 def cli(base: Path, out: Path, kind: str, *extra: str) -> list[str]:
+    # A method's own options are refused with another --adapter_name: give each run only its own.
+    common = []
+    for flag, value in zip(COMMON[::2], COMMON[1::2]):
+        owner = script.METHOD_OPTIONS.get(flag[2:])
+        if owner in (None, kind):
+            common += [flag, value]
     return ["--base_model", str(base), "--data_path", str(TRAIN), "--output_dir", str(out),
-            "--adapter_name", kind, *COMMON, *extra]
+            "--adapter_name", kind, *common, *extra]
 
 
 def run_main(argv: list[str]) -> dict:

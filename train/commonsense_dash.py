@@ -28,8 +28,10 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -55,6 +57,18 @@ _TRAJECTORY_KEYS = (
     "autolora_mode", "autolora_search_epochs", "autolora_beta_lr", "autolora_threshold",
     "autolora_rank_rule", "autolora_retrain",
 )
+# Options of one --adapter_name (refused with another one) and their defaults, filled in by validate_args.
+METHOD_OPTIONS = {
+    **{name: "dash" for name in ("dash_warmup_steps", "dash_directions", "dash_prefetch_spectra")},
+    **{name: "autolora" for name in ("autolora_val_fraction", "autolora_mode", "autolora_search_epochs",
+                                     "autolora_beta_lr", "autolora_fd_batched", "autolora_threshold",
+                                     "autolora_rank_rule", "autolora_retrain")},
+}
+METHOD_DEFAULTS = {
+    "dash_directions": 8, "dash_prefetch_spectra": False, "autolora_val_fraction": 0.3, "autolora_mode": "darts",
+    "autolora_search_epochs": 1.0, "autolora_beta_lr": 3e-4, "autolora_fd_batched": True,
+    "autolora_rank_rule": "softmax", "autolora_retrain": True,
+}
 
 
 # --------------------------------------------------------------------------- arguments
@@ -138,24 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dash_warmup_steps", type=int, default=None,
                    help="LoRA-Dash: optimizer steps before the launch; default ceil(100 / accumulation), "
                         "accumulation = batch_size // micro_batch_size (the published 100 training micro-batches)")
-    g.add_argument("--dash_directions", type=int, default=8, help="LoRA-Dash: s, directions per layer")
-    g.add_argument("--dash_prefetch_spectra", action="store_true",
+    g.add_argument("--dash_directions", type=int, default=None, help="LoRA-Dash: s, directions per layer (default 8)")
+    g.add_argument("--dash_prefetch_spectra", action="store_true", default=None,
                    help="LoRA-Dash: compute the launch's W0 spectra in the background during the pre-launch steps "
                         "(host memory 8·k² bytes per layer, ~21 GB for LLaMA-7B's 160 targets)")
     g.add_argument("--export_merged", action="store_true", help="also write the merged model to <output_dir>/merged")
 
     g = p.add_argument_group("AutoLoRA")
-    g.add_argument("--autolora_val_fraction", type=float, default=0.3,
+    # Method options default to None ("not given", refused with another --adapter_name); the real
+    # defaults are filled in by validate_args (METHOD_DEFAULTS).
+    g.add_argument("--autolora_val_fraction", type=float, default=None,
                    help="part of the training set used as the search's validation split (published code: 0.3)")
-    g.add_argument("--autolora_mode", choices=("darts", "first_order", "darts_unrolled"), default="darts")
-    g.add_argument("--autolora_search_epochs", type=float, default=1.0, help="epochs of the bi-level search")
-    g.add_argument("--autolora_beta_lr", type=float, default=3e-4)
-    g.add_argument("--autolora_fd_batched", type=_bool, nargs="?", const=True, default=True,
+    g.add_argument("--autolora_mode", choices=("darts", "first_order", "darts_unrolled"), default=None,
+                   help="default darts")
+    g.add_argument("--autolora_search_epochs", type=float, default=None,
+                   help="epochs of the bi-level search (default 1)")
+    g.add_argument("--autolora_beta_lr", type=float, default=None, help="default 3e-4")
+    g.add_argument("--autolora_fd_batched", type=_bool, nargs="?", const=True, default=None,
                    help="true: the two finite-difference passes run as one pass over the micro-batch twice over (faster "
                         "where the step is bound by per-operation overhead; twice the activations in that pass)")
     g.add_argument("--autolora_threshold", type=float, default=None, help="λ; default 1/k")
-    g.add_argument("--autolora_rank_rule", choices=("softmax", "published"), default="softmax")
-    g.add_argument("--autolora_retrain", type=_bool, nargs="?", const=True, default=True,
+    g.add_argument("--autolora_rank_rule", choices=("softmax", "published"), default=None, help="default softmax")
+    g.add_argument("--autolora_retrain", type=_bool, nargs="?", const=True, default=None,
                    help="true: retrain a fresh LoRA with the found ranks on the whole training set (published); "
                         "false: export the searched adapter with the pruned components dropped")
     return p
@@ -174,6 +192,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Check the settings that need no model or data; fill the derived defaults."""
+    from dashdiff import validation as V
+
+    # Before the defaults are filled: a method's option given with another method is refused (as
+    # train/dreambooth_dash.py does), not silently ignored.
+    # main() validates again: the defaults filled below must not read as "given" then.
+    given = not getattr(args, "_defaults_filled", False)
+    errors = V.method_option_errors(args, args.adapter_name, METHOD_OPTIONS, "--adapter_name") if given else []
+    errors += [V.seed_error(args.seed), V.positive_finite_error("--learning_rate", args.learning_rate),
+               V.positive_finite_error("--autolora_beta_lr", args.autolora_beta_lr)]
+    try:
+        V.raise_errors(errors)
+    except V.TrainingError as err:
+        raise ValueError(str(err)) from None
+    for name, value in METHOD_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args._defaults_filled = True  # a leading underscore keeps it out of the run record and fingerprint
     positive = ("batch_size", "micro_batch_size", "cutoff_len", "eval_step", "save_step", "lora_r",
                 "dash_directions", "logging_steps")
     for name in positive:
@@ -203,6 +238,10 @@ def validate_args(args: argparse.Namespace) -> None:
         args.dash_warmup_steps = default_dash_warmup_steps(args.batch_size // args.micro_batch_size)
     if args.dash_warmup_steps < 0:
         raise ValueError("--dash_warmup_steps must be >= 0")
+    if args.adapter_name == "dash" and args.max_train_steps is not None:
+        error = V.dash_warmup_error(args.dash_warmup_steps, args.max_train_steps, "--max_train_steps")
+        if error:
+            raise ValueError(error)
 
 
 # --------------------------------------------------------------------------- data
@@ -229,12 +268,28 @@ def split_records(records: list[dict], val_set_size: int, seed: int) -> tuple[li
     return [records[i] for i in perm[val_set_size:]], [records[i] for i in perm[:val_set_size]]
 
 
-def tokenize_records(records: list[dict], tokenizer: Any, args: argparse.Namespace) -> list[Example]:
+def tokenize_records(records: list[dict], tokenizer: Any, args: argparse.Namespace, what: str = "training") -> list[Example]:
+    """Tokenized examples. An example cut by ``--cutoff_len`` before its response has no token in the
+    loss: refused when that is true of every example (the run would train on nothing), counted in a
+    warning when of some (they only dilute their batches)."""
+    from dashdiff.training import TrainingError
+
     out = []
     for rec in records:
         enc = tokenize_example(tokenizer, rec, cutoff_len=args.cutoff_len, train_on_inputs=args.train_on_inputs,
                                template=args.prompt_template)
         out.append(Example(enc["input_ids"], enc["labels"]))
+    empty = sum(1 for e in out if e.targets == 0)
+    if out and empty == len(out):
+        longest = max(len(e.input_ids) for e in out)
+        raise TrainingError(
+            f"--cutoff_len {args.cutoff_len} leaves no token in the loss of any of the {len(out)} {what} examples "
+            f"(their prompts fill the {args.cutoff_len} tokens before the response starts): raise --cutoff_len"
+            + ("" if args.train_on_inputs else " or pass --train_on_inputs true")
+            + f"; the longest example here has {longest} tokens after the cut")
+    if empty:
+        warnings.warn(f"--cutoff_len {args.cutoff_len}: {empty} of {len(out)} {what} examples have no token in the "
+                      "loss (cut before their response); raise --cutoff_len to train on them")
     return out
 
 
@@ -416,6 +471,11 @@ def trajectory_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in _TRAJECTORY_KEYS}
 
 
+def train_steps(args: argparse.Namespace, plan: "BatchPlan") -> int:
+    """Optimizer steps of the training phase: --max_train_steps, else --num_epochs of ``plan``."""
+    return args.max_train_steps or math.ceil(args.num_epochs * plan.steps_per_epoch)
+
+
 def micro_per_step(args: argparse.Namespace) -> int:
     """Micro-batches per optimizer step over all processes (LLM-Adapters' batch_size // micro_batch_size)."""
     return args.batch_size // args.micro_batch_size
@@ -577,7 +637,7 @@ def fit(run: Run, model: Any, examples: list[Example], val_examples: list[Exampl
 
     args, acc = run.args, run.accelerator
     plan = BatchPlan(len(examples), args.micro_batch_size, micro_per_step(args), args.seed)
-    total_steps = args.max_train_steps or math.ceil(args.num_epochs * plan.steps_per_epoch)
+    total_steps = train_steps(args, plan)
     params = trainable_parameters(model)
     # fused: one kernel for all parameters (LoRA-Dash's δ is a third tensor per layer)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
@@ -775,6 +835,7 @@ def _main(args: argparse.Namespace, guard: Any) -> dict[str, Any]:
 
     import dashdiff
     from dashdiff import training as T
+    from dashdiff import validation as V
 
     validate_args(args)
     t_start = time.perf_counter()
@@ -794,6 +855,7 @@ def _main(args: argparse.Namespace, guard: Any) -> dict[str, Any]:
                        args.overwrite_output_dir)
     if resume is not None:
         check_resume(resume, fingerprint, args)
+    V.check_output_dir_writable(out)
 
     # Data first: a bad file fails in a second, before any model is loaded (and on the command
     # line as one message naming the file and record, no traceback).
@@ -802,6 +864,10 @@ def _main(args: argparse.Namespace, guard: Any) -> dict[str, Any]:
         train_records, val_records = split_records(records, args.val_set_size, args.seed)
     except (OSError, ValueError) as err:
         raise T.TrainingError(str(err)) from err
+    if args.adapter_name == "dash":  # a run shorter than the warm-up would never launch
+        plan = BatchPlan(len(train_records), args.micro_batch_size, micro_per_step(args), args.seed)
+        V.raise_errors([V.dash_warmup_error(args.dash_warmup_steps, train_steps(args, plan),
+                                            f"--num_epochs {args.num_epochs:g} x {plan.steps_per_epoch} per epoch")])
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     kind = args.adapter_name
@@ -836,6 +902,7 @@ def _main(args: argparse.Namespace, guard: Any) -> dict[str, Any]:
         "script": "train/commonsense_dash.py", "fingerprint": fingerprint, "args": T.run_arguments(args),
         "method": kind, "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
         "device": str(accelerator.device), "status": "running",
+        "pid": os.getpid(),  # lets cli() mark this record "failed" (dashdiff.validation.mark_failed)
         "data": {"records": len(records), "train": len(train_records), "val": len(val_records)},
         "versions": {"torch": torch.__version__, "dashdiff": dashdiff.__version__},
     }
@@ -845,7 +912,7 @@ def _main(args: argparse.Namespace, guard: Any) -> dict[str, Any]:
     T.register_state_hooks(accelerator, lambda: accelerator.unwrap_model(run.model), dashdiff.save_adapter,
                            dashdiff.load_adapter)
 
-    val_ex = tokenize_records(val_records, tokenizer, args)
+    val_ex = tokenize_records(val_records, tokenizer, args, "held-out (--val_set_size)")
     if kind == "autolora":
         # The search's validation split comes out of the training records; --val_set_size stays the
         # held-out evaluation set, as in LLM-Adapters. The retrain uses all training records.
@@ -896,10 +963,23 @@ def _main(args: argparse.Namespace, guard: Any) -> dict[str, Any]:
     return record
 
 
-if __name__ == "__main__":
-    from dashdiff.training import TrainingError
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command line: the user's input or folders give one clear line and exit status 1 (a bug
+    keeps its traceback); either way the run record is left saying "failed", not "running"."""
+    from dashdiff import validation as V
 
+    args = parse_args(argv)
     try:
-        main(parse_args())
-    except TrainingError as err:  # the user's input or folders: one clear line, no traceback
-        sys.exit(f"error: {err}")
+        main(args)
+    except BaseException as err:  # noqa: BLE001 - the record must not keep saying "running"
+        line = V.failure_line(err)
+        V.mark_failed(args.output_dir, line or f"{type(err).__name__}: {err}")
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

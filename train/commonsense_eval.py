@@ -73,6 +73,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--num_beams and --max_new_tokens must be >= 1")
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")
+    from dashdiff.validation import seed_error
+
+    if seed_error(args.seed):
+        p.error(seed_error(args.seed))
     return args
 
 
@@ -108,7 +112,26 @@ def _attach_adapter(model: Any, lora_weights: str) -> Any:
         )
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(path))
+    from dashdiff.validation import check_peft_weights_loaded
+
+    peft_model = PeftModel.from_pretrained(model, str(path))
+    # PEFT only warns when the weights name modules its target_modules did not adapt: the model
+    # would be evaluated without them (or with freshly initialised layers).
+    check_peft_weights_loaded(peft_model, path)
+    return peft_model
+
+
+def check_lora_weights_path(lora_weights: str) -> None:
+    """What ``_attach_adapter`` accepts, checked before the model is loaded (seconds, not minutes)."""
+    path = Path(lora_weights)
+    if not path.exists():
+        raise FileNotFoundError(f"--lora_weights {lora_weights} does not exist")
+    if path.is_file() and path.suffix != ".safetensors":
+        raise FileNotFoundError(f"--lora_weights {lora_weights}: expected a PEFT adapter folder with "
+                                "adapter_config.json, or a dashdiff .safetensors file")
+    if path.is_dir() and not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--lora_weights {lora_weights}: the folder has no adapter_config.json (a PEFT "
+                                "adapter folder holds adapter_config.json and adapter_model.safetensors)")
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -144,7 +167,7 @@ def _write_tables(
         "num_datasets": len(done),
         "complete": len(done) == len(DATASETS),
     }
-    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    (out / "results.json").write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.2f}"
@@ -184,7 +207,14 @@ def main(args: argparse.Namespace) -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"no test set for {name}: {path} does not exist")
         records = load_records(path, stage="eval")
+        if not records:
+            raise ValueError(f"{path} holds no records: an empty test set has no accuracy")
         data[name] = records[: args.limit] if args.limit else records
+    if args.lora_weights:
+        check_lora_weights_path(args.lora_weights)
+    from dashdiff.validation import check_output_dir_writable
+
+    check_output_dir_writable(args.output_dir)
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +241,7 @@ def main(args: argparse.Namespace) -> dict:
             max_new_tokens=args.max_new_tokens, lenient=args.lenient_extraction,
             progress=not args.no_progress, template=args.template,
         )
-        (out / f"{name}.json").write_text(json.dumps(samples, indent=4) + "\n", encoding="utf-8")
+        (out / f"{name}.json").write_text(json.dumps(samples, indent=4, allow_nan=False) + "\n", encoding="utf-8")
         accuracies[name], counts[name] = acc, len(samples)
         print(f"{name}: accuracy {acc:.4f} ({sum(s['flag'] for s in samples)}/{len(samples)})")
     payload = _write_tables(out, setup, accuracies, counts)
@@ -220,5 +250,17 @@ def main(args: argparse.Namespace) -> dict:
     return payload
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command line: bad input (a missing file, a malformed record, an adapter that does not fit
+    the model) is one line on stderr and exit status 1, not a traceback."""
+    args = parse_args(argv)
+    try:
+        main(args)
+    except (OSError, ValueError) as err:
+        print(f"commonsense_eval.py: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(cli())

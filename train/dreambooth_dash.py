@@ -105,12 +105,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is import
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import dashdiff
 from dashdiff import training as T
+from dashdiff import validation as V
 from dashdiff.training import TrainingError
 
 logger = logging.getLogger("dreambooth_dash")
@@ -158,6 +159,13 @@ UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "prodigy_decouple": (None, "only --optimizer AdamW is offered (prodigy is not)"),
     "prodigy_use_bias_correction": (None, "only --optimizer AdamW is offered (prodigy is not)"),
     "prodigy_safeguard_warmup": (None, "only --optimizer AdamW is offered (prodigy is not)"),
+}
+# Flags that belong to one method (None = not given): refused with another method (dashdiff.validation).
+METHOD_OPTIONS: dict[str, str] = {
+    **{name: "dash" for name in ("dash_warmup_steps", "dash_directions")},
+    **{name: "autolora" for name in ("autolora_search_steps", "autolora_val_fraction", "autolora_threshold",
+                                     "autolora_rank_rule", "autolora_hypergradient", "autolora_meta_lr",
+                                     "autolora_rollback", "autolora_fd_batched")},
 }
 
 
@@ -377,13 +385,22 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if args.autolora_threshold is not None and not 0 < args.autolora_threshold <= 1:
         errors.append(f"--autolora_threshold must be in (0, 1], got {args.autolora_threshold}")
     # Method-specific flags with another method would be silently ignored: say so instead.
-    for name in ("dash_warmup_steps", "dash_directions"):
-        if getattr(args, name) is not None and args.method != "dash":
-            errors.append(f"--{name} is a LoRA-Dash option: add --method dash or drop it")
-    for name in ("autolora_search_steps", "autolora_val_fraction", "autolora_threshold", "autolora_rank_rule",
-                 "autolora_hypergradient", "autolora_meta_lr", "autolora_rollback", "autolora_fd_batched"):
-        if getattr(args, name) is not None and args.method != "autolora":
-            errors.append(f"--{name} is an AutoLoRA option: add --method autolora or drop it")
+    errors += V.method_option_errors(args, args.method, METHOD_OPTIONS, "--method")
+    errors += [e for e in (V.seed_error(args.seed), V.positive_finite_error("--learning_rate", args.learning_rate),
+                           V.positive_finite_error("--text_encoder_lr", args.text_encoder_lr),
+                           V.positive_finite_error("--autolora_meta_lr", args.autolora_meta_lr)) if e]
+    if args.method == "dash" and args.max_train_steps is not None and args.gradient_accumulation_steps >= 1:
+        warmup = args.dash_warmup_steps
+        if warmup is None:
+            warmup = T.default_dash_warmup_steps(args.gradient_accumulation_steps)
+        error = V.dash_warmup_error(warmup, args.max_train_steps, "--max_train_steps")
+        if error:
+            errors.append(error)
+    if args.with_prior_preservation and args.class_data_dir:
+        try:
+            V.check_class_dir(args.class_data_dir, [args.instance_data_dir, args.dataset_name])
+        except TrainingError as err:
+            errors.append(str(err))
     if args.method == "autolora" and args.train_text_encoder:
         errors.append("--train_text_encoder with --method autolora is not supported: the rank search runs on the "
                       "UNet; use --method lora or dash to adapt the text encoder too")
@@ -475,14 +492,15 @@ class Item:
 
 
 def load_image(path: Path) -> Image.Image:
-    """Open, EXIF-rotate and convert to RGB; a bad file raises naming it."""
+    """Open, EXIF-rotate and convert to 8-bit RGB (16-bit and transparent images as a user means them,
+    see ``dashdiff.validation.to_rgb``); a bad or oversized file raises naming it."""
     try:
         with Image.open(path) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise TrainingError(f"{path}: not an image or a corrupt one ({err}). Remove or replace the file.") from None
+            return V.to_rgb(img, path)
+    except V.image_exceptions() as err:
+        raise TrainingError(V.image_error(path, err)) from None
 
 
 def image_files(folder: Path, what: str) -> list[Path]:
@@ -506,8 +524,10 @@ def check_images(files: Sequence[Path]) -> None:
         try:
             with Image.open(path) as img:
                 img.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise TrainingError(f"{path}: not an image or a corrupt one ({err}). Remove or replace the file.") from None
+                if img.mode == "F":
+                    V.to_rgb(img, path)  # refused: no defined 0-255 range
+        except V.image_exceptions() as err:
+            raise TrainingError(V.image_error(path, err)) from None
 
 
 def instance_items(args: argparse.Namespace) -> list[Item]:
@@ -1060,10 +1080,12 @@ def model_card(args, family: str, record: dict, images: list[str]) -> str:
     ]
     if args.method == "dash":
         launch = record.get("dash_launch") or {}
+        # Only a launched adapter exports the s directions; before the launch the export is rank r.
+        exported = f"{args.rank}+{args.dash_directions}" if launch.get("step") is not None else f"{args.rank}"
         lines.append(
             f"- LoRA-Dash: {args.dash_directions} directions per layer, launched after optimizer step "
             f"{launch.get('step', 'never (training ended before the warm-up)')} (warm-up {args.dash_warmup_steps}). "
-            f"The exported LoRA has rank {args.rank}+{args.dash_directions} per layer and scale 1."
+            f"The exported LoRA has rank {exported} per layer and scale 1."
         )
     if args.method == "autolora":
         ranks = record.get("autolora_ranks") or {}
@@ -1205,6 +1227,9 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
             raise TrainingError(f"AutoLoRA validation split of the instance images: {err}") from None
     if args.with_prior_preservation and Path(args.class_data_dir).is_dir():
         check_images(image_files(Path(args.class_data_dir), "--class_data_dir"))
+    V.check_output_dir_writable(output_dir)
+    if args.with_prior_preservation:
+        V.check_output_dir_writable(args.class_data_dir, "--class_data_dir")
     if resume is not None:
         if args.method != "autolora" and resume.phase == "search":
             raise TrainingError(f"{resume.path} is an AutoLoRA search checkpoint; this run is --method {args.method}")
@@ -1225,6 +1250,7 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
     record: dict[str, Any] = {
         "fingerprint": fingerprint, "args": T.run_arguments(args), "family": family, "method": args.method,
         "model_path": model_path, "num_processes": accelerator.num_processes, "status": "running",
+        "pid": os.getpid(),  # lets the command line mark this record "failed" (dashdiff.validation.mark_failed)
         "dashdiff_version": dashdiff.__version__, "resumed_from": str(resume.path) if resume else None,
     }
     if split is not None:
@@ -1530,6 +1556,9 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
                 cast_training_params([unet], dtype=torch.float32)
             resume = None
         phase = setup_phase("train", items, args.max_train_steps)
+        if args.method == "dash":  # the number of steps from epochs is known only now
+            V.raise_errors([V.dash_warmup_error(args.dash_warmup_steps, phase.max_steps, "--num_train_epochs "
+                                                f"{args.num_train_epochs} x {phase.updates_per_epoch} per epoch")])
         args.max_train_steps = phase.max_steps
         start = 0
         if resume is not None and resume.phase == "train":
@@ -1630,8 +1659,12 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         main(args)
-    except (TrainingError, T.NonFiniteLossError) as err:
-        print(f"dreambooth_dash.py: error: {err}", file=sys.stderr)
+    except BaseException as err:  # noqa: BLE001 - the record must not keep saying "running"
+        line = str(err) if isinstance(err, T.NonFiniteLossError) else V.failure_line(err)
+        V.mark_failed(args.output_dir, line or f"{type(err).__name__}: {err}")
+        if line is None:
+            raise
+        print(f"dreambooth_dash.py: error: {line}", file=sys.stderr)
         return 1
     return 0
 

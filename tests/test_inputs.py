@@ -1,0 +1,501 @@
+"""Input rules shared by the entry points (dashdiff.validation, issue 13): each case is a silent
+wrong result or a traceback that became a clear refusal or a correct result. Flag checks go
+through the parsers (no model); the few end-to-end cases use the reserved tiny models in-process."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dashdiff import training as T
+from dashdiff import validation as V
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBJECT = ROOT / "assets" / "subject"
+TRAIN = ROOT / "tests" / "fixtures" / "commonsense" / "train.json"
+
+
+def _load(name: str, rel: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+db = _load("dreambooth_dash", "train/dreambooth_dash.py")
+cs = _load("commonsense_dash", "train/commonsense_dash.py")
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+def db_argv(out, *extra):
+    return ["--pretrained_model_name_or_path", "tiny-sd", "--instance_data_dir", str(SUBJECT),
+            "--instance_prompt", "a photo of sks toy", "--resolution", "64", "--train_batch_size", "2",
+            "--learning_rate", "1e-2", "--output_dir", str(out), "--report_to", "none", *extra]
+
+
+def cs_argv(out, *extra, base="tiny-llama"):
+    return ["--base_model", base, "--data_path", str(TRAIN), "--output_dir", str(out), "--val_set_size", "2",
+            "--batch_size", "4", "--micro_batch_size", "2", "--save_step", "1000", "--logging_steps", "1000", *extra]
+
+
+def parse_error(parse, argv, capsys) -> str:
+    with pytest.raises(SystemExit):
+        parse(argv)
+    return capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> str:
+    from dashdiff.tiny import resolve_model
+
+    return resolve_model("tiny-llama", cache_dir=str(tmp_path_factory.mktemp("cache")))
+
+
+# --------------------------------------------------------------------------- flags, both scripts
+
+
+@pytest.mark.parametrize("script", ["dreambooth", "commonsense"])
+def test_bad_numbers_and_foreign_method_options_are_refused(script, tmp_path, capsys):
+    parse, argv, flag = ((db.parse_args, db_argv, "--method") if script == "dreambooth"
+                         else (cs.parse_args, cs_argv, "--adapter_name"))
+    cases = {
+        ("--seed", "-1"): "--seed must be from 0 to 4294967295",
+        ("--seed", str(2**32)): "--seed must be from 0",
+        ("--learning_rate", "nan"): "--learning_rate must be a finite number > 0, got nan",
+        ("--learning_rate", "inf"): "--learning_rate must be a finite number > 0",
+        ("--learning_rate", "0"): "--learning_rate must be a finite number > 0",
+        ("--learning_rate=-1e-4",): "--learning_rate must be a finite number > 0",
+        (flag, "lora", "--dash_directions", "4"): f"--dash_directions is a LoRA-Dash option: add {flag} dash",
+        (flag, "lora", "--dash_warmup_steps", "4"): f"--dash_warmup_steps is a LoRA-Dash option",
+        (flag, "dash", "--autolora_threshold", "0.1"): f"--autolora_threshold is an AutoLoRA option: add {flag} "
+                                                       "autolora",
+    }
+    for extra, msg in cases.items():
+        err = parse_error(parse, argv(tmp_path) + list(extra), capsys)
+        assert msg in err, (extra, err)
+    # the same flags with their own method parse
+    parse(argv(tmp_path) + [flag, "dash", "--dash_directions", "4", "--seed", str(2**32 - 1)])
+    parse(argv(tmp_path) + [flag, "autolora", "--autolora_threshold", "0.1"])
+
+
+def test_commonsense_method_defaults_are_filled_only_after_the_check(tmp_path):
+    args = cs.parse_args(cs_argv(tmp_path, "--adapter_name", "lora"))
+    # the defaults the run record and checkpoints hold are unchanged
+    assert (args.dash_directions, args.autolora_val_fraction, args.autolora_mode, args.autolora_retrain) == (
+        8, 0.3, "darts", True)
+    cs.validate_args(args)  # main() validates again: the filled defaults are not "given" options
+    assert "_defaults_filled" not in T.run_arguments(args)
+
+
+@pytest.mark.parametrize("script", ["dreambooth", "commonsense"])
+def test_dash_shorter_than_its_warmup_is_refused_at_parse_time(script, tmp_path, capsys):
+    parse, argv, flag = ((db.parse_args, db_argv, "--method") if script == "dreambooth"
+                         else (cs.parse_args, cs_argv, "--adapter_name"))
+    # default warm-up: 100 micro-batches, i.e. 100 steps (DreamBooth here) or 50 (2 micro-batches a step)
+    w = 100 if script == "dreambooth" else 50
+    err = parse_error(parse, argv(tmp_path) + [flag, "dash", "--max_train_steps", str(w - 1)], capsys)
+    assert f"{w - 1} optimizer steps (--max_train_steps)" in err and f"--dash_warmup_steps {w}" in err
+    assert f"at most {w - 1}" in err
+    parse(argv(tmp_path) + [flag, "dash", "--max_train_steps", str(w)])
+    err = parse_error(parse, argv(tmp_path) + [flag, "dash", "--max_train_steps", "2", "--dash_warmup_steps", "3"],
+                      capsys)
+    assert "never launch" in err
+    parse(argv(tmp_path) + [flag, "dash", "--max_train_steps", "3", "--dash_warmup_steps", "3"])  # launches at 3
+    parse(argv(tmp_path) + [flag, "lora", "--max_train_steps", "2"])
+
+
+def test_commonsense_dash_from_epochs_is_refused_before_anything_is_written(llama, tmp_path):
+    # 14 training records, 2 micro-batches of 2 per step: 4 steps per epoch, 2 epochs = 8 steps
+    out = tmp_path / "o"
+    args = cs.parse_args(cs_argv(out, "--adapter_name", "dash", "--num_epochs", "2", "--dash_warmup_steps", "9",
+                                 base=llama))
+    with pytest.raises(T.TrainingError, match=r"8 optimizer steps \(--num_epochs 2 x 4 per epoch\).*"
+                                              r"--dash_warmup_steps 9"):
+        cs.main(args)
+    assert not out.exists()
+
+
+def test_dreambooth_dash_from_epochs_fails_with_one_line_and_a_failed_record(tmp_path, capsys):
+    # 5 images, batch 2: 3 steps per epoch; 1 epoch < warm-up 4. Known only once the data loader
+    # exists, after the record is written: the command line marks it failed.
+    out = tmp_path / "o"
+    code = db.cli(db_argv(out, "--method", "dash", "--num_train_epochs", "1", "--dash_warmup_steps", "4"))
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "3 optimizer steps (--num_train_epochs 1 x 3 per epoch)" in err and "--dash_warmup_steps 4" in err
+    record = T.read_run_record(out)
+    assert record["status"] == "failed" and "--dash_warmup_steps 4" in record["error"]
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_model_card_states_the_exported_rank(tmp_path):
+    args = db.parse_args(db_argv(tmp_path, "--method", "dash", "--rank", "4", "--dash_directions", "8",
+                                 "--max_train_steps", "200"))
+    db.resolve_defaults(args, "sd")
+    launched = db.model_card(args, "sd", {"dash_launch": {"step": 100}}, [])
+    never = db.model_card(args, "sd", {"dash_launch": None}, [])
+    assert "exported LoRA has rank 4+8 per layer" in launched
+    assert "exported LoRA has rank 4 per layer" in never and "never" in never
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def test_class_folder_inside_the_instance_folder_is_refused(tmp_path, capsys):
+    inst = tmp_path / "subject"
+    inst.mkdir()
+    for case in (inst, inst / "classes"):
+        argv = db_argv(tmp_path / "o", "--with_prior_preservation", "--class_prompt", "a toy",
+                       "--class_data_dir", str(case))
+        argv[argv.index("--instance_data_dir") + 1] = str(inst)
+        err = parse_error(db.parse_args, argv, capsys)
+        assert "among the subject's images" in err, case
+    assert sorted(inst.iterdir()) == []  # nothing written
+    argv = db_argv(tmp_path / "o", "--with_prior_preservation", "--class_prompt", "a toy",
+                   "--class_data_dir", str(tmp_path / "classes"))
+    db.parse_args(argv)  # a sibling folder is fine
+
+
+def test_output_folder_that_cannot_be_written_is_named(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(T.TrainingError, match="is a file, not a folder"):
+        V.check_output_dir_writable(tmp_path / "file" / "out")
+    # root passes os.access everywhere: /proc refuses new files even to root
+    with pytest.raises(T.TrainingError, match="cannot write there"):
+        V.check_output_dir_writable("/proc/dashdiff-test/out")
+    V.check_output_dir_writable(tmp_path / "new" / "deeper")
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_commonsense_cli_read_only_output_is_one_line(llama, capsys):
+    code = cs.cli(cs_argv("/proc/dashdiff-test/out", "--adapter_name", "lora", base=llama))
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: --output_dir /proc/dashdiff-test/out: cannot write there")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_cutoff_that_leaves_no_target_is_refused_and_the_record_says_failed(llama, tmp_path, capsys):
+    out = tmp_path / "o"
+    code = cs.cli(cs_argv(out, "--adapter_name", "lora", "--cutoff_len", "8", "--train_on_inputs", "false",
+                          "--max_train_steps", "1", base=llama))
+    err = capsys.readouterr().err
+    assert code == 1 and "--cutoff_len 8 leaves no token in the loss" in err and "Traceback" not in err
+    record = T.read_run_record(out)
+    assert record["status"] == "failed" and "--cutoff_len 8" in record["error"]
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_some_examples_cut_before_the_response_are_counted(llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(llama)
+    args = cs.parse_args(cs_argv(tmp_path, "--train_on_inputs", "false", "--cutoff_len", "256", base=llama))
+    records = json.loads(TRAIN.read_text())[:3]
+    full = cs.tokenize_records(records, tok, args)
+    shortest_prompt = min(len(e.input_ids) - e.targets - 1 for e in full)  # tokens before the first target
+    records[0] = dict(records[0], instruction=records[0]["instruction"] + " word" * 400)
+    with pytest.warns(UserWarning, match="1 of 3 training examples have no token in the loss"):
+        got = cs.tokenize_records(records, tok, args)
+    assert [e.targets == 0 for e in got] == [True, False, False] and shortest_prompt > 0
+
+
+def test_eval_loss_is_null_not_nan_and_files_are_strict_json(tmp_path):
+    log = T.StepLog(tmp_path / T.STEP_LOG)
+    log.write({"event": "eval", "step": 1, "eval_loss": float("nan"), "other": float("inf"), "ok": 0.5})
+    line = (tmp_path / T.STEP_LOG).read_text()
+    assert "NaN" not in line and "Infinity" not in line
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+    assert strict(line) == {"event": "eval", "step": 1, "eval_loss": None, "other": None, "ok": 0.5}
+    T.write_run_record(tmp_path, {"results": {"eval_loss": float("nan")}})
+    assert strict((tmp_path / T.RUN_RECORD).read_text())["results"]["eval_loss"] is None
+    from dashdiff.safeio import write_json
+
+    with pytest.raises(ValueError):  # a raw NaN never reaches a file as bare NaN
+        write_json({"x": float("nan")}, tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_step_log_with_a_torn_last_line(tmp_path):
+    path = tmp_path / T.STEP_LOG
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')
+    assert [r["step"] for r in T.StepLog.read(path)] == [1, 2]
+    T.StepLog(path).truncate(lambda r: r["step"] <= 1)
+    assert path.read_text() == '{"loss": 1.0, "step": 1}\n'
+    path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
+    with pytest.raises(T.TrainingError, match=r"line 2 is damaged"):
+        T.StepLog.read(path)
+
+
+def test_damaged_checkpoint_is_named(tmp_path):
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    (ckpt / T.CHECKPOINT_STATE).write_text('{"step": 2, "pha')
+    with pytest.raises(T.TrainingError, match=r"dashdiff_checkpoint.json is damaged"):
+        T.read_checkpoint_info(ckpt)
+    (ckpt / T.CHECKPOINT_STATE).write_text('{"step": 2}')
+    (ckpt / T.ADAPTER_STATE).write_bytes(b"")
+    with pytest.raises(T.TrainingError, match=r"lacks optimizer.bin"):
+        T.read_checkpoint_info(ckpt)
+    (ckpt / "optimizer.bin").write_bytes(b"")
+    assert T.read_checkpoint_info(ckpt) == {"step": 2}
+
+
+def test_mark_failed_touches_only_this_process_record(tmp_path):
+    T.write_run_record(tmp_path, {"status": "running", "pid": os.getpid() + 1})
+    assert not V.mark_failed(tmp_path, "x") and T.read_run_record(tmp_path)["status"] == "running"
+    T.write_run_record(tmp_path, {"status": "done", "pid": os.getpid()})
+    assert not V.mark_failed(tmp_path, "x") and T.read_run_record(tmp_path)["status"] == "done"
+    T.write_run_record(tmp_path, {"status": "running", "pid": os.getpid()})
+    assert V.mark_failed(tmp_path, "disk full")
+    assert T.read_run_record(tmp_path) == {"status": "failed", "pid": os.getpid(), "error": "disk full"}
+
+
+# --------------------------------------------------------------------------- images
+
+
+def test_image_modes_are_read_as_meant(tmp_path):
+    # 16-bit grey: PIL's convert("RGB") clips at 255 (an almost white image); the values are scaled.
+    grey16 = (np.arange(64 * 64, dtype=np.float64).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as img:
+        assert img.mode.startswith("I")
+        got = np.asarray(V.to_rgb(img))
+    expect = np.rint(grey16 * (255 / 65535)).astype(np.uint8)
+    assert got.shape == (64, 64, 3) and (got == expect[..., None]).all()
+    # transparency over white, whatever colour hides under it
+    rgba = Image.new("RGBA", (4, 4), (200, 0, 0, 0))
+    rgba.putpixel((0, 0), (10, 20, 30, 255))
+    out = np.asarray(V.to_rgb(rgba))
+    assert tuple(out[0, 0]) == (10, 20, 30) and tuple(out[1, 1]) == (255, 255, 255)
+    pal = Image.new("P", (2, 2), 1)
+    pal.putpalette([0, 0, 0, 9, 9, 9] + [0] * 762)
+    pal.info["transparency"] = 1
+    assert tuple(np.asarray(V.to_rgb(pal))[0, 0]) == (255, 255, 255)
+    cmyk = Image.new("CMYK", (2, 2), (0, 255, 255, 0))
+    assert tuple(np.asarray(V.to_rgb(cmyk))[0, 0]) == (255, 0, 0)
+    with pytest.raises(T.TrainingError, match="floating-point image"):
+        V.to_rgb(Image.new("F", (2, 2)), "x.tif")
+
+
+def test_dreambooth_images_too_large_or_16_bit(tmp_path, monkeypatch):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    grey16 = np.full((64, 64), 30000, dtype=np.uint16)
+    Image.fromarray(grey16).save(folder / "a.png")
+    img = db.load_image(folder / "a.png")
+    assert img.mode == "RGB" and int(np.asarray(img)[0, 0, 0]) == round(30000 * 255 / 65535)
+    # over twice PIL's pixel limit: DecompressionBombError, which is not an OSError
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for fn in (db.load_image, lambda p: db.check_images([p])):
+        with pytest.raises(T.TrainingError, match=r"a\.png: the image is too large to decode safely"):
+            fn(folder / "a.png")
+
+
+# --------------------------------------------------------------------------- eval script
+
+ev = _load("commonsense_eval", "train/commonsense_eval.py")
+
+
+def test_eval_refuses_a_peft_folder_whose_targets_miss_its_weights(llama, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama),
+                           LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    good = tmp_path / "good"
+    model.save_pretrained(good)
+    ev._attach_adapter(AutoModelForCausalLM.from_pretrained(llama), str(good))  # fits: no error
+    bad = tmp_path / "bad"
+    model.save_pretrained(bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["k_proj"]  # the weights still name q_proj
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"targets \['k_proj'\].*name modules it did not adapt .*q_proj.*"
+                                         r"adapted weights have nothing in the file .*k_proj"):
+        ev._attach_adapter(AutoModelForCausalLM.from_pretrained(llama), str(bad))
+    data = tmp_path / "data"
+    (data / "boolq").mkdir(parents=True)
+    (data / "boolq" / "test.json").write_text(json.dumps([{"instruction": "q", "input": "", "answer": "true"}]))
+    argv = ["--dataset", "boolq", "--data_dir", str(data), "--base_model", llama, "--lora_weights", str(bad),
+            "--max_new_tokens", "2", "--num_beams", "1", "--output_dir", str(tmp_path / "out"), "--no_progress"]
+    assert ev.cli(argv) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # (transformers' loading bars come before it)
+    assert last.startswith("commonsense_eval.py: error: ") and "does not fit this model" in last
+    assert "Traceback" not in err and not (tmp_path / "out" / "boolq.json").exists()
+
+
+def test_eval_checks_inputs_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ev, "load_model", lambda args: pytest.fail("the model was loaded before the inputs were checked"))
+    data = tmp_path / "data"
+    (data / "boolq").mkdir(parents=True)
+    (data / "boolq" / "test.json").write_text(json.dumps([{"instruction": "q", "input": "", "answer": "true"}]))
+    base = ["--dataset", "boolq", "--data_dir", str(data), "--base_model", "tiny-llama", "--no_progress",
+            "--output_dir", str(tmp_path / "out")]
+    cases = {
+        ("--lora_weights", str(tmp_path / "typo")): "--lora_weights " + str(tmp_path / "typo") + " does not exist",
+        ("--lora_weights", str(data)): "the folder has no adapter_config.json",
+        ("--lora_weights", str(data / "boolq" / "test.json")): "expected a PEFT adapter folder",
+        ("--output_dir", "/proc/dashdiff-test/out"): "cannot write there",
+        ("--data_dir", str(tmp_path / "nope")): "no test set for boolq",
+    }
+    for extra, msg in cases.items():
+        assert ev.cli(base + list(extra)) == 1, extra
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err and err.count("\n") == 1, (extra, err)
+    (data / "boolq" / "test.json").write_text("[]")
+    assert ev.cli(base) == 1 and "holds no records" in capsys.readouterr().err
+    assert "--seed must be from 0" in parse_error(ev.parse_args, base + ["--seed", "-1"], capsys)
+
+
+# --------------------------------------------------------------------------- adapter files (load_adapter)
+
+
+def _dash_state(tmp_path) -> Path:
+    """A LoRA-Dash state file of a tiny Llama, launched (it carries the launch record)."""
+    import dashdiff
+    from peft import get_peft_model
+    from dashdiff.tiny import tiny_llama
+
+    model = get_peft_model(tiny_llama(0), dashdiff.LoraDashConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], dash_directions=2, dash_warmup_steps=1,
+        init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    dashdiff.dash_step(model)  # launch: U_s, V_s and the record are set
+    return Path(dashdiff.save_adapter(model, tmp_path / "good.safetensors"))
+
+
+def _tamper(src: Path, dst: Path, edit) -> Path:
+    from dashdiff import safeio
+    from dashdiff.export import HEADER_KEY
+    from safetensors.torch import save_file
+
+    tensors, meta = safeio.read_safetensors(src)
+    header = json.loads(meta[HEADER_KEY])
+    edit(tensors, header)
+    save_file(tensors, dst, {"format": "pt", HEADER_KEY: json.dumps(header)})
+    return dst
+
+
+def _snapshot(model) -> tuple:
+    tree = [(n, type(m).__name__) for n, m in model.named_modules()]
+    return tree, {k: v.clone() for k, v in model.state_dict().items()}, dict(getattr(model, "peft_config", {}) or {})
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return (a[0] == b[0] and a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+            and a[2].keys() == b[2].keys())
+
+
+Q = "model.layers.0.self_attn.q_proj"
+
+
+def _set_rank(tensors, header, r):
+    for meta in header["layers"].values():
+        meta["r"] = r
+    header["configs"][""]["fields"]["r"] = r
+
+
+BAD_FILES = {
+    # name: (edit, message)
+    "huge_rank": (lambda t, h: _set_rank(t, h, 2_000_000), r"claims rank r=2000000, s=2 but the layer is 64x64 \(at most 64\)"),
+    "rank_over_layer": (lambda t, h: _set_rank(t, h, 65), r"claims rank r=65"),
+    "nan": (lambda t, h: t[f"{Q}.lora_B.weight"].__setitem__((0, 0), float("nan")), r"q_proj\.lora_B\.weight holds NaN"),
+    "int_weights": (lambda t, h: t.__setitem__(f"{Q}.lora_A.weight", t[f"{Q}.lora_A.weight"].long()),
+                    r"lora_A\.weight is torch\.int64, expected a floating-point"),
+    "float_counter": (lambda t, h: t.__setitem__(f"{Q}.lora_dash_step", t[f"{Q}.lora_dash_step"].float()),
+                      r"lora_dash_step is torch\.float32, expected a\(?n?\)? ?integer"),
+    "short_U": (lambda t, h: t.__setitem__(f"{Q}.lora_dash_U", t[f"{Q}.lora_dash_U"][:, :1].contiguous()),
+                r"lora_dash_U has shape \(64, 1\) in the file but \(64, 2\)"),
+    "stray": (lambda t, h: t.__setitem__("model.layers.0.mlp.up_proj.lora_A.weight", torch.zeros(4, 32)),
+              r"1 tensor\(s\) that belong to no layer"),
+    "unknown_module": (lambda t, h: h["layers"].__setitem__("model.layers.0.self_attn.zz_proj", h["layers"][Q]),
+                       r"not adapted in the model \(1\): model\.layers\.0\.self_attn\.zz_proj"),
+    "bad_method": (lambda t, h: h["layers"][Q].__setitem__("method", "dora"), r"no valid method"),
+    "indices": (lambda t, h: t[f"{Q}.dash_record.indices"].__setitem__(0, 999), r"indices out of range"),
+    "missing": (lambda t, h: t.pop(f"{Q}.lora_dash_V"), r"lacks tensor .*q_proj\.lora_dash_V"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_load_adapter_refuses_a_bad_file_and_leaves_the_model_as_it_was(case, tmp_path):
+    import time
+
+    import dashdiff
+    from peft import get_peft_model
+    from dashdiff.tiny import tiny_llama
+
+    edit, message = BAD_FILES[case]
+    bad = _tamper(_dash_state(tmp_path), tmp_path / f"{case}.safetensors", edit)
+    # into a bare model (the adapter would be injected) and into one that has it already
+    bare = tiny_llama(0)
+    ready = get_peft_model(tiny_llama(0), dashdiff.LoraDashConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], dash_directions=2, dash_warmup_steps=1))
+    for model in (bare, ready):
+        before = _snapshot(model)
+        t0 = time.perf_counter()
+        with pytest.raises(ValueError, match=message):
+            dashdiff.load_adapter(model, bad)
+        assert time.perf_counter() - t0 < 2.0  # refused from the numbers, nothing sized by the header
+        assert _same(before, _snapshot(model)), case
+    dashdiff.load_adapter(bare, tmp_path / "good.safetensors")  # still loads the right file afterwards
+
+
+def test_a_failure_during_injection_is_undone(tmp_path, monkeypatch):
+    import dashdiff
+    from dashdiff import state
+    from dashdiff.tiny import tiny_llama
+
+    good = _dash_state(tmp_path)
+    model = tiny_llama(0)
+    before = _snapshot(model)
+    real = state._inject
+
+    def inject_then_fail(comp, cfg, adapter):
+        real(comp, cfg, adapter)
+        raise MemoryError("simulated: out of memory half-way")
+
+    monkeypatch.setattr(state, "_inject", inject_then_fail)
+    with pytest.raises(MemoryError):
+        dashdiff.load_adapter(model, good)
+    assert _same(before, _snapshot(model))
+    monkeypatch.setattr(state, "_inject", real)
+    dashdiff.load_adapter(model, good)
+    ids = torch.tensor([[1, 40, 41, 42, 77]])
+    fresh = dashdiff.load_adapter(tiny_llama(0), good)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
