@@ -292,6 +292,23 @@ def test_autolora_resume_in_the_search_is_exact(runs: dict[str, Path], base: Pat
     assert max_diff(load_file(full / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")) <= 1e-6
 
 
+def test_fp16_skipped_steps_do_not_count_toward_the_dash_warmup(base: Path, tmp_path: Path, monkeypatch) -> None:
+    """Steps 1 and 3 overflow under a real (CPU) fp16 grad scaler: with a warm-up of 2 the launch
+    comes after step 4 (2 + 2 skipped), not after step 2; the step log marks the skipped steps."""
+    import accelerate
+    from fp16_skips import with_overflowing_scaler
+
+    made: list = []
+    monkeypatch.setattr(accelerate, "Accelerator", with_overflowing_scaler(accelerate.Accelerator, (1, 3), made))
+    out = tmp_path / "fp16"
+    run_main(cli(base, out, "dash", "--dash_warmup_steps", "2", "--max_train_steps", "5", "--val_set_size", "0",
+                 "--save_step", "100"))
+    assert [a.scaler.skipped for a in made] == [2]
+    rows = [r for r in steps(out) if r.get("phase") == "train" and "loss" in r]
+    assert [r["skipped"] for r in rows] == [True, False, True, False, False]
+    assert [r["step"] for r in steps(out) if r.get("event") == "dash_launch"] == [4]
+
+
 # --------------------------------------------------------------------------- bad input
 
 
