@@ -89,6 +89,27 @@ def test_numerically_zero_directions_are_not_eligible():
     assert torch.isnan(sel.change_rate[3:]).all()
 
 
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40)])
+def test_numerically_zero_threshold_boundary_non_square(shape):
+    """METHODS.md: σ <= max(out, in)·eps32·σ_max is numerically zero. Singular values 1 % either side
+    of that threshold, and one between the min(out, in) and max(out, in) versions of it, on both a
+    tall and a wide weight (the launch takes a different Gram matrix for each)."""
+    eps32 = torch.finfo(torch.float32).eps
+    t = max(shape) * eps32  # σ_max = 1
+    sigma = torch.tensor([1.0, 0.5, 0.25, 1.01 * t, 0.99 * t, 0.5 * (min(shape) + max(shape)) * eps32],
+                         dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], sigma.numel(), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], sigma.numel(), generator=g, dtype=torch.float64))
+    w0 = (u * sigma) @ v.t()  # rank 6; the other min(shape) - 6 singular values are 0
+    a = torch.randn(2, shape[1], generator=g, dtype=torch.float64)
+    b = torch.randn(shape[0], 2, generator=g, dtype=torch.float64)
+    sel = select_directions(w0, a, b, 1.0, min(shape))
+    assert sorted(sel.indices.tolist()) == [0, 1, 2, 3]  # 1.01·threshold is eligible, the rest not
+    assert torch.isfinite(sel.change_rate[:4]).all() and torch.isnan(sel.change_rate[4:]).all()
+    torch.testing.assert_close(sel.sigma[:6], sigma, rtol=1e-5, atol=0)
+
+
 def test_fused_function_gradcheck():
     torch.manual_seed(0)
     r, s, n_in, n_out = 3, 2, 7, 5
