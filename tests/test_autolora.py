@@ -451,6 +451,28 @@ def test_split_train_val():
 # --------------------------------------------------------------------------- retrain config, report
 
 
+def test_rank_threshold_within_float32_rounding_of_alpha():
+    """keep_mask's softmax rule is α_j >= λ in float64 (METHODS.md). λ is put strictly between α_0's
+    float64 and float32 values, over a grid of β: α_0 must land on its float64 side every time."""
+    from dashdiff.ranks import keep_mask
+
+    layer = make_net().fc1
+    seen = {True: 0, False: 0}
+    for x in torch.linspace(0.1, 2.0, 200, dtype=F64).tolist():
+        beta = torch.tensor([x, 0.3, -0.2, 0.1], dtype=F64)
+        a64 = torch.softmax(beta, 0)[0].item()
+        a32 = torch.softmax(beta.float(), 0)[0].item()
+        lam = (a32 + a64) / 2
+        if not min(a32, a64) < lam < max(a32, a64):
+            continue  # float32 got this one exactly (or the two are adjacent doubles)
+        with torch.no_grad():
+            layer.lora_autolora_beta["default"].copy_(beta)
+        want = a64 >= lam
+        assert bool(keep_mask(layer, "default", threshold=lam, rule="softmax")[0]) == want, (x, a64, a32)
+        seen[want] += 1
+    assert min(seen.values()) >= 10, seen  # both sides of λ were exercised
+
+
 def test_retrain_config_from_ranks_and_from_model():
     ranks = {"fc1": 3, "fc2": 1, "fc3": 3}
     cfg = retrain_config(ranks, lora_alpha=6, init_lora_weights="gaussian")
