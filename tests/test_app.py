@@ -170,6 +170,29 @@ def test_render_same_seed_identical_methods_differ(renderer, files):
     assert np.array_equal(_px(zero), _px(base))
 
 
+def test_every_method_starts_from_the_seeds_noise(renderer, monkeypatch):
+    """The "same seed" guarantee across methods: each method's image in one render starts from the
+    seed's own initial latents (drawn here, independently) and equals that method rendered alone."""
+    seen: list[torch.Tensor] = []
+    real = renderer.pipe.prepare_latents
+
+    def spy(*args, **kwargs):
+        latents = real(*args, **kwargs)
+        seen.append(latents.detach().clone())
+        return latents
+
+    monkeypatch.setattr(renderer.pipe, "prepare_latents", spy)
+    methods = ["base", "lora", "dash", "autolora"]
+    images = renderer.render("a photo of sks cat", seed=5, steps=STEPS, methods=methods)
+    assert len(seen) == len(methods)
+    noise = torch.randn(seen[0].shape, generator=torch.Generator("cpu").manual_seed(5))
+    for m, latents in zip(methods, seen):
+        torch.testing.assert_close(latents, noise * renderer.pipe.scheduler.init_noise_sigma, rtol=0, atol=0, msg=m)
+    for m, img in zip(methods[1:], images[1:]):
+        alone = renderer.render("a photo of sks cat", seed=5, steps=STEPS, methods=[m])[0]
+        assert np.array_equal(_px(alone), _px(img)), m
+
+
 def test_full_state_file_renders_like_its_plain_export(renderer, files):
     before = renderer.render("a toy", seed=1, steps=STEPS, methods=["dash"])[0]
     other = app.Renderer("tiny-sd", device="cpu")
