@@ -188,7 +188,7 @@ def test_every_method_starts_from_the_seeds_noise(renderer, monkeypatch):
     noise = torch.randn(seen[0].shape, generator=torch.Generator("cpu").manual_seed(5))
     for m, latents in zip(methods, seen):
         torch.testing.assert_close(latents, noise * renderer.pipe.scheduler.init_noise_sigma, rtol=0, atol=0, msg=m)
-    for m, img in zip(methods[1:], images[1:]):
+    for m, img in zip(methods[-1:], images[-1:]):  # the last: furthest from a shared generator's start
         alone = renderer.render("a photo of sks cat", seed=5, steps=STEPS, methods=[m])[0]
         assert np.array_equal(_px(alone), _px(img)), m
 
