@@ -190,8 +190,13 @@ def test_lifecycle_forward_and_gradients():
     torch.testing.assert_close(layer(xin), expected, rtol=1e-5, atol=1e-6)
     # the stored directions are the ones the selection names
     rec = layer.dash_record["default"]
-    ref_idx, uu, vh = reference_selection(w0.detach(), a.detach(), b.detach(), 2.0, 3)
+    _, uu, vh = reference_selection(w0.detach(), a.detach(), b.detach(), 2.0, 3)  # W0's float64 SVD
     assert torch.allclose(rec["sigma"], torch.linalg.svdvals(w0.double()), rtol=1e-8, atol=1e-10)
+    assert rec["indices"].numel() == 3
+    for j, i in enumerate(rec["indices"].tolist()):  # U_s column j, V_sᵀ row j: singular pair i, one sign
+        sign = torch.sign(u[:, j].double() @ uu[:, i])
+        torch.testing.assert_close(u[:, j].double() * sign, uu[:, i], rtol=0, atol=1e-6)
+        torch.testing.assert_close(v[j].double() * sign, vh[i], rtol=0, atol=1e-6)
 
 
 def test_selection_equals_reference_at_launch_time():
