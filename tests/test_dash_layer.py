@@ -332,10 +332,23 @@ def test_bad_inputs():
 
 
 def test_rslora_scaling_is_kept():
+    """use_rslora: ΔW = (α/√r)·B A = 4·B A here (not α/r = 2) in the forward, in the launch's change
+    rates and in the export."""
     model = dash_model(r=4, alpha=8, t=1, use_rslora=True)
     layer = layers(model)["q_proj"]
     assert layer.base_scaling("default") == pytest.approx(8 / math.sqrt(4))
     assert layer.runtime_scale("default") == pytest.approx(1.0)
+    w0, bias = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+    a, b = layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone()
+    dw = 4.0 * b.double() @ a.double()
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(layer(x), x @ w0.t() + bias + (x.double() @ dw.t()).float(), rtol=1e-5, atol=1e-6)
+    assert dashdiff.dash_step(model)
+    u, sig, vh = torch.linalg.svd(w0.double(), full_matrices=False)
+    rate = torch.diagonal(u.t() @ dw @ vh.t()).abs() / sig  # every σ of this weight is eligible
+    torch.testing.assert_close(layer.dash_record["default"]["change_rate"], rate, rtol=1e-6, atol=0)
+    f = next(f for f in dashdiff.export.plain_lora_factors(model) if f.module.endswith("q_proj"))
+    torch.testing.assert_close((f.b @ f.a).double(), dw, rtol=0, atol=1e-6)  # δ = 0 right after launch
 
 
 def test_prefetched_spectra_give_the_same_launch():
