@@ -29,6 +29,7 @@ from typing import Any, Optional
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from . import dash as _dash
+from .training import loss_scale, step_skipped
 from .walk import iter_layers, resolve_adapter
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class LoraDashCallback(TrainerCallback):
     def __init__(self, adapter_name: Optional[str] = None) -> None:
         self.adapter_name = adapter_name
         self.launch_step: Optional[int] = None
+        self._scale: Optional[float] = None
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: Any = None, **kwargs: Any) -> None:
@@ -58,11 +60,16 @@ class LoraDashCallback(TrainerCallback):
         else:
             _require_dash(model)
 
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              optimizer: Any = None, **kwargs: Any) -> None:
+        # the fp16 scaler's scale before the step: a fused optimizer's skip shows only as its back-off
+        self._scale = loss_scale(optimizer)
+
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
         if model is None:
             raise RuntimeError("LoraDashCallback: Trainer passed no model to on_optimizer_step")
-        if getattr(optimizer, "step_was_skipped", False):
+        if step_skipped(optimizer, self._scale):
             return  # the fp16 scaler skipped this step: the weights did not move
         if not _dash.dash_step(model, self.adapter_name):
             return

@@ -818,3 +818,21 @@ def fused_adamw_ok(params: list[torch.Tensor]) -> bool:
     """PyTorch's fused AdamW takes floating-point parameters on one CPU or CUDA device type."""
     kinds = {p.device.type for p in params}
     return len(kinds) == 1 and kinds <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+
+
+def loss_scale(optimizer: Any) -> Optional[float]:
+    """The fp16 grad scaler's scale of an accelerate-prepared ``optimizer`` (its ``scaler``), None without
+    one. Read it before ``optimizer.step()`` and pass it to :func:`step_skipped` after."""
+    scaler = getattr(optimizer, "scaler", None)
+    return None if scaler is None or not scaler.is_enabled() else float(scaler.get_scale())
+
+
+def step_skipped(optimizer: Any, scale_before: Optional[float]) -> bool:
+    """Whether the fp16 grad scaler skipped the ``optimizer.step()`` just taken (inf/NaN gradients).
+
+    accelerate's ``step_was_skipped`` only sees a skip when the optimizer's ``step`` is not called; a
+    fused optimizer (PyTorch's fused AdamW, Trainer's default) is called with ``found_inf`` and skips
+    inside its kernel, so only the scaler backing off its scale (it does exactly on a skip) shows it."""
+    if getattr(optimizer, "step_was_skipped", False):
+        return True
+    return scale_before is not None and float(optimizer.scaler.get_scale()) < scale_before

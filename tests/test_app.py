@@ -59,7 +59,20 @@ def _fill(pipe, pattern: str, std: float, seed: int, mean: float = 0.0) -> None:
 
 
 def _dash_config():
-    return dashdiff.LoraDashConfig(r=4, lora_alpha=4, target_modules=TARGETS, dash_warmup_steps=1, dash_directions=2)
+    # lora_alpha 8, r 4: scaling 2, so a change rate that lost its scaling shows in the Inspect test
+    return dashdiff.LoraDashConfig(r=4, lora_alpha=8, target_modules=TARGETS, dash_warmup_steps=1, dash_directions=2)
+
+
+def _reference_change_rates(layer) -> torch.Tensor:
+    """|Δσ_i| / σ_i with Δσ_i = u_iᵀ (α/r · B A) v_i from a float64 SVD of W0 (METHODS.md), NaN where
+    σ_i <= max(out, in)·eps32·σ_max; written out here, independent of dashdiff.launch."""
+    w0 = layer.get_base_layer().weight.detach().double()
+    u, sig, vh = torch.linalg.svd(w0, full_matrices=False)
+    dw = (layer.lora_alpha["default"] / layer.r["default"]) * (
+        layer.lora_B["default"].weight.detach().double() @ layer.lora_A["default"].weight.detach().double())
+    rate = torch.diagonal(u.t() @ dw @ vh.t()).abs() / sig
+    rate[sig <= max(w0.shape) * torch.finfo(torch.float32).eps * sig[0]] = float("nan")
+    return rate
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +90,11 @@ def files(tmp_path_factory) -> dict[str, Any]:
     dash.unet.add_adapter(_dash_config())
     _fill(dash, "lora_B", 0.3, 1)
     dashdiff.launch_dash(dash.unet)
+    rates = {n: _reference_change_rates(l) for n, l, _ in dashdiff.walk.iter_layers(dash, "dash")}
     _fill(dash, "lora_dash_delta", 2.0, 2)
 
     lora = tiny_sd_pipeline()
-    lora.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS))
+    lora.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     same = {n: p for n, p in dash.unet.named_parameters() if ".lora_A." in n or ".lora_B." in n}
     with torch.no_grad():
         for n, p in lora.unet.named_parameters():
@@ -103,6 +117,7 @@ def files(tmp_path_factory) -> dict[str, Any]:
         out[name] = root / name
     out["records"] = {n: l.dash_record["default"]["indices"].tolist()
                       for n, l, _ in dashdiff.walk.iter_layers(dash, "dash")}
+    out["rates"] = rates
     # A retrained AutoLoRA, as the training script leaves it: a plain LoRA (full state and export)
     # plus the search's rank report beside it.
     from dashdiff.rank_report import write_rank_report
@@ -155,6 +170,29 @@ def test_render_same_seed_identical_methods_differ(renderer, files):
     assert np.array_equal(_px(zero), _px(base))
 
 
+def test_every_method_starts_from_the_seeds_noise(renderer, monkeypatch):
+    """The "same seed" guarantee across methods: each method's image in one render starts from the
+    seed's own initial latents (drawn here, independently) and equals that method rendered alone."""
+    seen: list[torch.Tensor] = []
+    real = renderer.pipe.prepare_latents
+
+    def spy(*args, **kwargs):
+        latents = real(*args, **kwargs)
+        seen.append(latents.detach().clone())
+        return latents
+
+    monkeypatch.setattr(renderer.pipe, "prepare_latents", spy)
+    methods = ["base", "lora", "dash", "autolora"]
+    images = renderer.render("a photo of sks cat", seed=5, steps=STEPS, methods=methods)
+    assert len(seen) == len(methods)
+    noise = torch.randn(seen[0].shape, generator=torch.Generator("cpu").manual_seed(5))
+    for m, latents in zip(methods, seen):
+        torch.testing.assert_close(latents, noise * renderer.pipe.scheduler.init_noise_sigma, rtol=0, atol=0, msg=m)
+    for m, img in zip(methods[-1:], images[-1:]):  # the last: furthest from a shared generator's start
+        alone = renderer.render("a photo of sks cat", seed=5, steps=STEPS, methods=[m])[0]
+        assert np.array_equal(_px(alone), _px(img)), m
+
+
 def test_full_state_file_renders_like_its_plain_export(renderer, files):
     before = renderer.render("a toy", seed=1, steps=STEPS, methods=["dash"])[0]
     other = app.Renderer("tiny-sd", device="cpu")
@@ -176,6 +214,11 @@ def test_inspect_records_match_the_trained_adapter(renderer, files):
     layer = data.dash[0]
     assert layer.sigma.shape == layer.change_rate.shape and layer.launch_step == 0
     assert torch.all(layer.selected_rates >= layer.median_rate)
+    # every layer's change rates by value, against a float64 SVD written out in the test
+    for info in data.dash:
+        want = files["rates"][info.name]
+        assert torch.equal(torch.isnan(info.change_rate), torch.isnan(want)), info.name
+        torch.testing.assert_close(info.change_rate, want, rtol=1e-6, atol=0, equal_nan=True, msg=info.name)
     auto = renderer.inspect(str(files["autolora"] / app.STATE_FILE))
     assert auto.method == "autolora" and all(1 <= l.rank <= 4 for l in auto.autolora)
     with pytest.raises(app.RenderError, match="plain LoRA file"):

@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import infer_time  # noqa: E402
@@ -12,8 +13,18 @@ import step_time  # noqa: E402
 
 def test_step_time_table():
     text = step_time.main(["--model", "tiny-unet", "--steps", "1", "--warmup", "0"])
-    for method in ("lora_r", "dash_pre", "dash", "dense_dash", "lora_r+s"):
-        assert f"| {method} |" in text
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[3].endswith("x") and cells[0] != "method":
+            rows[cells[0]] = (float(cells[1]), float(cells[3][:-1]))
+    assert list(rows) == ["lora_r", "dash_pre", "dash", "dense_dash", "lora_r+s"]
+    # one step each: every ratio is that method's step time over lora_r's (to the printed digits)
+    base = rows["lora_r"][0]
+    assert rows["lora_r"][1] == 1.0
+    h, hr = 5e-5, 5e-4  # half a unit of the printed last digit: times (4 decimals), ratios (3)
+    for method, (median, ratio) in rows.items():
+        assert (median - h) / (base + h) - hr <= ratio <= (median + h) / (base - h) + hr, (method, median, base, ratio)
 
 
 def test_launch_time_sections():
@@ -38,7 +49,9 @@ def test_autolora_cost_variants():
     finally:
         torch.set_num_threads(threads)
     assert set(res) == {"plain LoRA step", "darts", "darts, batched FD", "first_order", "one forward+backward pass"}
-    assert all(r["ratio"][1] > 0 for r in res.values())
+    assert res["plain LoRA step"]["ratio"] == [1.0, 1.0, 1.0]  # the baseline, against itself, per round
+    for r in res.values():
+        assert r["ratio"][0] <= r["ratio"][1] <= r["ratio"][2] and r["ms"][0] <= r["ms"][1] <= r["ms"][2]
 
 
 def test_ab_dash_function_table(tmp_path, capsys):

@@ -298,6 +298,23 @@ def test_autolora_resume_in_the_search_is_exact(runs: dict[str, Path], base: Pat
     assert max_diff(load_file(full / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")) <= 1e-6
 
 
+def test_fp16_skipped_steps_do_not_count_toward_the_dash_warmup(base: Path, tmp_path: Path, monkeypatch) -> None:
+    """Steps 1 and 3 overflow under a real (CPU) fp16 grad scaler: with a warm-up of 2 the launch
+    comes after step 4 (2 + 2 skipped), not after step 2; the step log marks the skipped steps."""
+    import accelerate
+    from fp16_skips import with_overflowing_scaler
+
+    made: list = []
+    monkeypatch.setattr(accelerate, "Accelerator", with_overflowing_scaler(accelerate.Accelerator, (1, 3), made))
+    out = tmp_path / "fp16"
+    run_main(cli(base, out, "dash", "--dash_warmup_steps", "2", "--max_train_steps", "5", "--val_set_size", "0",
+                 "--save_step", "100"))
+    assert [a.scaler.skipped for a in made] == [2]
+    rows = [r for r in steps(out) if r.get("phase") == "train" and "loss" in r]
+    assert [r["skipped"] for r in rows] == [True, False, True, False, False]
+    assert [r["step"] for r in steps(out) if r.get("event") == "dash_launch"] == [4]
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -444,9 +461,10 @@ def test_overwrite_with_a_bad_data_file_deletes_nothing(runs: dict[str, Path], b
 # --------------------------------------------------------------------------- Trainer callback
 
 
-def test_callback_launches_once_per_optimizer_step_in_trainer(base: Path, tmp_path: Path) -> None:
+def test_callback_launches_once_per_optimizer_step_in_trainer(base: Path, tmp_path: Path, monkeypatch) -> None:
     """gradient_accumulation_steps=2: the warm-up counts optimizer steps, not micro-batches; a
-    Trainer checkpoint taken before the launch resumes to the same launch and the same weights."""
+    Trainer checkpoint taken before the launch resumes to the same launch and the same weights; an
+    fp16-skipped step (Trainer's default fused AdamW skips inside its kernel) does not count."""
     import warnings
 
     import peft
@@ -472,8 +490,15 @@ def test_callback_launches_once_per_optimizer_step_in_trainer(base: Path, tmp_pa
                 "attention_mask": pad([b["attention_mask"] for b in batch], 0),
                 "labels": pad([b["labels"] for b in batch], -100)}
 
-    def train(resume: str | None = None):
+    def train(resume: str | None = None, skip: tuple[int, ...] = ()):
         _reset_accelerate()
+        if skip:
+            import transformers.trainer
+            from fp16_skips import with_overflowing_scaler
+
+            made: list = []
+            monkeypatch.setattr(transformers.trainer, "Accelerator",
+                                with_overflowing_scaler(transformers.trainer.Accelerator, skip, made))
         torch.manual_seed(0)
         model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base),
                                     dashdiff.LoraDashConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
@@ -490,6 +515,9 @@ def test_callback_launches_once_per_optimizer_step_in_trainer(base: Path, tmp_pa
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Trainer's checkpoints are stock PEFT saves: dashdiff warns
             trainer.train(resume_from_checkpoint=resume)
+        if skip:
+            assert [a.scaler.skipped for a in made] == [len(skip)] and "fused" in args.optim
+            monkeypatch.undo()
         return model, trainer, callback, probe, len(forwards)
 
     model, trainer, callback, probe, forwards = train()
@@ -508,3 +536,7 @@ def test_callback_launches_once_per_optimizer_step_in_trainer(base: Path, tmp_pa
     for (_, l1, a), (_, l2, _) in zip(layers, dashdiff.walk.iter_layers(resumed, "dash")):
         torch.testing.assert_close(l1.lora_dash_delta[a], l2.lora_dash_delta[a], rtol=0, atol=1e-6)
         torch.testing.assert_close(l1.lora_dash_U[a], l2.lora_dash_U[a], rtol=0, atol=0)
+
+    # optimizer step 2 overflows and is skipped: the warm-up of 3 ends after step 4
+    _, _, callback3, probe3, _ = train(skip=(2,))
+    assert callback3.launch_step == 4 and probe3.launched == {1: False, 2: False, 3: False, 4: True}

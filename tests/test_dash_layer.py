@@ -89,6 +89,27 @@ def test_numerically_zero_directions_are_not_eligible():
     assert torch.isnan(sel.change_rate[3:]).all()
 
 
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40)])
+def test_numerically_zero_threshold_boundary_non_square(shape):
+    """METHODS.md: σ <= max(out, in)·eps32·σ_max is numerically zero. Singular values 1 % either side
+    of that threshold, and one between the min(out, in) and max(out, in) versions of it, on both a
+    tall and a wide weight (the launch takes a different Gram matrix for each)."""
+    eps32 = torch.finfo(torch.float32).eps
+    t = max(shape) * eps32  # σ_max = 1
+    sigma = torch.tensor([1.0, 0.5, 0.25, 1.01 * t, 0.99 * t, 0.5 * (min(shape) + max(shape)) * eps32],
+                         dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], sigma.numel(), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], sigma.numel(), generator=g, dtype=torch.float64))
+    w0 = (u * sigma) @ v.t()  # rank 6; the other min(shape) - 6 singular values are 0
+    a = torch.randn(2, shape[1], generator=g, dtype=torch.float64)
+    b = torch.randn(shape[0], 2, generator=g, dtype=torch.float64)
+    sel = select_directions(w0, a, b, 1.0, min(shape))
+    assert sorted(sel.indices.tolist()) == [0, 1, 2, 3]  # 1.01·threshold is eligible, the rest not
+    assert torch.isfinite(sel.change_rate[:4]).all() and torch.isnan(sel.change_rate[4:]).all()
+    torch.testing.assert_close(sel.sigma[:6], sigma, rtol=1e-5, atol=0)
+
+
 def test_fused_function_gradcheck():
     torch.manual_seed(0)
     r, s, n_in, n_out = 3, 2, 7, 5
@@ -169,8 +190,13 @@ def test_lifecycle_forward_and_gradients():
     torch.testing.assert_close(layer(xin), expected, rtol=1e-5, atol=1e-6)
     # the stored directions are the ones the selection names
     rec = layer.dash_record["default"]
-    ref_idx, uu, vh = reference_selection(w0.detach(), a.detach(), b.detach(), 2.0, 3)
+    _, uu, vh = reference_selection(w0.detach(), a.detach(), b.detach(), 2.0, 3)  # W0's float64 SVD
     assert torch.allclose(rec["sigma"], torch.linalg.svdvals(w0.double()), rtol=1e-8, atol=1e-10)
+    assert rec["indices"].numel() == 3
+    for j, i in enumerate(rec["indices"].tolist()):  # U_s column j, V_sᵀ row j: singular pair i, one sign
+        sign = torch.sign(u[:, j].double() @ uu[:, i])
+        torch.testing.assert_close(u[:, j].double() * sign, uu[:, i], rtol=0, atol=1e-6)
+        torch.testing.assert_close(v[j].double() * sign, vh[i], rtol=0, atol=1e-6)
 
 
 def test_selection_equals_reference_at_launch_time():
@@ -306,10 +332,23 @@ def test_bad_inputs():
 
 
 def test_rslora_scaling_is_kept():
+    """use_rslora: ΔW = (α/√r)·B A = 4·B A here (not α/r = 2) in the forward, in the launch's change
+    rates and in the export."""
     model = dash_model(r=4, alpha=8, t=1, use_rslora=True)
     layer = layers(model)["q_proj"]
     assert layer.base_scaling("default") == pytest.approx(8 / math.sqrt(4))
     assert layer.runtime_scale("default") == pytest.approx(1.0)
+    w0, bias = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+    a, b = layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone()
+    dw = 4.0 * b.double() @ a.double()
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(layer(x), x @ w0.t() + bias + (x.double() @ dw.t()).float(), rtol=1e-5, atol=1e-6)
+    assert dashdiff.dash_step(model)
+    u, sig, vh = torch.linalg.svd(w0.double(), full_matrices=False)
+    rate = torch.diagonal(u.t() @ dw @ vh.t()).abs() / sig  # every σ of this weight is eligible
+    torch.testing.assert_close(layer.dash_record["default"]["change_rate"], rate, rtol=1e-6, atol=0)
+    f = next(f for f in dashdiff.export.plain_lora_factors(model) if f.module.endswith("q_proj"))
+    torch.testing.assert_close((f.b @ f.a).double(), dw, rtol=0, atol=1e-6)  # δ = 0 right after launch
 
 
 def test_prefetched_spectra_give_the_same_launch():

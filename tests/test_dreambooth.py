@@ -356,6 +356,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(db, tmp_path, monkeyp
     assert record["status"].startswith("stopped") and record["last_checkpoint"].endswith("checkpoint-2")
 
 
+def test_fp16_skipped_steps_do_not_count_toward_the_dash_warmup(db, tmp_path, monkeypatch):
+    """Steps 1 and 3 overflow under a real (CPU) fp16 grad scaler and are skipped: with a warm-up of 2,
+    the launch comes after step 4 (2 + 2 skipped), not after step 2."""
+    import accelerate
+    from fp16_skips import with_overflowing_scaler
+
+    made: list = []
+    monkeypatch.setattr(accelerate, "Accelerator", with_overflowing_scaler(accelerate.Accelerator, (1, 3), made))
+    rec = run(db, base(tmp_path / "fp16", "tiny-sd", "--method", "dash", "--dash_warmup_steps", "2",
+                       "--dash_directions", "4", "--max_train_steps", "5", "--checkpointing_steps", "100"))
+    assert [a.scaler.skipped for a in made] == [2]  # both overflows really skipped a step
+    assert rec["dash_launch"]["step"] == 4
+
+
 # =========================================================================== accelerate launch
 
 

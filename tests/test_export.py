@@ -71,9 +71,25 @@ def make_realistic(obj, adapter: str = "default", seed: int = 1) -> None:
 
 
 def ref_deltas(obj, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """Each layer's ΔW written out from its raw tensors in float64 (METHODS.md), not through the layer's
+    ``plain_factors`` / ``get_delta_weight`` that the exporter itself uses: ``(α/r)·B A`` for LoRA,
+    ``+ U_s diag(δ) V_sᵀ`` for LoRA-Dash, ``(α/r)·B diag(softmax β) A`` for AutoLoRA (pruned rows of A
+    are zero, see ``make_realistic``)."""
     out = {}
     for comp, _, name, layer in iter_lora_layers(obj, adapter):
-        out[f"{comp}.{name}" if comp else name] = layer.get_delta_weight(adapter).detach().float()
+        a = layer.lora_A[adapter].weight.detach().double()
+        b = layer.lora_B[adapter].weight.detach().double()
+        scaling = layer.lora_alpha[adapter] / layer.r[adapter]  # from the config: no rsLoRA here
+        beta = getattr(layer, "lora_autolora_beta", {})
+        if adapter in beta:
+            b = b * torch.softmax(beta[adapter].detach().double(), 0)
+        dw = scaling * b @ a
+        delta = getattr(layer, "lora_dash_delta", {})
+        if adapter in delta:
+            u, v = layer.lora_dash_U[adapter].double(), layer.lora_dash_V[adapter].double()
+            assert u.abs().sum() > 0, "LoRA-Dash layer not launched: no dash term to check"
+            dw = dw + u @ torch.diag(delta[adapter].detach().double()) @ v
+        out[f"{comp}.{name}" if comp else name] = dw.float()
     return out
 
 
@@ -222,7 +238,7 @@ PEFT_TASKS = ["llama_dash/peft", "llama_auto/peft"]
 
 @pytest.mark.parametrize("task_id", PIPE_TASKS + PEFT_TASKS)
 def test_stock_load_per_layer_delta(world, task_id):
-    """Each layer's ΔW as the stock loader scaled it equals dashdiff's get_delta_weight."""
+    """Each layer's ΔW as the stock loader scaled it equals ΔW written out from the layer's raw tensors."""
     stock = _stock(world, task_id)
     want = world["refs"][task_id.split("/")[0]]["delta"]
     got = {k[len("delta/"):]: v for k, v in stock.items() if k.startswith("delta/")}

@@ -662,8 +662,9 @@ def fit(run: Run, model: Any, examples: list[Example], val_examples: list[Exampl
         loss_sum = train_step(run, model, examples, micro, step, "train")
         grad_norm = acc.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm > 0 else None
         lr = scheduler.get_last_lr()[0]
+        scale = T.loss_scale(optimizer)
         optimizer.step()
-        skipped = bool(getattr(optimizer, "step_was_skipped", False))
+        skipped = T.step_skipped(optimizer, scale)
         if not skipped:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1434,10 +1434,12 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(trainable([unet, *encoders]), args.max_grad_norm)
+                scale = T.loss_scale(current_phase[0].optimizer)
                 current_phase[0].optimizer.step()
+                skipped = T.step_skipped(current_phase[0].optimizer, scale)
                 current_phase[0].scheduler.step()
                 current_phase[0].optimizer.zero_grad(set_to_none=True)
-            return {"train_loss": float(mean)}
+            return {"train_loss": float(mean), "skipped": skipped}
 
         current_phase: list[Optional[Phase]] = [None]
 
@@ -1484,7 +1486,7 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
                     if micro < accum and i + 1 < n_batches:
                         continue
                     micro = 0
-                    skipped = bool(out.get("skipped")) if bilevel_mode else accelerator.optimizer_step_was_skipped
+                    skipped = bool(out.get("skipped"))
                     if bilevel_mode:
                         phase.scheduler.step()
                     step += 1
