@@ -180,8 +180,9 @@ def _draw_object(d: ImageDraw.ImageDraw, kind: str, colour: tuple[int, int, int]
     elif kind == "flower":
         d.line(pts(0, 0, 0, -0.55), fill=(50, 130, 50), width=2 * w)
         d.ellipse(box(0, -0.35, 0.25, -0.22), fill=(70, 160, 60))
-        for dx, dy in ((-0.17, -0.72), (0.17, -0.72), (0, -0.88), (0, -0.56), (-0.15, -0.62), (0.15, -0.62)):
-            d.ellipse(box(dx - 0.14, dy - 0.14, dx + 0.14, dy + 0.14), fill=colour, outline=INK, width=w)
+        # Petals without ink outlines: at the smallest sizes an outline would hide the colour.
+        for dx, dy in ((-0.19, -0.74), (0.19, -0.74), (0, -0.92), (0, -0.54), (-0.17, -0.6), (0.17, -0.6)):
+            d.ellipse(box(dx - 0.17, dy - 0.17, dx + 0.17, dy + 0.17), fill=colour)
         d.ellipse(box(-0.1, -0.82, 0.1, -0.62), fill=(250, 210, 60), outline=INK, width=w)
     elif kind == "cup":
         d.arc(box(0.15, -0.55, 0.52, -0.18), 270, 90, fill=INK, width=3 * w)
