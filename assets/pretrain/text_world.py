@@ -403,7 +403,7 @@ def _q_winogrande(world: World, rng: random.Random) -> list[tuple[tuple, dict]]:
     out = []
     names = sorted(world.people)
     for a in names:
-        for b in rng.sample([n for n in names if n != a], 4):
+        for b in rng.sample([n for n in names if n != a], min(4, len(names) - 1)):
             pa, pb = world.people[a], world.people[b]
             ins = ("Please choose the correct answer to fill in the blank to complete the given sentence: "
                    f"{a} and {b} compared their ages, and _ turned out to be the older one."
