@@ -40,10 +40,17 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+# An exact checkpoint (fp32 weights + AdamW's two moments) must travel back from the GPU machine
+# within its 64 MiB per call, beside the repository and the frozen VAE.
+CHECKPOINT_BYTES = 56 * 2**20
+
+
 def test_mini_presets_fit_the_size_budget():
     sd = SD.count_parameters(SD.PRESETS["mini"])
     llama = LL.count_parameters(LL.PRESETS["mini"])
     assert 2 * (sum(sd.values()) + llama) <= BUDGET_BYTES * 0.95  # 5% left for headers and rounding
+    assert 12 * (sd["unet"] + sd["text_encoder"]) <= CHECKPOINT_BYTES
+    assert 12 * llama <= CHECKPOINT_BYTES and 12 * sd["vae"] <= CHECKPOINT_BYTES
     # Every part is a real model, not a stub: the UNet gets the largest share.
     assert sd["unet"] > max(sd["vae"], sd["text_encoder"]) and llama > 2_000_000
 
@@ -121,15 +128,28 @@ _LL_ARGS = ["--preset", "test", "--n_people", "6", "--max_steps", "4", "--checkp
 
 @pytest.fixture(scope="module")
 def llama_runs(tmp_path_factory):
-    a, b = tmp_path_factory.mktemp("ll_a"), tmp_path_factory.mktemp("ll_b")
+    """A: uninterrupted. B: a first chunk exported (as to the GPU machine's $OUT) in small shards,
+    its run folder deleted, then resumed from the exported copy (as after carrying it back)."""
+    a, b, export = (tmp_path_factory.mktemp(n) for n in ("ll_a", "ll_b", "ll_export"))
     LL.main(["--output_dir", str(a), *_LL_ARGS])
-    assert LL.main(["--output_dir", str(b), *_LL_ARGS, "--chunk_steps", "3"])["steps"] == 3
-    LL.main(["--output_dir", str(b), *_LL_ARGS, "--chunk_steps", "3", "--resume"])
-    return a, b
+    shard_bytes = LL.C.SHARD_BYTES
+    LL.C.SHARD_BYTES = 64 * 1024  # several shards even at test size (the largest tensor is 40 KiB)
+    try:
+        first = LL.main(["--output_dir", str(b), *_LL_ARGS, "--chunk_steps", "3", "--export_dir", str(export)])
+    finally:
+        LL.C.SHARD_BYTES = shard_bytes
+    assert first["steps"] == 3
+    shutil.rmtree(b / "llama")
+    LL.main(["--output_dir", str(b), *_LL_ARGS, "--resume_from", str(export / "checkpoint-3")])
+    return a, b, export
 
 
 def test_llama_resume_is_exact(llama_runs):
-    a, b = llama_runs
+    a, b, export = llama_runs
+    files = sorted(p.name for p in (export / "checkpoint-3").iterdir())
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) > 2 and files == sorted(shards + ["state.json"])
+    assert all((export / "checkpoint-3" / f).stat().st_size <= 64 * 1024 + 4096 for f in shards)  # + header
     la = json.loads((a / "llama" / "losses.json").read_text())["step_losses"]
     lb = json.loads((b / "llama" / "losses.json").read_text())["step_losses"]
     assert len(la) == 4 and la == lb
@@ -142,10 +162,10 @@ def test_llama_reloads_tokenizes_and_answers(llama_runs):
 
     from dashdiff.commonsense import evaluate
 
-    _, b = llama_runs
+    _, b, _ = llama_runs
     folder = b / "model"
     info = json.loads((folder / "pretrain_info.json").read_text())
-    assert info["steps"] == 4 and info["chunks"] == 2 and set(info["fact_recall"]) == {"town", "age", "pet"}
+    assert info["steps"] == 4 and info["chunks"] == 2 and info["seconds"] > 0 and set(info["fact_recall"]) == {"town", "age", "pet"}
     tok = AutoTokenizer.from_pretrained(folder)
     assert len(tok) == 4 + 256 + LL.PRESETS["test"]["merges"] and tok.padding_side == "left"
     text = "Anna owns a small red cup made of glass."
@@ -165,8 +185,17 @@ def test_llama_loss_falls_on_a_fixed_batch(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
 
 
-def test_bad_arguments_are_named():
+@pytest.mark.parametrize("argv, message", [
+    (["--task_fraction", "1.5"], "--task_fraction"),
+    (["--max_steps", "0"], "--max_steps"),
+    (["--max_minutes", "0"], "--max_minutes"),
+    (["--resume", "--resume_from", "x"], "not both"),
+])
+def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
-        LL.parse_args(["--output_dir", "x", "--task_fraction", "1.5"])
-    with pytest.raises(SystemExit):
-        SD.parse_args(["--output_dir", "x", "--stage", "vae", "--max_steps", "0"])
+        LL.parse_args(["--output_dir", "x", *argv])
+    assert message in capsys.readouterr().err
+    if argv[0] != "--task_fraction":
+        with pytest.raises(SystemExit):
+            SD.parse_args(["--output_dir", "x", "--stage", "vae", *argv])
+        assert message in capsys.readouterr().err

@@ -6,9 +6,14 @@ checkpoint and exits; the next command with ``--resume`` continues from the late
 
 Exactness: every random draw of step ``s`` (batch indices, noise, timesteps, caption dropout)
 comes from generators seeded with ``(seed, s)``, never from a global RNG, and a checkpoint holds
-the model, optimizer and scheduler states. So the losses after a stop + ``--resume`` are the
-losses of an uninterrupted run (bit for bit on CPU; on CUDA up to the nondeterminism of some
-kernels unless ``--deterministic``).
+the model, optimizer and scheduler states in full precision. So the losses after a stop +
+``--resume`` are the losses of an uninterrupted run (bit for bit on CPU; on CUDA on the same card
+and software, up to the nondeterminism of some kernels unless ``--deterministic``).
+
+Portability: a checkpoint is a flat folder of ``state.json`` and safetensors shards of at most
+:data:`SHARD_BYTES` each, so it can travel to and from a short-lived GPU machine whose file
+transfers are limited in file size and count (see ``README.md``); ``--resume_from DIR`` resumes
+from such a copied folder.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any, Callable
 import torch
 
 CKPT_PREFIX = "checkpoint-"
+SHARD_BYTES = 15 * 2**20  # under the device machine's 16 MiB per returned file
 
 
 def step_seed(seed: int, step: int, salt: str) -> int:
@@ -75,11 +81,66 @@ def save_folder_atomic(final: Path, write: Callable[[Path], None]) -> Path:
 
 
 def checkpoints(folder: Path) -> list[Path]:
-    """The checkpoint folders under ``folder``, oldest first."""
+    """The complete checkpoint folders under ``folder``, oldest first."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.name.startswith(CKPT_PREFIX) and (p / "state.pt").is_file()]
+    found = [p for p in folder.iterdir() if p.name.startswith(CKPT_PREFIX) and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """``tensors`` as safetensors shards of at most :data:`SHARD_BYTES`, ``meta`` as state.json."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous().clone()  # clone: no shared storage
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    names = [f"shard-{i:02d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, str(folder / name))
+    # state.json last: its presence marks a complete checkpoint.
+    write_json_atomic(folder / "state.json", {**meta, "shards": names})
+
+
+def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    tensors: dict[str, torch.Tensor] = {}
+    for name in meta["shards"]:
+        tensors.update(load_file(str(folder / name)))
+    return tensors, meta
+
+
+def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optimizer/{idx}/{k}"] = v
+            else:
+                scalars[f"{idx}/{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if key.startswith("optimizer/"):
+            _, idx, k = key.split("/", 2)
+            state.setdefault(int(idx), {})[k] = v
+    for key, v in meta["scalars"].items():
+        idx, k = key.split("/", 1)
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def lr_lambda(warmup: int, total: int, floor: float = 0.1) -> Callable[[int], float]:
@@ -112,9 +173,24 @@ def add_chunk_args(p: Any) -> None:
     g.add_argument("--checkpoint_every", type=int, default=500, help="checkpoint every N steps")
     g.add_argument("--keep_checkpoints", type=int, default=2)
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the stage")
+    g.add_argument("--resume_from", type=Path, default=None,
+                   help="continue from this checkpoint folder (e.g. one copied back from a GPU machine)")
+    g.add_argument("--export_dir", type=Path, default=None,
+                   help="at the end of the chunk, copy the latest checkpoint folder into this folder "
+                        "(e.g. $OUT on the GPU machine, to bring it back)")
     g.add_argument("--log_every", type=int, default=50)
     g.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms (exact resume on CUDA too; slower)")
+
+
+def check_chunk_args(p: Any, args: Any) -> None:
+    """Refuse chunk options that cannot work, through the parser (exit status 2, message named)."""
+    if args.checkpoint_every < 1 or args.keep_checkpoints < 1 or args.log_every < 1:
+        p.error("--checkpoint_every, --keep_checkpoints and --log_every must be >= 1")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        p.error("--max_minutes must be > 0")
+    if args.resume and args.resume_from is not None:
+        p.error("pass either --resume (latest checkpoint of --output_dir) or --resume_from DIR, not both")
 
 
 def train_chunked(
@@ -139,40 +215,37 @@ def train_chunked(
     folder.mkdir(parents=True, exist_ok=True)
     found = checkpoints(folder)
     state = RunState()
-    if args.resume:
-        if not found:
-            raise FileNotFoundError(f"--resume: no {CKPT_PREFIX}<step> folder in {folder}; start without --resume")
-        ck = torch.load(found[-1] / "state.pt", map_location="cpu", weights_only=False)
-        diff = sorted(k for k in set(ck["config"]) | set(config) if ck["config"].get(k) != config.get(k))
+    source = args.resume_from if args.resume_from is not None else (found[-1] if args.resume and found else None)
+    if args.resume and args.resume_from is None and not found:
+        raise FileNotFoundError(f"--resume: no {CKPT_PREFIX}<step> folder in {folder}; start without --resume")
+    if source is not None:
+        if not (Path(source) / "state.json").is_file():
+            raise FileNotFoundError(f"--resume_from {source}: no state.json there (not a complete checkpoint)")
+        tensors, meta = read_checkpoint(Path(source))
+        diff = sorted(k for k in set(meta["config"]) | set(config) if meta["config"].get(k) != config.get(k))
         if diff:
             raise ValueError(
-                f"--resume: {found[-1]} was trained with other settings ({', '.join(diff)}); "
+                f"resume: {source} was trained with other settings ({', '.join(diff)}); "
                 "resume with the same arguments, or use a new --output_dir")
         for name, m in modules.items():
-            m.load_state_dict(ck["modules"][name])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        state = RunState(**ck["state"])
-        print(f"resumed from {found[-1]} at step {state.step}")
+            prefix = f"module/{name}/"
+            m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        optimizer.load_state_dict(_optimizer_from_flat(tensors, meta["optimizer"]))
+        scheduler.load_state_dict(meta["scheduler"])
+        state = RunState(**meta["state"])
+        print(f"resumed from {source} at step {state.step}")
     elif found:
         raise FileExistsError(
             f"{folder} already holds checkpoints (latest {found[-1].name}); pass --resume to continue, "
             "or use a new --output_dir")
 
     def save() -> None:
-        payload = {
-            "config": config,
-            "modules": {n: m.state_dict() for n, m in modules.items()},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "state": state.__dict__,
-        }
+        tensors = {f"module/{n}/{k}": v for n, m in modules.items() for k, v in m.state_dict().items()}
+        opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+        meta = {"format": 1, "config": config, "state": state.__dict__, "optimizer": opt_meta,
+                "scheduler": scheduler.state_dict()}
         final = folder / f"{CKPT_PREFIX}{state.step}"
-
-        def write(tmp: Path) -> None:
-            torch.save(payload, tmp / "state.pt")
-
-        save_folder_atomic(final, write)
+        save_folder_atomic(final, lambda tmp: write_checkpoint(tmp, {**tensors, **opt_tensors}, meta))
         write_json_atomic(folder / "losses.json", {"step_losses": state.losses})
         for old in checkpoints(folder)[: -args.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
@@ -209,6 +282,12 @@ def train_chunked(
             save()
             if out_of_time or out_of_steps:
                 break
+    if args.export_dir is not None and checkpoints(folder):
+        latest = checkpoints(folder)[-1]
+        dest = Path(args.export_dir) / latest.name
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(latest, dest)
+        print(f"exported {latest} to {dest}")
     return state, state.step >= max_steps
 
 

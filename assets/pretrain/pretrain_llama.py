@@ -161,6 +161,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fixed_batch", action="store_true", help="train on one batch (a check that the loss falls)")
     C.add_chunk_args(p)
     args = p.parse_args(argv)
+    C.check_chunk_args(p, args)
     for name in ("max_steps", "chunk_steps", "block_size", "batch_size", "copies"):
         v = getattr(args, name)
         if v is not None and v < 1:

@@ -46,14 +46,16 @@ if str(HERE.parents[1]) not in sys.path:
 import _common as C  # noqa: E402
 import image_world as W  # noqa: E402
 
-# Sizes. "mini" is the shipped model (fp16: VAE 1.9 MB, UNet 12.3 MB, text encoder 1.4 MB);
+# Sizes. "mini" is the shipped model (fp16: VAE 1.9 MB, UNet 7.7 MB, text encoder 1.0 MB). The
+# UNet stage is sized so that its exact checkpoint (fp32 weights + AdamW moments: 12 bytes a
+# parameter, 4.3 M parameters = 52 MB) travels to and from the GPU machine within its 64 MiB limit.
 # "test" is a few-second CPU configuration for the tests.
 PRESETS: dict[str, dict[str, Any]] = {
     "mini": {
         "vae": {"block_out_channels": (32, 64, 64), "layers_per_block": 1, "norm_num_groups": 16},
-        "unet": {"block_out_channels": (48, 96, 144), "layers_per_block": 1, "attention_head_dim": 8,
+        "unet": {"block_out_channels": (48, 96, 96), "layers_per_block": 1, "attention_head_dim": 8,
                  "norm_num_groups": 16},
-        "clip": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 4},
+        "clip": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4},
         "n_scenes": 60000, "batch_size": 128,
         "vae_steps": 20000, "vae_lr": 3e-4, "unet_steps": 60000, "unet_lr": 3e-4,
     },
@@ -219,7 +221,9 @@ def run_vae(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     info = {"steps": state.step, "seconds": round(state.seconds, 1), "chunks": state.chunks,
             "final_loss": C.mean_tail(state.losses), "device": C.device_info(device), "config": cfg}
     if done:
-        vae.eval()
+        # Round to float16 now: the UNet stage then trains on exactly the VAE that ships (and the
+        # folder it loads is small enough to travel with a checkpoint).
+        vae.eval().half().float()
         with torch.no_grad():  # SD's convention: scale latents to unit std for the UNet
             x = _pixels(images, list(range(min(len(images), 512))), device)
             std = float(vae.encode(x).latent_dist.sample(
@@ -228,7 +232,7 @@ def run_vae(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         info["scaling_factor"] = 1.0 / std
 
         def write(tmp: Path) -> None:
-            vae.save_pretrained(tmp)
+            vae.half().save_pretrained(tmp)
             C.write_json_atomic(tmp / "pretrain_info.json", info)
 
         C.save_folder_atomic(folder / "final", write)
@@ -251,7 +255,7 @@ def run_unet(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     vae_info = json.loads((vae_dir / "pretrain_info.json").read_text())
     cfg["vae_scaling_factor"] = vae_info["scaling_factor"]
     images, captions = scene_cache(args.output_dir / "data", cfg["n_scenes"], args.world_seed)
-    vae = AutoencoderKL.from_pretrained(vae_dir).to(device).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).to(device).eval().requires_grad_(False)
     tok = tiny_clip_tokenizer()
     ids = tok(captions + [""], padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids
@@ -354,12 +358,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="render samples.png at the end of the unet stage")
     C.add_chunk_args(p)
     args = p.parse_args(argv)
+    C.check_chunk_args(p, args)
     for name in ("max_steps", "chunk_steps", "n_scenes", "batch_size"):
         v = getattr(args, name)
         if v is not None and v < 1:
             p.error(f"--{name} must be >= 1")
-    if args.checkpoint_every < 1 or args.keep_checkpoints < 1:
-        p.error("--checkpoint_every and --keep_checkpoints must be >= 1")
     return args
 
 
