@@ -1,0 +1,201 @@
+"""The pretraining scripts of assets/pretrain/ (issue 14) at CPU size: the shipped sizes fit the
+budget, the loss falls on a fixed batch, a chunked run with --resume reproduces an uninterrupted
+one exactly, and the saved folders reload through the ordinary from_pretrained and run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "assets" / "pretrain" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SD = _load("pretrain_sd")
+LL = _load("pretrain_llama")
+BUDGET_BYTES = 25_000_000  # issue 14: fp16 safetensors of mini-sd and mini-llama together
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        out.update({f"{f.relative_to(folder)}:{k}": v for k, v in load_file(f).items()})
+    return out
+
+
+# An exact checkpoint (fp32 weights + AdamW's two moments) must travel back from the GPU machine
+# within its 64 MiB per call, beside the repository and the frozen VAE.
+CHECKPOINT_BYTES = 56 * 2**20
+
+
+def test_mini_presets_fit_the_size_budget():
+    sd = SD.count_parameters(SD.PRESETS["mini"])
+    llama = LL.count_parameters(LL.PRESETS["mini"])
+    assert 2 * (sum(sd.values()) + llama) <= BUDGET_BYTES * 0.95  # 5% left for headers and rounding
+    assert 12 * (sd["unet"] + sd["text_encoder"]) <= CHECKPOINT_BYTES
+    assert 12 * llama <= CHECKPOINT_BYTES and 12 * sd["vae"] <= CHECKPOINT_BYTES
+    # Every part is a real model, not a stub: the UNet gets the largest share.
+    assert sd["unet"] > max(sd["vae"], sd["text_encoder"]) and llama > 2_000_000
+
+
+# --------------------------------------------------------------------------- mini-sd
+
+_SD_ARGS = ["--preset", "test", "--max_steps", "4", "--checkpoint_every", "2", "--log_every", "1", "--no-samples"]
+
+
+@pytest.fixture(scope="module")
+def sd_runs(tmp_path_factory):
+    """A: both stages uninterrupted; B: both stages in chunks of 2 steps with --resume."""
+    a, b = tmp_path_factory.mktemp("sd_a"), tmp_path_factory.mktemp("sd_b")
+    for stage in ("vae", "unet"):
+        SD.main(["--output_dir", str(a), "--stage", stage, *_SD_ARGS])
+        first = SD.main(["--output_dir", str(b), "--stage", stage, *_SD_ARGS, "--chunk_steps", "2"])
+        assert first["steps"] == 2
+        SD.main(["--output_dir", str(b), "--stage", stage, *_SD_ARGS, "--chunk_steps", "2", "--resume"])
+    return a, b
+
+
+def test_sd_resume_is_exact(sd_runs):
+    a, b = sd_runs
+    for stage in ("vae", "unet"):
+        la = json.loads((a / stage / "losses.json").read_text())["step_losses"]
+        lb = json.loads((b / stage / "losses.json").read_text())["step_losses"]
+        assert len(la) == 4 and la == lb, stage
+    wa, wb = _weights(a / "pipeline"), _weights(b / "pipeline")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sd_pipeline_reloads_and_generates(sd_runs):
+    from diffusers import StableDiffusionPipeline
+
+    _, b = sd_runs
+    folder = b / "pipeline"
+    info = json.loads((folder / "pretrain_info.json").read_text())
+    assert {s: (v["steps"], v["chunks"]) for s, v in info["stages"].items()} == {"vae": (4, 2), "unet": (4, 2)}
+    assert all(v["seconds"] > 0 and math.isfinite(v["final_loss"]) for v in info["stages"].values())
+    assert info["safetensors_bytes"] == sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    assert {v.dtype for v in _weights(folder).values()} == {torch.float16}
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    # The VAE stage set SD's latent scaling from the data (not diffusers' default 0.18215).
+    assert pipe.vae.config.scaling_factor == pytest.approx(info["stages"]["vae"]["scaling_factor"])
+    assert pipe.vae.config.scaling_factor != pytest.approx(0.18215)
+    assert len(pipe.tokenizer) == 674
+    out = pipe("a photo of two red balls on the beach", num_inference_steps=2, height=64, width=64,
+               output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and bool(((out >= 0) & (out <= 1)).all())
+
+
+def test_sd_loss_falls_on_a_fixed_batch(sd_runs, tmp_path):
+    a, _ = sd_runs
+    shutil.copytree(a / "vae" / "final", tmp_path / "vae" / "final")
+    info = SD.main(["--output_dir", str(tmp_path), "--stage", "unet", "--preset", "test", "--max_steps", "12",
+                    "--fixed_batch", "--learning_rate", "3e-3", "--checkpoint_every", "100", "--no-samples"])
+    losses = json.loads((tmp_path / "unet" / "losses.json").read_text())["step_losses"]
+    assert info["steps"] == 12 and sum(losses[-5:]) / 5 < 0.6 * losses[0], losses
+
+
+def test_sd_refuses_bad_resumes(sd_runs, tmp_path):
+    _, b = sd_runs
+    with pytest.raises(FileExistsError, match="--resume"):
+        SD.main(["--output_dir", str(b), "--stage", "vae", *_SD_ARGS])
+    with pytest.raises(ValueError, match="lr"):
+        SD.main(["--output_dir", str(b), "--stage", "vae", *_SD_ARGS, "--resume", "--learning_rate", "0.5"])
+    with pytest.raises(FileNotFoundError, match="--stage vae"):
+        SD.main(["--output_dir", str(tmp_path), "--stage", "unet", *_SD_ARGS])
+
+
+# --------------------------------------------------------------------------- mini-llama
+
+_LL_ARGS = ["--preset", "test", "--n_people", "6", "--max_steps", "4", "--checkpoint_every", "2", "--log_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def llama_runs(tmp_path_factory):
+    """A: uninterrupted. B: a first chunk exported (as to the GPU machine's $OUT) in small shards,
+    its run folder deleted, then resumed from the exported copy (as after carrying it back)."""
+    a, b, export = (tmp_path_factory.mktemp(n) for n in ("ll_a", "ll_b", "ll_export"))
+    LL.main(["--output_dir", str(a), *_LL_ARGS])
+    shard_bytes = LL.C.SHARD_BYTES
+    LL.C.SHARD_BYTES = 64 * 1024  # several shards even at test size (the largest tensor is 40 KiB)
+    try:
+        first = LL.main(["--output_dir", str(b), *_LL_ARGS, "--chunk_steps", "3", "--export_dir", str(export)])
+    finally:
+        LL.C.SHARD_BYTES = shard_bytes
+    assert first["steps"] == 3
+    shutil.rmtree(b / "llama")
+    LL.main(["--output_dir", str(b), *_LL_ARGS, "--resume_from", str(export / "checkpoint-3")])
+    return a, b, export
+
+
+def test_llama_resume_is_exact(llama_runs):
+    a, b, export = llama_runs
+    files = sorted(p.name for p in (export / "checkpoint-3").iterdir())
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) > 2 and files == sorted(shards + ["state.json"])
+    assert all((export / "checkpoint-3" / f).stat().st_size <= 64 * 1024 + 4096 for f in shards)  # + header
+    la = json.loads((a / "llama" / "losses.json").read_text())["step_losses"]
+    lb = json.loads((b / "llama" / "losses.json").read_text())["step_losses"]
+    assert len(la) == 4 and la == lb
+    wa, wb = _weights(a / "model"), _weights(b / "model")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_llama_reloads_tokenizes_and_answers(llama_runs):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from dashdiff.commonsense import evaluate
+
+    _, b, _ = llama_runs
+    folder = b / "model"
+    info = json.loads((folder / "pretrain_info.json").read_text())
+    assert info["steps"] == 4 and info["chunks"] == 2 and info["seconds"] > 0 and set(info["fact_recall"]) == {"town", "age", "pet"}
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert len(tok) == 4 + 256 + LL.PRESETS["test"]["merges"] and tok.padding_side == "left"
+    text = "Anna owns a small red cup made of glass."
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert {p.dtype for p in load_file(folder / "model.safetensors").values()} == {torch.float16}
+    world = LL.T.World(0, 6)
+    recs = LL.T.tasks(world)["boolq"]["test"][:2]
+    acc, rows = evaluate(model, tok, "boolq", recs, num_beams=1, max_new_tokens=3, progress=False)
+    assert len(rows) == 2 and all("pred" in r for r in rows) and 0.0 <= acc <= 1.0
+
+
+def test_llama_loss_falls_on_a_fixed_batch(tmp_path):
+    LL.main(["--output_dir", str(tmp_path), "--preset", "test", "--n_people", "6", "--max_steps", "30",
+             "--fixed_batch", "--learning_rate", "1e-2", "--checkpoint_every", "100"])
+    losses = json.loads((tmp_path / "llama" / "losses.json").read_text())["step_losses"]
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task_fraction", "1.5"], "--task_fraction"),
+    (["--max_steps", "0"], "--max_steps"),
+    (["--max_minutes", "0"], "--max_minutes"),
+    (["--resume", "--resume_from", "x"], "not both"),
+])
+def test_bad_arguments_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        LL.parse_args(["--output_dir", "x", *argv])
+    assert message in capsys.readouterr().err
+    if argv[0] != "--task_fraction":
+        with pytest.raises(SystemExit):
+            SD.parse_args(["--output_dir", "x", "--stage", "vae", *argv])
+        assert message in capsys.readouterr().err

@@ -1,0 +1,299 @@
+"""The two procedural worlds of assets/pretrain/ (issue 14): determinism, captions and pixels that
+agree, held-out splits, and eight commonsense tasks that the repository's own commonsense code
+accepts and whose every gold answer is re-derived here from the corpus text alone."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dashdiff.commonsense import DATASETS, extract_answer, generate_prompt, load_records
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "assets" / "pretrain" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look the module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+IW = _load("image_world")
+TW = _load("text_world")
+
+
+# --------------------------------------------------------------------------- image world
+
+
+def test_scene_is_deterministic_and_seeded():
+    a_img, a_cap, a_attrs = IW.scene(7)
+    b_img, b_cap, b_attrs = IW.scene(7)
+    assert a_img.size == (64, 64) and a_img.mode == "RGB"
+    assert np.array_equal(np.asarray(a_img), np.asarray(b_img)) and a_cap == b_cap and a_attrs == b_attrs
+    # Another world seed gives another scene (with overwhelming probability for 5 indices).
+    assert any(IW.scene(i, seed=1)[1] != IW.scene(i, seed=0)[1] for i in range(5))
+
+
+def test_captions_name_the_attributes_and_never_the_subject():
+    kinds, colours, bgs = set(), set(), set()
+    for i in range(300):
+        a = IW.sample_attributes(i)
+        cap = IW.caption(a)
+        words = re.findall(r"[a-z]+", cap)
+        assert not set(words) & set(IW.FORBIDDEN_WORDS), cap
+        assert a["colour"] in words and IW.BACKGROUNDS[a["background"]] in cap
+        noun = a["kind"] if a["count"] == 1 else IW.PLURALS[a["kind"]]
+        assert noun in words and (["a"] if a["count"] == 1 else [IW.COUNTS[a["count"] - 1]])[0] in words
+        kinds.add(a["kind"]), colours.add(a["colour"]), bgs.add(a["background"])
+    # Variety: every kind, colour and background occurs in 300 scenes.
+    assert kinds == set(IW.KINDS) and colours == set(IW.COLOURS) and bgs == set(IW.BACKGROUNDS)
+    assert "cat" not in IW.KINDS and not set(IW.SUBJECTS) & set(IW.KINDS)
+
+
+def _colour_share(img, rgb, tol=40):
+    px = np.asarray(img).astype(int)
+    return float((np.abs(px - np.array(rgb)).max(axis=-1) < tol).mean())
+
+
+def test_pixels_follow_the_caption():
+    # Colour: the named colour covers more of the image than in the same scene drawn in another
+    # colour (independent of how the objects are drawn: plain pixel counting).
+    for i in range(40):
+        a = IW.sample_attributes(i)
+        if a["colour"] in ("white", "yellow", "blue", "green"):
+            continue  # these also occur in backgrounds (snow, sun, sky/sea, grass)
+        other = dict(a, colour="purple" if a["colour"] != "purple" else "red")
+        mine = IW.COLOURS[a["colour"]]
+        share = _colour_share(IW.render(a, i), mine)
+        assert share > 0.004 and share > 2 * _colour_share(IW.render(other, i), mine), (a, share)
+    # Size and count: more object pixels for big than small, for four than one (same layout seed).
+    base = dict(kind="box", colour="red", size="small", count=1, position="centre", background="grass")
+    red = IW.COLOURS["red"]
+    one_small = _colour_share(IW.render(base, 3), red)
+    assert _colour_share(IW.render(dict(base, size="big"), 3), red) > 2 * one_small
+    # Four objects at 0.6x the height of one: 4 * 0.36 = 1.44x the area.
+    assert _colour_share(IW.render(dict(base, count=4), 3), red) > 1.25 * one_small
+    # Position: the red mass sits in the named third.
+    for pos, lo, hi in (("left", 0, 32), ("right", 32, 64)):
+        mask = (np.abs(np.asarray(IW.render(dict(base, position=pos), 3)).astype(int) - red).max(-1) < 40)
+        cols = np.nonzero(mask.any(axis=0))[0]
+        assert lo <= cols.mean() < hi, (pos, cols.mean())
+
+
+def test_heldout_triples_only_in_test_split():
+    train = {(a["kind"], a["colour"], a["background"]) for a in map(IW.sample_attributes, range(400))}
+    test = {(a["kind"], a["colour"], a["background"])
+            for a in (IW.sample_attributes(i, split="test") for i in range(200))}
+    assert train and test and not train & test
+    assert all(IW.is_heldout(*t) for t in test)
+
+
+def test_dataset_writer(tmp_path):
+    out = IW.main(["--out", str(tmp_path / "ds"), "--n", "5", "--subjects_out", str(tmp_path / "subj")])
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file_name"] for r in rows] == [f"{i:05d}.png" for i in range(5)]
+    from PIL import Image
+
+    for i, r in enumerate(rows):
+        img, cap, _ = IW.scene(i)
+        assert r["text"] == cap
+        assert np.array_equal(np.asarray(Image.open(out / r["file_name"]).convert("RGB")), np.asarray(img))
+    assert sorted(p.name for p in (tmp_path / "subj" / "toydog").iterdir()) == [f"toydog_{k}.png" for k in range(5)]
+    # An existing folder is refused and left as it was.
+    with pytest.raises(FileExistsError, match="exists"):
+        IW.write_dataset(out, 2)
+    assert len(list(out.iterdir())) == 6
+
+
+def test_subjects_are_distinct_and_the_prompt_set():
+    imgs = {n: np.asarray(IW.subject_image(n, 0)).astype(float) for n in IW.SUBJECTS}
+    assert np.array_equal(imgs["toydog"], np.asarray(IW.subject_image("toydog", 0)))
+    # Poses differ, subjects differ.
+    assert np.abs(imgs["toydog"] - np.asarray(IW.subject_image("toydog", 1))).mean() > 5
+    names = list(imgs)
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            assert np.abs(imgs[names[i]] - imgs[names[j]]).mean() > 5
+    red = IW.subject_image("toyrobot", 2, background="beach", tint="red")
+    assert _colour_share(red, IW.COLOURS["red"]) > _colour_share(IW.subject_image("toyrobot", 2, "beach"),
+                                                                  IW.COLOURS["red"]) + 0.02
+    assert all("sks toy" in p["prompt"] for p in IW.PROMPTS)
+    assert {p["background"] for p in IW.PROMPTS if p["type"] == "context"} >= {"beach", "snow", "night", "indoors"}
+    with pytest.raises(ValueError, match="unknown subject"):
+        IW.subject_image("toycat", 0)
+
+
+# --------------------------------------------------------------------------- text world
+
+
+@pytest.fixture(scope="module")
+def world_data():
+    world = TW.World(0)
+    return world, TW.corpus(world), TW.tasks(world)
+
+
+def test_text_world_is_deterministic(world_data):
+    world, corpus, tasks = world_data
+    again = TW.World(0)
+    assert again.to_dict() == world.to_dict() and TW.corpus(again) == corpus and TW.tasks(again) == tasks
+    assert TW.World(1).to_dict() != world.to_dict()
+
+
+def test_records_pass_the_repository_commonsense_code(world_data, tmp_path):
+    _, _, tasks = world_data
+    assert set(tasks) == set(DATASETS)
+    n_options = {"boolq": 2, "piqa": 2, "social_i_qa": 3, "hellaswag": 4, "winogrande": 2,
+                 "ARC-Challenge": 4, "ARC-Easy": 4, "openbookqa": 4}
+    for task, split in tasks.items():
+        assert len(split["train"]) >= 50 and len(split["test"]) >= 12, (task, len(split["train"]), len(split["test"]))
+        # Held-out: no question text in both splits.
+        assert not {r["instruction"] for r in split["train"]} & {r["instruction"] for r in split["test"]}
+        for name, recs in split.items():
+            path = tmp_path / f"{task}-{name}.json"
+            path.write_text(json.dumps(recs))
+            assert load_records(path, "train") == recs and load_records(path, "eval") == recs
+            for r in recs:
+                assert r["input"] == "" and r["output"] == f"the correct answer is {r['answer']}"
+                # The eval code's own extraction reads the gold label back out of the gold output.
+                assert extract_answer(task, r["output"]) == r["answer"]
+                fmt = r["instruction"].rsplit("\n\nAnswer format: ", 1)[1].split("/")
+                assert len(fmt) == n_options[task] and r["answer"] in fmt
+                assert generate_prompt(r["instruction"], r["input"], None, stage="eval").endswith("### Response:\n" + " " * 16)
+        answers = [r["answer"] for r in split["train"]]
+        # No label dominates: a constant guess cannot score high.
+        assert max(answers.count(a) for a in set(answers)) / len(answers) < 0.5 + 0.15, task
+
+
+class _CorpusFacts:
+    """Facts read from the corpus text with regular expressions (nothing from text_world's tables)."""
+
+    def __init__(self, docs: list[str]) -> None:
+        text = "\n".join(docs)
+        self.sentences = set(re.findall(r"[A-Z][^.]*\.", text))
+        self.age = {n: int(a) for n, a in re.findall(r"\b([A-Z]\w+) is (\d+) years old\.", text)}
+        self.town = dict(re.findall(r"\b([A-Z]\w+) lives in ([A-Z]\w+)\.", text))
+        self.pet = {n: (sp, pet) for n, _c, sp, pet in re.findall(r"\b([A-Z]\w+) has a (\w+) (\w+) called ([A-Z]\w+)\.", text)}
+        self.owns = {(n, kind): mat for n, _s, _c, kind, mat in
+                     re.findall(r"\b([A-Z]\w+) owns a (small|big) (\w+) (\w+) made of (\w+)\.", text)}
+        self.diet = {pl.lower(): food for pl, food in re.findall(r"\b([A-Z]\w+) eat (\w+)\.", text)}
+        self.stories = re.findall(r"(?:^|\. )([A-Z][^.]*?), and ([A-Z]\w+) felt (\w+)\.", text, flags=re.M)
+        self.scripts = {act: steps for _n, act, *steps in re.findall(
+            r"\b([A-Z]\w+) wants to ([^.]+)\. First \w+ ([^.]+)\. Then \w+ ([^.]+)\. Then \w+ ([^.]+)\. "
+            r"At last \w+ ([^.]+)\.", text)}
+        self.names = set(self.age)
+
+    def has(self, sentence: str) -> bool:
+        return sentence in self.sentences
+
+    def food_of(self, species: str) -> str:
+        return self.diet[species + "s"]
+
+    def template(self, event: str) -> tuple[str, list[str]]:
+        """An event with its people replaced by A, B in order of appearance (and b's thing by X)."""
+        people: list[str] = []
+        def sub(m: re.Match) -> str:
+            if m.group(1) not in people:
+                people.append(m.group(1))
+            return "AB"[people.index(m.group(1))]
+        t = re.sub(r"\b(%s)\b" % "|".join(sorted(self.names)), sub, event)
+        return re.sub(r"'s \w+$", "'s X", t), people
+
+
+def _options(instruction: str, prefix: str) -> list[str]:
+    return re.findall(rf"\n\n{prefix}\d: (.*)", instruction)
+
+
+def _solve(task: str, ins: str, f: _CorpusFacts) -> list[int]:
+    """1-based indices of the options that the corpus facts make correct (one expected)."""
+    q = ins.split(": ", 1)[1].split("\n\n")[0]
+    if task == "boolq":
+        if m := re.fullmatch(r"does (\w+) live in (\w+)\?", q):
+            truth = f.town[m[1].capitalize()] == m[2].capitalize()
+        elif m := re.fullmatch(r"is (\w+) a (\w+)\?", q):
+            truth = {pet.lower(): sp for sp, pet in f.pet.values()}[m[1]] == m[2]
+        elif m := re.fullmatch(r"is (\w+)'s (\w+) made of (\w+)\?", q):
+            truth = f.owns[(m[1].capitalize(), m[2])] == m[3]
+        elif m := re.fullmatch(r"is (\w+) older than (\w+)\?", q):
+            truth = f.age[m[1].capitalize()] > f.age[m[2].capitalize()]
+        else:
+            raise AssertionError(f"unparsed boolq question {q!r}")
+        return [1 if truth else 2]  # true / false
+    if task == "piqa":
+        m = re.fullmatch(r"(\w+) wants to (.+)\. What should \w+ do\?", q)
+        kinds = [re.fullmatch(r"\w+ uses \w+ (\w+)\.", o)[1] for o in _options(ins, "Solution")]
+        return [i + 1 for i, k in enumerate(kinds) if (m[1], k) in f.owns and f.has(f"A {k} is used to {m[2]}.")]
+    if task == "social_i_qa":
+        m = re.fullmatch(r"(.+)\. How would (\w+) feel afterwards\?", q)
+        tmpl, people = f.template(m[1])
+        feelings = {feel for ev, who, feel in f.stories
+                    if (t := f.template(ev))[0] == tmpl and t[1].index(who) == people.index(m[2])}
+        return [i + 1 for i, o in enumerate(_options(ins, "Answer")) if o in feelings]
+    if task == "hellaswag":
+        m = re.fullmatch(r"[^:]+: \w+ wants to ([^.]+)\. (.*) Then \w+", q)
+        shown = m[2].count(".")
+        nxt = f.scripts[m[1]][shown]
+        return [i + 1 for i, o in enumerate(_options(ins, "Ending")) if o == nxt + "."]
+    if task == "winogrande":
+        a, b = _options(ins, "Option")
+        if "older one" in q:
+            return [1 if f.age[a] > f.age[b] else 2]
+        town = re.search(r"met in (\w+),", q)[1]
+        return [i + 1 for i, n in enumerate((a, b)) if f.town[n] == town]
+    if task == "ARC-Easy":
+        if m := re.fullmatch(r"Which material (.+)\?", q):
+            return [i + 1 for i, o in enumerate(_options(ins, "Answer")) if f.has(f"{o.capitalize()} {m[1]}.")]
+        m = re.fullmatch(r"What is a (\w+) used for\? To", q)
+        return [i + 1 for i, o in enumerate(_options(ins, "Answer")) if f.has(f"A {m[1]} is used to {o}.")]
+    if task == "ARC-Challenge":
+        m = re.fullmatch(r"Which of these things (.+)\?", q)
+        opts = [re.fullmatch(r"(\w+)'s (\w+)", o) for o in _options(ins, "Answer")]
+        return [i + 1 for i, o in enumerate(opts) if f.has(f"{f.owns[(o[1], o[2])].capitalize()} {m[1]}.")]
+    if task == "openbookqa":
+        opts = _options(ins, "Answer")
+        if m := re.fullmatch(r"(\w+) wants to feed \w+ pet\. What should \w+ give it\?", q):
+            food = f.food_of(f.pet[m[1]][0])
+        elif m := re.fullmatch(r"What does (\w+) eat\?", q):
+            food = f.food_of({pet: sp for sp, pet in f.pet.values()}[m[1]])
+        else:
+            m = re.fullmatch(r"In which town does (\w+) live\?", q)
+            owner = {pet: n for n, (_sp, pet) in f.pet.items()}[m[1]]
+            return [i + 1 for i, o in enumerate(opts) if o == f.town[owner]]
+        return [i + 1 for i, o in enumerate(opts) if o == food]
+    raise AssertionError(task)
+
+
+def test_every_gold_answer_follows_from_the_corpus(world_data):
+    """Re-derive each answer from facts parsed out of the corpus text: exactly one option is right,
+    and it is the gold one (so every fact a question needs is in the pretraining corpus)."""
+    _, corpus, tasks = world_data
+    facts = _CorpusFacts(corpus)
+    assert len(facts.age) == 24 and len(facts.scripts) == 8 and len(facts.stories) >= 8
+    for task, split in tasks.items():
+        for name, recs in split.items():
+            for r in recs:
+                right = _solve(task, r["instruction"], facts)
+                label = re.sub(r"\d", "", r["answer"])
+                gold = ["true", "false"].index(r["answer"]) + 1 if task == "boolq" else int(r["answer"][len(label):])
+                assert right == [gold], (task, name, r["instruction"], r["answer"], right)
+
+
+def test_text_world_writer(tmp_path):
+    out = TW.main(["--out", str(tmp_path / "tw"), "--n_people", "8", "--copies", "1"])
+    assert (out / "corpus.txt").read_text().count("years old.") == 8
+    merged = load_records(out / "train.json", "train")
+    per_task = sum(len(load_records(out / t / "train.json")) for t in DATASETS)
+    assert len(merged) == per_task
+    for t in DATASETS:
+        load_records(out / t / "test.json", "eval")
+    with pytest.raises(FileExistsError):
+        TW.write_world(out)
+    with pytest.raises(ValueError, match="n_people"):
+        TW.World(0, n_people=2)
