@@ -237,8 +237,9 @@ class Suite:
         if rec.get("status") != "done":
             res.status = f"FAIL: record says {rec.get('status')}"
         results, timings = rec.get("results") or {}, rec.get("timings") or {}
-        steps = rec.get("global_step") or results.get("train_steps")
-        seconds = rec.get("seconds") or timings.get("train_s")
+        loop = rec.get("train_loop") or {}  # DreamBooth: the final phase's training loop
+        steps = loop.get("steps") or results.get("train_steps")
+        seconds = loop.get("seconds") or timings.get("train_s")
         if steps and seconds:
             res.steps_per_s = steps / seconds
         launch = rec.get("dash_launch")

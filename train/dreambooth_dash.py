@@ -1576,8 +1576,10 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
             # the launch's W0 spectra on the host, beside the pre-launch steps (BENCHMARKS.md: ~3 s of
             # an SDXL run instead of ~9 s at launch); layers already launched (resume) are skipped
             dashdiff.prefetch_spectra(host())
+        loop_started = time.time()
         run_loop(phase, start, train_step)
         accelerator.wait_for_everyone()
+        train_timing = {"steps": phase.max_steps - start, "seconds": round(time.time() - loop_started, 2)}
         if on_event:
             on_event("end", {"host": host(), "step": phase.max_steps})
 
@@ -1597,7 +1599,7 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
             if ranks is not None:
                 _write_ranks(output_dir, ranks, alphas, args)
             record.update(status="done", global_step=phase.max_steps, seconds=round(time.time() - started, 2),
-                          dash_launch=state["launch"], autolora_ranks=ranks,
+                          train_loop=train_timing, dash_launch=state["launch"], autolora_ranks=ranks,
                           lora_weights=str(output_dir / "pytorch_lora_weights.safetensors"))
             images = []
             if args.validation_prompt:
