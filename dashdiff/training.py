@@ -2,10 +2,12 @@
 
 What lives here is the part of a script that must behave the same everywhere and that is easy to
 get subtly wrong: the LoRA-Dash warm-up default, the output-folder guard and the run record that
-tells one run's folder from another's, phase-named checkpoints with pruning and ``latest``
-resolution, accelerate save/load hooks that carry the full dashdiff state, per-step random
-generators that make a resumed run draw the same noise as an uninterrupted one, the NaN-loss
-guard and the per-step log a resume truncates.
+tells one run's folder from another's, the output-folder lock, phase-named checkpoints that exist
+only complete (written aside, marker last, renamed into place, pruned after) with ``latest``
+resolution that skips incomplete ones and a pre-resume check that no file in a checkpoint is a
+pickle of more than data, accelerate save/load hooks that carry the full dashdiff state, per-step
+random generators that make a resumed run draw the same noise as an uninterrupted one, the
+NaN-loss guard and the per-step log a resume truncates.
 """
 
 from __future__ import annotations
