@@ -128,6 +128,20 @@ def write_run_record(output_dir: PathLike, record: Mapping[str, Any]) -> None:
     write_json(_jsonable(dict(record)), Path(output_dir) / RUN_RECORD)
 
 
+def mark_stopped(output_dir: PathLike, why: str, error: BaseException, last_checkpoint: Optional[PathLike],
+                 record: Optional[Mapping[str, Any]] = None) -> None:
+    """Record that the run stopped (``status: "stopped: <why>"``, the error, the last good
+    checkpoint) in ``record`` or the record on disk. Best effort: on a full disk this write may fail
+    too, and the error being reported matters more than the record."""
+    updated = dict(record if record is not None else read_run_record(output_dir) or {})
+    updated.update(status=f"stopped: {why}", error=str(error),
+                   last_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    try:
+        write_run_record(output_dir, updated)
+    except OSError:
+        logger.warning("could not update the run record in %s (disk full?)", output_dir)
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
