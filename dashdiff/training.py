@@ -2,10 +2,12 @@
 
 What lives here is the part of a script that must behave the same everywhere and that is easy to
 get subtly wrong: the LoRA-Dash warm-up default, the output-folder guard and the run record that
-tells one run's folder from another's, phase-named checkpoints with pruning and ``latest``
-resolution, accelerate save/load hooks that carry the full dashdiff state, per-step random
-generators that make a resumed run draw the same noise as an uninterrupted one, the NaN-loss
-guard and the per-step log a resume truncates.
+tells one run's folder from another's, the output-folder lock, phase-named checkpoints that exist
+only complete (written aside, marker last, renamed into place, pruned after) with ``latest``
+resolution that skips incomplete ones and a pre-resume check that no file in a checkpoint is a
+pickle of more than data, accelerate save/load hooks that carry the full dashdiff state, per-step
+random generators that make a resumed run draw the same noise as an uninterrupted one, the
+NaN-loss guard and the per-step log a resume truncates.
 """
 
 from __future__ import annotations
@@ -126,6 +128,20 @@ def read_run_record(output_dir: PathLike) -> Optional[dict[str, Any]]:
 
 def write_run_record(output_dir: PathLike, record: Mapping[str, Any]) -> None:
     write_json(_jsonable(dict(record)), Path(output_dir) / RUN_RECORD)
+
+
+def mark_stopped(output_dir: PathLike, why: str, error: BaseException, last_checkpoint: Optional[PathLike],
+                 record: Optional[Mapping[str, Any]] = None) -> None:
+    """Record that the run stopped (``status: "stopped: <why>"``, the error, the last good
+    checkpoint) in ``record`` or the record on disk. Best effort: on a full disk this write may fail
+    too, and the error being reported matters more than the record."""
+    updated = dict(record if record is not None else read_run_record(output_dir) or {})
+    updated.update(status=f"stopped: {why}", error=str(error),
+                   last_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    try:
+        write_run_record(output_dir, updated)
+    except OSError:
+        logger.warning("could not update the run record in %s (disk full?)", output_dir)
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -290,12 +290,21 @@ def test_a_crafted_pickle_is_not_executed_and_the_refused_resume_changes_nothing
 
 
 def test_resume_from_the_last_checkpoint_trains_nothing_more(db, reference, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(reference, out)
-    rec = run(db, argv(out, *STEPS, "--resume_from_checkpoint", "latest"))
-    assert rec["status"] == "done" and rec["global_step"] == 6 and rec["resumed_from"].endswith("checkpoint-6")
-    assert T.read_run_record(out)["global_step"] == 6
-    assert_same_run(reference, out)  # no step 7 in the log, the same weights
+    # step 6 ends an epoch (3 steps each); step 4 is mid-epoch, where a resume used to run step 5
+    for ckpt, last in (("latest", 6), ("checkpoint-4", 4)):
+        out = tmp_path / ckpt
+        shutil.copytree(reference, out)
+        (out / ".checkpoint-8.tmp").mkdir()  # left by a save killed in some earlier attempt
+        (out / ".checkpoint-8.tmp" / "optimizer.bin").write_bytes(b"partial")
+        rec = run(db, argv(out, *STEPS, "--max_train_steps", str(last), "--resume_from_checkpoint", ckpt))
+        assert not (out / ".checkpoint-8.tmp").exists()  # cleaned up at the start (no save happens here)
+        assert rec["status"] == "done" and rec["global_step"] == last
+        assert rec["resumed_from"].endswith(f"checkpoint-{last}")
+        assert T.read_run_record(out)["global_step"] == last
+        want = {k: v for k, v in losses(reference).items() if k[1] <= last}
+        assert losses(out) == want  # no step past the last one in the log
+        a, b = load_file(reference / f"checkpoint-{last}" / T.ADAPTER_STATE), load_file(out / T.ADAPTER_STATE)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the checkpoint's weights
 
 
 def test_overwrite_checks_everything_first_and_keeps_what_is_not_dashdiffs(db, reference, tmp_path):
@@ -329,9 +338,12 @@ KILL_POINTS = ("begin", "state", "marker", "renamed")
 
 
 def fault_plan(seed: int) -> list[tuple[int, str]]:
+    """(checkpoint step, kill point) of the 3 trials: a random delay into the save, the moment the
+    new checkpoint is complete but not in place (with limit 1 the old one must still be there),
+    and one of the other points."""
     rng = random.Random(seed)
-    plan = [(rng.choice([2, 4]), f"delay={rng.uniform(0.0, 0.06):.3f}")]
-    return plan + [(rng.choice([2, 4]), point) for point in rng.sample(KILL_POINTS, 2)]
+    return [(rng.choice([2, 4]), f"delay={rng.uniform(0.0, 0.06):.3f}"), (4, "marker"),
+            (rng.choice([2, 4]), rng.choice([p for p in KILL_POINTS if p != "marker"]))]
 
 
 @pytest.mark.parametrize("trial", range(3))

@@ -443,6 +443,33 @@ def test_resume_from_the_last_checkpoint_trains_nothing_more(runs: dict[str, Pat
                     load_file(out / "dashdiff_adapter.safetensors")) == 0
 
 
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(base: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from dashdiff import safeio
+    from dashdiff.training import CheckpointWriteError, list_checkpoints, validate_checkpoint
+
+    real, calls = safeio._save_file, {"n": 0}
+
+    def full_disk(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 2:  # checkpoint-4's adapter state
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safeio, "_save_file", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint-4: the disk is full.*intact \(checkpoint-2\)"):
+        run_main(cli(base, out, "lora", "--checkpoints_total_limit", "1"))
+    assert [c.path.name for c in list_checkpoints(out)] == ["checkpoint-2"]
+    assert not any("checkpoint-4" in p.name for p in out.iterdir())  # no partial folder left
+    assert validate_checkpoint(out / "checkpoint-2")["step"] == 2
+    record = json.loads((out / "dashdiff_run.json").read_text())
+    assert record["status"] == "stopped: checkpoint write failed" and record["last_checkpoint"].endswith("checkpoint-2")
+
+
 def test_overwrite_with_a_bad_data_file_deletes_nothing(runs: dict[str, Path], base: Path, tmp_path: Path) -> None:
     import shutil
 

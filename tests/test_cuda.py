@@ -216,3 +216,31 @@ def test_commonsense_eval_generates_on_cuda(tmp_path):
         "--device", DEV, "--output_dir", str(out), "--no_progress"]))
     assert payload["complete"] and list(payload["accuracy"]) == list(DATASETS)
     assert all(len(json.loads((out / f"{n}.json").read_text())) == 2 for n in DATASETS)
+
+
+@cuda
+def test_checkpoints_written_on_cuda_pass_the_checks_and_resume(tmp_path):
+    """Issue 13: a checkpoint written on CUDA (optimizer.bin, the RNG file and extra_state.pt with
+    β's Adam state hold CUDA tensors) passes the pre-resume check (weights_only, read on CPU,
+    memory-mapped) and resumes the AutoLoRA search to the same losses and adapter."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    import test_commonsense_train as ct
+    from dashdiff import training as T
+    from dashdiff.tiny import resolve_model
+
+    base = Path(resolve_model("tiny-llama", cache_dir=str(tmp_path / "cache")))
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    record = ct.run_main(ct.cli(base, full, "autolora"))
+    assert record["device"].startswith("cuda")
+    assert T.validate_checkpoint(full / "checkpoint-search-2")["step"] == 2
+    ct.run_main(ct.cli(base, resumed, "autolora", "--resume_from_checkpoint", str(full / "checkpoint-search-2")))
+    search = [[(r["step"], r["loss"]) for r in ct.steps(d) if r.get("phase") == "search" and "loss" in r]
+              for d in (full, resumed)]
+    assert [s for s, _ in search[1]] == [s for s, _ in search[0][2:]]
+    # CUDA kernels need not be bit-reproducible run to run: a loose tolerance, far below a wrong resume's
+    assert max(abs(a - b) for (_, a), (_, b) in zip(search[1], search[0][2:])) <= 1e-4
+    assert ct.max_diff(load_file(full / "adapter_model.safetensors"),
+                       load_file(resumed / "adapter_model.safetensors")) <= 1e-4

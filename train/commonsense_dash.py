@@ -548,10 +548,15 @@ def save_checkpoint(run: Run, phase: str, step: int, stateful: dict[str, Any], i
         state = {name: obj.state_dict() for name, obj in stateful.items()}
         atomic_write(folder / "extra_state.pt", lambda tmp: torch.save(state, tmp))
 
-    path = T.save_checkpoint(run.accelerator, run.out, phase, step,
-                             {"fingerprint": run.fingerprint, "trajectory": trajectory_settings(run.args),
-                              "num_processes": run.world, **info},
-                             run.args.checkpoints_total_limit, write_extra)
+    try:
+        path = T.save_checkpoint(run.accelerator, run.out, phase, step,
+                                 {"fingerprint": run.fingerprint, "trajectory": trajectory_settings(run.args),
+                                  "num_processes": run.world, **info},
+                                 run.args.checkpoints_total_limit, write_extra)
+    except T.CheckpointWriteError as err:
+        if run.accelerator.is_main_process:  # say in the record why the run stopped
+            T.mark_stopped(run.out, "checkpoint write failed", err, run.last_checkpoint)
+        raise
     run.last_checkpoint = path
     run.log.write({"event": "checkpoint", "phase": phase, "step": step, "path": path.name})
     return path

@@ -1616,9 +1616,7 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
         # Leave a record of why there are no final weights; the last good checkpoint stays as it was.
         if accelerator.is_main_process:
             why = "non-finite loss" if isinstance(err, T.NonFiniteLossError) else "checkpoint write failed"
-            record.update(status=f"stopped: {why}", error=str(err),
-                          last_checkpoint=str(last_checkpoint[0]) if last_checkpoint[0] else None)
-            T.write_run_record(output_dir, record)
+            T.mark_stopped(output_dir, why, err, last_checkpoint[0], record)
         accelerator.end_training()
         raise
     accelerator.end_training()
