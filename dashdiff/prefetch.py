@@ -21,6 +21,7 @@ and whichever result comes first is used.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
@@ -81,8 +82,14 @@ class SpectrumPrefetcher:
         n = 1 if (w is not None and w.is_cuda and device == "cuda") else self._workers
         self._threads = [threading.Thread(target=self._work, name=f"dashdiff-prefetch-{i}", daemon=True)
                          for i in range(min(n, max(1, len(jobs))))]
+        self._stopping = False
         for t in self._threads:
             t.start()
+        # A worker may still be inside a LAPACK call when the script ends (the launch does not wait
+        # for it); torn down mid-call at interpreter exit, it aborted a two-GPU LLaMA run
+        # ("terminate called without an active exception"). At exit: take no new layer, finish
+        # the one in hand.
+        atexit.register(self.stop)
 
     # ------------------------------------------------------------------ bookkeeping
     def _claim_front(self) -> Optional[int]:
@@ -139,7 +146,7 @@ class SpectrumPrefetcher:
     def _work(self) -> None:
         torch.set_num_threads(1)  # per calling thread: one LAPACK thread per worker
         try:
-            while self.error is None and (i := self._claim_front()) is not None:
+            while self.error is None and not self._stopping and (i := self._claim_front()) is not None:
                 eig = self._host(i)
                 self._store(i, eig)
         except BaseException as e:  # surfaced by wait()/finish(): a failed prefetch must not pass silently
@@ -178,6 +185,12 @@ class SpectrumPrefetcher:
         self._all_done.wait()
         if self.error is not None:
             raise RuntimeError("dashdiff: spectrum prefetch failed") from self.error
+
+    def stop(self) -> None:
+        """Workers take no new layer; returns once each has finished the one in hand."""
+        self._stopping = True
+        for t in self._threads:
+            t.join()
 
     @property
     def done(self) -> bool:

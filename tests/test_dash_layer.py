@@ -487,3 +487,39 @@ def test_host_spectrum_launch_matches_float64_svd(shape):
     for j, i in enumerate(want.tolist()):  # each chosen rank-1 direction u_i v_iᵀ (sign-free)
         torch.testing.assert_close(torch.outer(got.u_s[:, j], got.v_s_t[j]), torch.outer(u[:, i], vh[i]),
                                    rtol=0, atol=1e-9)
+
+
+_EXIT_SCRIPT = """
+import time, peft, torch, dashdiff
+from torch import nn
+from dashdiff import prefetch
+class M(nn.Module):
+    def __init__(self):
+        super().__init__(); self.q_proj = nn.Linear(200, 200)
+    def forward(self, x): return self.q_proj(x)
+m = peft.get_peft_model(M(), dashdiff.LoraDashConfig(r=2, lora_alpha=2, target_modules=["q_proj"],
+                        dash_warmup_steps=1, dash_directions=2, init_lora_weights="gaussian"))
+orig = prefetch.SpectrumPrefetcher._host
+def slow(self, i):
+    out = orig(self, i)
+    x = torch.randn(700, 700, dtype=torch.float64)
+    for _ in range(4):  # native work still running on the worker when the script ends
+        torch.linalg.eigh(x @ x.T)
+    return out
+prefetch.SpectrumPrefetcher._host = slow
+handle = dashdiff.prefetch_spectra(m, workers=1)
+time.sleep(0.2)
+assert dashdiff.dash_step(m) and handle.report.in_line == 1
+"""
+
+
+def test_script_exits_cleanly_while_a_prefetch_worker_is_busy():
+    # The launch does not wait for a worker's layer; a worker torn down inside a native call at
+    # interpreter exit aborted the process ("terminate called without an active exception", rc 134:
+    # a two-GPU LLaMA run, reproduced here on the CPU).
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "terminate called" not in proc.stderr
