@@ -233,7 +233,9 @@ def failure_line(err: BaseException) -> Optional[str]:
     (whose traceback should be seen)."""
     if isinstance(err, TrainingError):
         return str(err)
-    if isinstance(err, OSError) and getattr(err, "strerror", None):
-        where = f": {err.filename}" if err.filename else ""
-        return f"{err.strerror}{where} ({type(err).__name__})"
+    if isinstance(err, OSError):  # the file system or a model folder, not the code
+        if getattr(err, "strerror", None):
+            where = f": {err.filename}" if err.filename else ""
+            return f"{err.strerror}{where} ({type(err).__name__})"
+        return str(err) or type(err).__name__  # e.g. transformers' "not a model folder" messages
     return None

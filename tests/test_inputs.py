@@ -227,6 +227,23 @@ def test_some_examples_cut_before_the_response_are_counted(llama, tmp_path):
     assert [e.targets == 0 for e in got] == [True, False, False] and shortest_prompt > 0
 
 
+def test_commonsense_mistyped_or_empty_inputs_are_one_line(llama, tmp_path, capsys):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    cases = {
+        ("--data_path", str(empty)): "holds no records",
+        ("--data_path", str(tmp_path / "typo.json")): "typo.json",
+        ("--base_model", str(tmp_path / "no-model")): "no-model",
+    }
+    for (flag, value), msg in cases.items():
+        argv = cs_argv(tmp_path / "o", "--adapter_name", "lora", base=llama)
+        argv[argv.index(flag) + 1] = value
+        assert cs.cli(argv) == 1, flag
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and msg in last and "Traceback" not in err, (flag, err)
+
+
 def test_eval_loss_is_null_not_nan_and_files_are_strict_json(tmp_path):
     log = T.StepLog(tmp_path / T.STEP_LOG)
     log.write({"event": "eval", "step": 1, "eval_loss": float("nan"), "other": float("inf"), "ok": 0.5})
