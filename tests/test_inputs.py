@@ -337,6 +337,11 @@ def test_dreambooth_images_too_large_or_16_bit(tmp_path, monkeypatch):
     for fn in (db.load_image, lambda p: db.check_images([p])):
         with pytest.raises(T.TrainingError, match=r"a\.png: the image is too large to decode safely"):
             fn(folder / "a.png")
+    monkeypatch.undo()
+    Image.new("F", (4, 4)).save(folder / "f.tif")
+    for fn in (db.load_image, lambda p: db.check_images([p])):
+        with pytest.raises(T.TrainingError, match=r"^\S*f\.tif: a 32-bit floating-point image"):
+            fn(folder / "f.tif")
 
 
 # --------------------------------------------------------------------------- eval script
