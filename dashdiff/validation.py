@@ -130,7 +130,7 @@ def _adapter_weight_keys(folder: Path) -> set[str]:
         import torch
 
         # weights_only: a tensor dict, never code (a crafted pickle is refused by torch itself)
-        return set(torch.load(file, map_location="meta", weights_only=True, mmap=True).keys())
+        return set(torch.load(file, map_location="meta", weights_only=True).keys())
     raise FileNotFoundError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
 
 
@@ -195,7 +195,9 @@ def to_rgb(img: Any, path: PathLike = "") -> Any:
     if mode == "F":
         raise TrainingError(f"{path}: a 32-bit floating-point image (mode F) has no defined 0-255 range; save it "
                             "as an 8-bit RGB PNG or JPEG")
-    if mode.startswith("I"):  # I;16, I;16B, I;16L, I (16-bit PNGs open as one of these)
+    # I;16, I;16B, I;16L, I (16-bit PNGs open as one of these); values that all fit in 0..255 are
+    # taken as 8-bit data stored wide, anything larger as the full 16-bit range
+    if mode.startswith("I"):
         arr = np.asarray(img, dtype=np.float64)
         scale = 255.0 / 65535.0 if arr.size and arr.max() > 255 else 1.0
         img = Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), "L")
@@ -233,7 +235,9 @@ def failure_line(err: BaseException) -> Optional[str]:
     (whose traceback should be seen)."""
     if isinstance(err, TrainingError):
         return str(err)
-    if isinstance(err, OSError) and getattr(err, "strerror", None):
-        where = f": {err.filename}" if err.filename else ""
-        return f"{err.strerror}{where} ({type(err).__name__})"
+    if isinstance(err, OSError):  # the file system or a model folder, not the code
+        if getattr(err, "strerror", None):
+            where = f": {err.filename}" if err.filename else ""
+            return f"{err.strerror}{where} ({type(err).__name__})"
+        return str(err) or type(err).__name__  # e.g. transformers' "not a model folder" messages
     return None

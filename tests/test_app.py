@@ -265,6 +265,34 @@ def test_bad_files_are_refused_and_slots_survive(renderer, files, tmp_path):
     assert len(renderer.render("still works", steps=STEPS, methods=["lora"])) == 1
 
 
+def test_upload_sized_by_its_header_is_refused_quickly(renderer, files, tmp_path):
+    """A full-state upload goes through load_adapter's whole-file check: a header claiming
+    r = 2,000,000 is refused from the numbers, before anything is allocated (issue 13)."""
+    import json
+    import time
+
+    from safetensors.torch import save_file
+
+    from dashdiff import safeio
+    from dashdiff.export import HEADER_KEY
+
+    tensors, meta = safeio.read_safetensors(files["dash"] / app.STATE_FILE)
+    header = json.loads(meta[HEADER_KEY])
+    for layer in header["layers"].values():
+        layer["r"] = 2_000_000
+    for cfg in header["configs"].values():
+        cfg["fields"]["r"] = 2_000_000
+    crafted = tmp_path / app.STATE_FILE
+    save_file(tensors, str(crafted), {"format": "pt", HEADER_KEY: json.dumps(header)})
+    kept = {s: a.adapter_name for s, a in renderer.adapters.items()}
+    t0 = time.perf_counter()
+    with pytest.raises(app.RenderError, match=r"claims rank r=2000000"):
+        renderer.load("dash", crafted)
+    assert time.perf_counter() - t0 < 5
+    assert {s: a.adapter_name for s, a in renderer.adapters.items()} == kept
+    renderer.load("dash", files["dash"] / app.STATE_FILE)  # the right file still loads afterwards
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -244,3 +244,30 @@ def test_checkpoints_written_on_cuda_pass_the_checks_and_resume(tmp_path):
     assert max(abs(a - b) for (_, a), (_, b) in zip(search[1], search[0][2:])) <= 1e-4
     assert ct.max_diff(load_file(full / "adapter_model.safetensors"),
                        load_file(resumed / "adapter_model.safetensors")) <= 1e-4
+
+
+@cuda
+def test_app_caps_and_cancel_on_cuda():
+    """Issue 13: on a GPU the app allows 1024 px and 100 steps, refuses more, and a cancelled
+    1024 px render stops at the end of the step under way."""
+    import threading
+
+    app = _load("dashdiff_app", ROOT / "app.py")
+    r = app.Renderer("tiny-sdxl", device=DEV)
+    try:
+        assert r.limits.size == (64, 1024) and r.limits.steps == (1, 100)
+        with pytest.raises(app.RenderError, match=r"Width must be from 64 to 1024 \(the cap on cuda"):
+            r.render("a toy", steps=2, width=1032, height=64)
+        cancel, seen = threading.Event(), []
+
+        def on_step(step, steps):
+            seen.append(step)
+            if step == 2:
+                cancel.set()
+
+        with pytest.raises(app.Cancelled):
+            r.render("a toy", steps=100, width=1024, height=1024, methods=["base"], on_step=on_step, cancel=cancel)
+        assert seen == [1, 2]
+        assert len(r.render("a toy", steps=2, width=64, height=64, methods=["base"])) == 1
+    finally:
+        r.close()

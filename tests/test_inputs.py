@@ -227,6 +227,23 @@ def test_some_examples_cut_before_the_response_are_counted(llama, tmp_path):
     assert [e.targets == 0 for e in got] == [True, False, False] and shortest_prompt > 0
 
 
+def test_commonsense_mistyped_or_empty_inputs_are_one_line(llama, tmp_path, capsys):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    cases = {
+        ("--data_path", str(empty)): "holds no records",
+        ("--data_path", str(tmp_path / "typo.json")): "typo.json",
+        ("--base_model", str(tmp_path / "no-model")): "no-model",
+    }
+    for (flag, value), msg in cases.items():
+        argv = cs_argv(tmp_path / "o", "--adapter_name", "lora", base=llama)
+        argv[argv.index(flag) + 1] = value
+        assert cs.cli(argv) == 1, flag
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and msg in last and "Traceback" not in err, (flag, err)
+
+
 def test_eval_loss_is_null_not_nan_and_files_are_strict_json(tmp_path):
     log = T.StepLog(tmp_path / T.STEP_LOG)
     log.write({"event": "eval", "step": 1, "eval_loss": float("nan"), "other": float("inf"), "ok": 0.5})
@@ -320,6 +337,11 @@ def test_dreambooth_images_too_large_or_16_bit(tmp_path, monkeypatch):
     for fn in (db.load_image, lambda p: db.check_images([p])):
         with pytest.raises(T.TrainingError, match=r"a\.png: the image is too large to decode safely"):
             fn(folder / "a.png")
+    monkeypatch.undo()
+    Image.new("F", (4, 4)).save(folder / "f.tif")
+    for fn in (db.load_image, lambda p: db.check_images([p])):
+        with pytest.raises(T.TrainingError, match=r"^\S*f\.tif: a 32-bit floating-point image"):
+            fn(folder / "f.tif")
 
 
 # --------------------------------------------------------------------------- eval script

@@ -867,6 +867,8 @@ def _main(args: argparse.Namespace, guard: Any) -> dict[str, Any]:
     # line as one message naming the file and record, no traceback).
     try:
         records = load_records(args.data_path, stage="train")
+        if not records:
+            raise ValueError(f"--data_path {args.data_path} holds no records (an empty JSON list)")
         train_records, val_records = split_records(records, args.val_set_size, args.seed)
     except (OSError, ValueError) as err:
         raise T.TrainingError(str(err)) from err

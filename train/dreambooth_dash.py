@@ -499,6 +499,8 @@ def load_image(path: Path) -> Image.Image:
             img.load()
             img = ImageOps.exif_transpose(img)
             return V.to_rgb(img, path)
+    except TrainingError:  # to_rgb's own refusal, already one line naming the file
+        raise
     except V.image_exceptions() as err:
         raise TrainingError(V.image_error(path, err)) from None
 
@@ -524,10 +526,11 @@ def check_images(files: Sequence[Path]) -> None:
         try:
             with Image.open(path) as img:
                 img.verify()
-                if img.mode == "F":
-                    V.to_rgb(img, path)  # refused: no defined 0-255 range
+                mode = img.mode
         except V.image_exceptions() as err:
             raise TrainingError(V.image_error(path, err)) from None
+        if mode == "F":
+            V.to_rgb(Image.new("F", (1, 1)), path)  # refused: no defined 0-255 range
 
 
 def instance_items(args: argparse.Namespace) -> list[Item]:
