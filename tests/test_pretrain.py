@@ -104,8 +104,8 @@ def test_sd_pipeline_reloads_and_generates(sd_runs):
 
 def test_sd_loss_falls_on_a_fixed_batch(sd_runs, tmp_path):
     a, _ = sd_runs
-    shutil.copytree(a / "vae" / "final", tmp_path / "vae" / "final")
-    info = SD.main(["--output_dir", str(tmp_path), "--stage", "unet", "--preset", "test", "--max_steps", "12",
+    info = SD.main(["--output_dir", str(tmp_path), "--stage", "unet", "--vae_dir", str(a / "vae" / "final"),
+                    "--preset", "test", "--max_steps", "12",
                     "--fixed_batch", "--learning_rate", "3e-3", "--checkpoint_every", "100", "--no-samples"])
     losses = json.loads((tmp_path / "unet" / "losses.json").read_text())["step_losses"]
     assert info["steps"] == 12 and sum(losses[-5:]) / 5 < 0.6 * losses[0], losses

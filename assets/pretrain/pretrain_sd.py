@@ -246,9 +246,10 @@ def run_unet(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from dashdiff.tiny import tiny_clip_tokenizer
 
     preset = PRESETS[args.preset]
-    vae_dir = args.output_dir / "vae" / "final"
+    vae_dir = args.vae_dir or args.output_dir / "vae" / "final"
     if not (vae_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{vae_dir} does not exist: finish --stage vae first (same --output_dir)")
+        raise FileNotFoundError(
+            f"{vae_dir} holds no VAE: finish --stage vae first (same --output_dir), or pass --vae_dir")
     steps = args.max_steps or preset["unet_steps"]
     lr = args.learning_rate or preset["unet_lr"]
     cfg = _config(args, "unet", preset, steps, lr)
@@ -346,6 +347,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", type=Path, required=True)
     p.add_argument("--stage", choices=("vae", "unet"), required=True)
     p.add_argument("--preset", choices=tuple(PRESETS), default="mini")
+    p.add_argument("--vae_dir", type=Path, default=None,
+                   help="unet stage: the trained VAE folder (default OUTPUT_DIR/vae/final)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and training draws")
     p.add_argument("--world_seed", type=int, default=0, help="which image world")
     p.add_argument("--n_scenes", type=int, default=None, help="training scenes (default: the preset's)")
