@@ -6,8 +6,10 @@
 # STAGE is sd-vae, sd-unet or llama. Resumes from the newest checkpoint of the stage found in
 # .pretrain/STAGE/ (carried from this repository's ignored .pretrain/ folder) or in /tmp/pretrain
 # (left by an earlier call on the same warm machine), trains for MINUTES, and puts what must come
-# back under $OUT: the newest checkpoint (flat safetensors shards, each < 16 MiB), a log, and,
-# when the stage has finished, its final folder as one .tgz.
+# back under $OUT: the newest checkpoint as $OUT/STAGE-checkpoint-N/ (flat safetensors shards,
+# each < 16 MiB), the log $OUT/STAGE.log, and, when the stage has finished, its final folder as
+# one $OUT/NAME.tgz (sd-vae-final, mini-sd, mini-llama). Two stages may run side by side:
+#   bash assets/pretrain/gpu_chunk.sh llama 8 & bash assets/pretrain/gpu_chunk.sh sd-vae 8; wait
 set -euo pipefail
 stage=${1:?stage: sd-vae, sd-unet or llama}
 minutes=${2:?minutes of training in this chunk}
@@ -35,8 +37,15 @@ resume=()
 if [ -n "$latest" ]; then resume=(--resume_from "$latest"); fi
 base=$run/${stage%%-*}
 set -o pipefail
+export_dir=/tmp/export/$stage
+rm -rf "$export_dir"
 python3 "${script[@]}" --output_dir "$base" --max_minutes "$minutes" --keep_checkpoints 1 \
-  --export_dir "$out" "${resume[@]}" "$@" 2>&1 | tee "$out/$stage.log"
+  --export_dir "$export_dir" "${resume[@]}" "$@" 2>&1 | tee "$out/$stage.log"
+# $OUT/STAGE-checkpoint-N/: named by stage, so two stages run side by side never collide, and
+# only one folder deep (the transfer returns files at most two folders down).
+for ck in "$export_dir"/checkpoint-*; do
+  if [ -d "$ck" ]; then cp -r "$ck" "$out/$stage-$(basename "$ck")"; fi
+done
 case $stage in
   sd-vae) final=$base/vae/final; name=sd-vae-final ;;
   sd-unet) final=$base/pipeline; name=mini-sd ;;
