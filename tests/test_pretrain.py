@@ -200,3 +200,12 @@ def test_bad_arguments_are_named(argv, message, capsys):
         with pytest.raises(SystemExit):
             SD.parse_args(["--output_dir", "x", "--stage", "vae", *argv])
         assert message in capsys.readouterr().err
+
+
+def test_max_minutes_ends_a_chunk_with_a_checkpoint(tmp_path):
+    # A time limit already spent after the first step: the chunk saves that step and stops.
+    info = LL.main(["--output_dir", str(tmp_path), *_LL_ARGS, "--max_minutes", "1e-9"])
+    assert info["steps"] == 1 and not (tmp_path / "model").exists()
+    assert [p.name for p in LL.C.checkpoints(tmp_path / "llama")] == ["checkpoint-1"]
+    assert LL.main(["--output_dir", str(tmp_path), *_LL_ARGS, "--resume"])["steps"] == 4
+    assert (tmp_path / "model" / "model.safetensors").is_file()
