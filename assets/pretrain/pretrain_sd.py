@@ -32,11 +32,15 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # imported lazily in the builders: --help and argument errors stay fast
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -81,7 +85,7 @@ SAMPLE_PROMPTS = (
 # --------------------------------------------------------------------------- models
 
 
-def build_vae(preset: dict[str, Any]):
+def build_vae(preset: dict[str, Any]) -> AutoencoderKL:
     from diffusers import AutoencoderKL
 
     n = len(preset["vae"]["block_out_channels"])
@@ -92,7 +96,7 @@ def build_vae(preset: dict[str, Any]):
     )
 
 
-def build_unet(preset: dict[str, Any]):
+def build_unet(preset: dict[str, Any]) -> UNet2DConditionModel:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -103,7 +107,7 @@ def build_unet(preset: dict[str, Any]):
     )
 
 
-def build_text_encoder(preset: dict[str, Any], tok: Any):
+def build_text_encoder(preset: dict[str, Any], tok: Any) -> CLIPTextModel:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = CLIPTextConfig(
@@ -114,7 +118,7 @@ def build_text_encoder(preset: dict[str, Any], tok: Any):
     return CLIPTextModel(cfg)
 
 
-def noise_scheduler():
+def noise_scheduler() -> DDIMScheduler:
     from diffusers import DDIMScheduler
 
     # SD's schedule, as dashdiff.tiny uses; DDPMScheduler.from_pretrained(..., "scheduler") reads it too.
@@ -180,7 +184,7 @@ def _pixels(images: np.ndarray, idx: list[int], device: torch.device) -> torch.T
 # --------------------------------------------------------------------------- stages
 
 
-def _autocast(args: argparse.Namespace, device: torch.device):
+def _autocast(args: argparse.Namespace, device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda" and args.mixed_precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
