@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dashdiff.commonsense import DATASETS, extract_answer, generate_prompt, load_records
+from dashdiff.commonsense import DATASETS, extract_answer, generate_prompt, load_records, tokenize_example
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,7 +148,10 @@ def test_text_world_is_deterministic(world_data):
 
 
 def test_records_pass_the_repository_commonsense_code(world_data, tmp_path):
+    from dashdiff.tiny import tiny_llama_tokenizer
+
     _, _, tasks = world_data
+    tok = tiny_llama_tokenizer()
     assert set(tasks) == set(DATASETS)
     n_options = {"boolq": 2, "piqa": 2, "social_i_qa": 3, "hellaswag": 4, "winogrande": 2,
                  "ARC-Challenge": 4, "ARC-Easy": 4, "openbookqa": 4}
@@ -167,6 +170,10 @@ def test_records_pass_the_repository_commonsense_code(world_data, tmp_path):
                 fmt = r["instruction"].rsplit("\n\nAnswer format: ", 1)[1].split("/")
                 assert len(fmt) == n_options[task] and r["answer"] in fmt
                 assert generate_prompt(r["instruction"], r["input"], None, stage="eval").endswith("### Response:\n" + " " * 16)
+        # The fine-tuning script's tokenization keeps the answer as the supervised part.
+        ex = tokenize_example(tok, split["train"][0], cutoff_len=512, train_on_inputs=False)
+        supervised = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100]
+        assert split["train"][0]["answer"] in tok.decode(supervised)
         answers = [r["answer"] for r in split["train"]]
         # No label dominates: a constant guess cannot score high.
         assert max(answers.count(a) for a in set(answers)) / len(answers) < 0.5 + 0.15, task

@@ -57,6 +57,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are shared and committed
     os.replace(tmp, path)
 
 
@@ -65,6 +66,7 @@ def save_folder_atomic(final: Path, write: Callable[[Path], None]) -> Path:
     only after the new one is complete)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp creates 0700
     try:
         write(tmp)
         if final.exists():
@@ -269,8 +271,9 @@ def train_chunked(
         done_here += 1
         if state.step % args.log_every == 0 or state.step == max_steps:
             recent = state.losses[-args.log_every:]
+            rate = done_here / max(1e-9, time.perf_counter() - start)
             print(f"step {state.step}/{max_steps} loss {sum(recent) / len(recent):.5f} "
-                  f"lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
+                  f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.2f} steps/s", flush=True)
         out_of_time = args.max_minutes is not None and time.perf_counter() - start >= 60 * args.max_minutes
         out_of_steps = args.chunk_steps is not None and done_here >= args.chunk_steps
         if state.step % args.checkpoint_every == 0 or out_of_time or out_of_steps or state.step == max_steps:

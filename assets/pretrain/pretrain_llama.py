@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # imported lazily in the builders
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -60,7 +62,7 @@ def tokenizer_text(world: T.World) -> str:
     return "\n".join(T.corpus(world, copies=1) + prompts)
 
 
-def build_tokenizer(world: T.World, merges: int):
+def build_tokenizer(world: T.World, merges: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE ``PreTrainedTokenizerFast`` (4 specials + 256 bytes + ``merges``)."""
     from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import BPE
@@ -86,7 +88,7 @@ def build_tokenizer(world: T.World, merges: int):
                                    model_max_length=2048)
 
 
-def build_model(preset: dict[str, Any], vocab_size: int):
+def build_model(preset: dict[str, Any], vocab_size: int) -> LlamaForCausalLM:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=512, unk_token_id=0, bos_token_id=1,

@@ -32,11 +32,15 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # imported lazily in the builders: --help and argument errors stay fast
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -81,7 +85,7 @@ SAMPLE_PROMPTS = (
 # --------------------------------------------------------------------------- models
 
 
-def build_vae(preset: dict[str, Any]):
+def build_vae(preset: dict[str, Any]) -> AutoencoderKL:
     from diffusers import AutoencoderKL
 
     n = len(preset["vae"]["block_out_channels"])
@@ -92,7 +96,7 @@ def build_vae(preset: dict[str, Any]):
     )
 
 
-def build_unet(preset: dict[str, Any]):
+def build_unet(preset: dict[str, Any]) -> UNet2DConditionModel:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -103,7 +107,7 @@ def build_unet(preset: dict[str, Any]):
     )
 
 
-def build_text_encoder(preset: dict[str, Any], tok: Any):
+def build_text_encoder(preset: dict[str, Any], tok: Any) -> CLIPTextModel:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = CLIPTextConfig(
@@ -114,7 +118,7 @@ def build_text_encoder(preset: dict[str, Any], tok: Any):
     return CLIPTextModel(cfg)
 
 
-def noise_scheduler():
+def noise_scheduler() -> DDIMScheduler:
     from diffusers import DDIMScheduler
 
     # SD's schedule, as dashdiff.tiny uses; DDPMScheduler.from_pretrained(..., "scheduler") reads it too.
@@ -180,7 +184,7 @@ def _pixels(images: np.ndarray, idx: list[int], device: torch.device) -> torch.T
 # --------------------------------------------------------------------------- stages
 
 
-def _autocast(args: argparse.Namespace, device: torch.device):
+def _autocast(args: argparse.Namespace, device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda" and args.mixed_precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -246,9 +250,10 @@ def run_unet(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from dashdiff.tiny import tiny_clip_tokenizer
 
     preset = PRESETS[args.preset]
-    vae_dir = args.output_dir / "vae" / "final"
+    vae_dir = args.vae_dir or args.output_dir / "vae" / "final"
     if not (vae_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{vae_dir} does not exist: finish --stage vae first (same --output_dir)")
+        raise FileNotFoundError(
+            f"{vae_dir} holds no VAE: finish --stage vae first (same --output_dir), or pass --vae_dir")
     steps = args.max_steps or preset["unet_steps"]
     lr = args.learning_rate or preset["unet_lr"]
     cfg = _config(args, "unet", preset, steps, lr)
@@ -346,6 +351,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", type=Path, required=True)
     p.add_argument("--stage", choices=("vae", "unet"), required=True)
     p.add_argument("--preset", choices=tuple(PRESETS), default="mini")
+    p.add_argument("--vae_dir", type=Path, default=None,
+                   help="unet stage: the trained VAE folder (default OUTPUT_DIR/vae/final)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and training draws")
     p.add_argument("--world_seed", type=int, default=0, help="which image world")
     p.add_argument("--n_scenes", type=int, default=None, help="training scenes (default: the preset's)")
