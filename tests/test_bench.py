@@ -3,7 +3,6 @@
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import infer_time  # noqa: E402
