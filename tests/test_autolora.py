@@ -388,6 +388,25 @@ def test_paired_function_on_token_batches_and_mixed_dtypes(x_dtype):
     torch.testing.assert_close(y.double(), want_y, **tol)
     torch.testing.assert_close(gx.double(), want_gx, **tol)
     torch.testing.assert_close(gb, want_gb, **tol)
+    # a frozen β (no gradient wanted): x still gets its gradient, and β none
+    y2 = PairedAutoLoraLinear.apply(xin, beta.detach(), a2, b2, scaling)
+    (gx2,) = torch.autograd.grad(y2, xin, gy.to(x_dtype))
+    torch.testing.assert_close(gx2.double(), want_gx, **tol)
+
+
+def test_autolora_reference_casts_to_the_activations_dtype():
+    """The plain-ops reference (double backward) with float32 activations and float64 factors: computed
+    in float32, equal to the float64 product to float32 rounding."""
+    from dashdiff.functional import autolora_reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, generator=g, dtype=F64)
+    a, b, beta = (torch.randn(4, 6, generator=g, dtype=F64), torch.randn(5, 4, generator=g, dtype=F64),
+                  torch.randn(4, generator=g, dtype=F64))
+    y = autolora_reference(x.float(), a, b, beta, 1.5)
+    assert y.dtype == torch.float32
+    want = 1.5 * x @ a.t() @ (b * torch.softmax(beta, 0)).t()
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_double_batch_and_batched_arguments():

@@ -138,6 +138,9 @@ def test_fused_function_gradcheck():
     g2 = torch.autograd.grad(reference(x, a, b, d), (x, a, b, d), gy)
     for p, q in zip(g1, g2):
         torch.testing.assert_close(p, q)
+    # a frozen adapter in a trained network: only x wants a gradient, and gets the adapter's part too
+    (gx,) = torch.autograd.grad(fused(x, a.detach(), b.detach(), d.detach()), x, gy)
+    torch.testing.assert_close(gx, g2[0])
 
 
 def test_lifecycle_forward_and_gradients():
