@@ -522,6 +522,34 @@ def test_rank_threshold_within_float32_rounding_of_alpha():
     assert min(seen.values()) >= 10, seen  # both sides of λ were exercised
 
 
+def test_selection_weights_pick_the_named_adapter():
+    """Two AutoLoRA adapters and a LoRA-Dash one on the same layers: selection_weights(model, name) is
+    softmax(β) of that adapter, float64, per layer; a LoRA-Dash name or no name (ambiguous) is refused."""
+    import dashdiff
+    from dashdiff.ranks import selection_weights
+
+    model = make_net()
+    inject_adapter_in_model(AutoLoraConfig(r=3, lora_alpha=3, target_modules=["fc1", "fc2", "fc3"]), model,
+                            adapter_name="two")
+    inject_adapter_in_model(dashdiff.LoraDashConfig(r=2, target_modules=["fc1", "fc2"], dash_directions=1), model,
+                            adapter_name="dash")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_autolora_beta" in n:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    for name, k in (("default", 4), ("two", 3)):
+        got = selection_weights(model, name)
+        assert sorted(got) == ["fc1", "fc2", "fc3"]
+        for layer_name, alpha in got.items():
+            beta = getattr(model, layer_name).lora_autolora_beta[name].detach().double()
+            assert alpha.dtype == torch.float64 and alpha.shape == (k,)
+            torch.testing.assert_close(alpha, torch.softmax(beta, 0), rtol=0, atol=1e-15)
+    for bad in ("dash", None):
+        with pytest.raises(ValueError, match="AutoLoRA adapter"):
+            selection_weights(model, bad)
+
+
 def test_retrain_config_from_ranks_and_from_model():
     ranks = {"fc1": 3, "fc2": 1, "fc3": 3}
     cfg = retrain_config(ranks, lora_alpha=6, init_lora_weights="gaussian")
