@@ -109,6 +109,11 @@ def test_numerically_zero_threshold_boundary_non_square(shape):
     assert sorted(sel.indices.tolist()) == [0, 1, 2, 3]  # 1.01·threshold is eligible, the rest not
     assert torch.isfinite(sel.change_rate[:4]).all() and torch.isnan(sel.change_rate[4:]).all()
     torch.testing.assert_close(sel.sigma[:6], sigma, rtol=1e-5, atol=0)
+    from dashdiff.launch import spectrum
+
+    spec = spectrum(w0)  # its contract: the columns of numerically-zero singular values are zero
+    assert spec.eligible.tolist() == [True] * 4 + [False] * (min(shape) - 4)
+    assert torch.all(spec.u[:, 4:] == 0) and torch.all(spec.v[:, 4:] == 0)
 
 
 def test_zero_weight_has_no_eligible_direction():
