@@ -4,7 +4,7 @@ export HF_HUB_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 PY := .venv/bin/python
 
-.PHONY: install demo test test-latest bench screenshot
+.PHONY: install demo test test-latest bench screenshot mutation
 install: .venv/.installed
 .venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -36,3 +36,12 @@ bench: install
 
 screenshot: install
 	$(PY) assets/make_screenshot.py
+
+# Mutation testing (not part of CI; see BENCHMARKS.md "Mutation testing"): mutmut (pinned, the
+# `mutation` extra) on the core modules against the fast test subset configured in pyproject.toml.
+# MUTANTS picks the modules (mutmut name patterns); `make mutation MUTANTS='dashdiff.*'` runs all five.
+MUTANTS ?= dashdiff.functional* dashdiff.launch* dashdiff.ranks*
+mutation: install
+	$(PY) -m pip install -q -e ".[mutation]"
+	.venv/bin/mutmut run --max-children 2 $(foreach m,$(MUTANTS),"$(m)")
+	.venv/bin/mutmut results

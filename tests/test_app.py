@@ -231,16 +231,53 @@ def test_inspect_records_match_the_trained_adapter(renderer, files):
     assert renderer.inspect(str(files["lora"] / app.STATE_FILE)).method == "lora"  # no report: nothing to show
 
 
-def test_plots_are_images(renderer):
+def test_plots_draw_the_records(renderer, monkeypatch):
+    """PNG images with something drawn, and what the Inspect plots draw, read back from the figures: the overview puts layer row r's
+    selected directions at i/(k-1) coloured by their change rates; the layer plot draws σ and the
+    rates of the selected indices; the AutoLoRA plot's bars are the ranks, its heat map is α and
+    the outlined cells are the kept components."""
+    from matplotlib.collections import PathCollection
+    from matplotlib.image import AxesImage
+    from matplotlib.patches import Rectangle
+
     from dashdiff import inspect_plots as plots
 
-    data = renderer.inspect("dash")
-    for img in (plots.plot_dash_overview(data.dash), plots.plot_dash_layer(data.dash[0]),
-                plots.plot_autolora(renderer.inspect("autolora").autolora)):
+    figs = []
+    real = plots._to_image
+    monkeypatch.setattr(plots, "_to_image", lambda fig: (figs.append(fig), real(fig))[1])
+    dash = renderer.inspect("dash").dash
+    auto = renderer.inspect("autolora").autolora
+
+    images = [plots.plot_dash_overview(dash), plots.plot_dash_layer(dash[1]), plots.plot_autolora(auto)]
+    for img in images:
         assert img.format == "PNG" and img.size[0] >= 600 and img.size[1] >= 300
         assert _px(img).std() > 10  # something was drawn
     assert plots.short_name("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q") == \
         "down1.att0.tb0.attn1.to_q"
+
+    ax_pos, ax_rate = figs[0].axes[:2]
+    (points,) = [c for c in ax_pos.collections if isinstance(c, PathCollection)]
+    want = [(i / (l.k - 1), row, float(l.change_rate[i])) for row, l in enumerate(dash) for i in l.indices.tolist()]
+    got = [(x, y, c) for (x, y), c in zip(points.get_offsets().tolist(), points.get_array().tolist())]
+    assert np.allclose(np.array(got), np.array(want), rtol=1e-12, atol=0)
+    red = [c for c in ax_rate.collections if isinstance(c, PathCollection)][0::2]  # per row: selected, median
+    assert [sorted(c.get_offsets()[:, 0].tolist()) for c in red] == \
+        [pytest.approx(sorted(l.selected_rates.tolist()), rel=1e-12) for l in dash]
+
+    layer = dash[1]
+    ax_sigma, ax_rates = figs[1].axes[:2]
+    assert ax_sigma.lines[0].get_ydata().tolist() == pytest.approx(layer.sigma.tolist(), rel=1e-12)
+    sel = [c for c in ax_rates.collections if isinstance(c, PathCollection)][1].get_offsets()
+    assert sel[:, 0].tolist() == layer.indices.tolist()
+    assert sel[:, 1].tolist() == pytest.approx(layer.selected_rates.tolist(), rel=1e-12)
+
+    ax_rank, ax_alpha = figs[2].axes[:2]
+    assert [p.get_width() for p in ax_rank.patches] == [l.rank for l in auto]
+    (image,) = [i for i in ax_alpha.get_images() if isinstance(i, AxesImage)]
+    assert np.allclose(np.asarray(image.get_array()), np.stack([l.alpha.numpy() for l in auto]), rtol=1e-12)
+    kept = sorted((int(p.get_y() + 0.5), int(p.get_x() + 0.5)) for p in ax_alpha.patches if isinstance(p, Rectangle))
+    assert kept == sorted((row, j) for row, l in enumerate(auto) for j in torch.nonzero(l.keep).flatten().tolist())
+    assert 0 < len(kept) < sum(l.k for l in auto)  # some components pruned, some kept: the outlines mean something
 
 
 def test_bad_files_are_refused_and_slots_survive(renderer, files, tmp_path):

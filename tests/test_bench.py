@@ -3,7 +3,6 @@
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import infer_time  # noqa: E402
@@ -34,9 +33,24 @@ def test_launch_time_sections():
     assert "dashdiff at launch" in text
 
 
+def table_rows(text: str, n_cells: int) -> dict[str, list[str]]:
+    """Markdown table rows of ``text`` with ``n_cells`` cells, by first cell (header and rule left out)."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == n_cells and cells[-1].endswith("x"):
+            rows[cells[0]] = cells
+    return rows
+
+
 def test_infer_time_table():
     text = infer_time.main(["--model", "tiny-unet", "--steps", "2", "--warmup", "1"])
-    assert "| export r+s, fused |" in text
+    rows = {k: (float(v[1]), float(v[3][:-1])) for k, v in table_rows(text, 4).items()}
+    assert list(rows) == ["lora r, unfused", "export r+s, unfused", "lora r, fused", "export r+s, fused"]
+    h, hr = 5e-5, 5e-4  # half a unit of the printed last digit
+    for name, (median, ratio) in rows.items():  # against lora r with the same fusing
+        base = rows["lora r, fused" if name.endswith(", fused") else "lora r, unfused"][0]
+        assert (median - h) / (base + h) - hr <= ratio <= (median + h) / (base - h) + hr, (name, median, base, ratio)
 
 
 def test_autolora_cost_variants():

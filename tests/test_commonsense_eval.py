@@ -337,8 +337,34 @@ def test_dashdiff_adapter_file_branch(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.delattr(dashdiff, "load_adapter", raising=False)
     with pytest.raises(RuntimeError, match="load_adapter"):
         script._attach_adapter(object(), str(f))
-    calls = []
-    monkeypatch.setattr(dashdiff, "load_adapter", lambda m, p: calls.append(p) or "loaded", raising=False)
-    assert script._attach_adapter(object(), str(f)) == "loaded" and calls == [str(f)]
+    monkeypatch.undo()
+    # the real loader: a launched LoRA-Dash adapter (δ != 0) saved as a full-state file and attached to
+    # a fresh base by the script reproduces the trained model's logits
+    import peft
+    import torch
+
+    from dashdiff.tiny import tiny_llama
+
+    trained = peft.get_peft_model(tiny_llama(0), dashdiff.LoraDashConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], dash_directions=2, init_lora_weights="gaussian"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        dashdiff.launch_dash(trained)
+        for n, p in trained.named_parameters():
+            if "lora_dash_delta" in n:
+                p.copy_(torch.randn(p.shape, generator=g))
+    state = tmp_path / "dash.safetensors"
+    dashdiff.save_adapter(trained, state)
+    ids = torch.randint(4, 460, (1, 10), generator=g)
+    base = tiny_llama(0).eval()
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        want = trained.eval()(input_ids=ids).logits
+        got = script._attach_adapter(base, str(state)).eval()(input_ids=ids).logits
+    assert (want - before).abs().max() > 1e-3  # the adapter changes the output
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         script._attach_adapter(object(), str(tmp_path))

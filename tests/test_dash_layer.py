@@ -95,9 +95,10 @@ def test_numerically_zero_threshold_boundary_non_square(shape):
     of that threshold, and one between the min(out, in) and max(out, in) versions of it, on both a
     tall and a wide weight (the launch takes a different Gram matrix for each)."""
     eps32 = torch.finfo(torch.float32).eps
-    t = max(shape) * eps32  # σ_max = 1
-    sigma = torch.tensor([1.0, 0.5, 0.25, 1.01 * t, 0.99 * t, 0.5 * (min(shape) + max(shape)) * eps32],
-                         dtype=torch.float64)
+    top = 8.0  # σ_max != 1, so the threshold's σ_max factor matters
+    t = max(shape) * eps32 * top
+    sigma = torch.tensor([1.0, 0.5, 0.25, 1.01 * t / top, 0.99 * t / top, 0.5 * (min(shape) + max(shape)) * eps32],
+                         dtype=torch.float64) * top
     g = torch.Generator().manual_seed(0)
     u, _ = torch.linalg.qr(torch.randn(shape[0], sigma.numel(), generator=g, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(shape[1], sigma.numel(), generator=g, dtype=torch.float64))
@@ -108,9 +109,37 @@ def test_numerically_zero_threshold_boundary_non_square(shape):
     assert sorted(sel.indices.tolist()) == [0, 1, 2, 3]  # 1.01·threshold is eligible, the rest not
     assert torch.isfinite(sel.change_rate[:4]).all() and torch.isnan(sel.change_rate[4:]).all()
     torch.testing.assert_close(sel.sigma[:6], sigma, rtol=1e-5, atol=0)
+    from dashdiff.launch import spectrum
+
+    spec = spectrum(w0)  # its contract: the columns of numerically-zero singular values are zero
+    assert spec.eligible.tolist() == [True] * 4 + [False] * (min(shape) - 4)
+    assert torch.all(spec.u[:, 4:] == 0) and torch.all(spec.v[:, 4:] == 0)
 
 
-def test_fused_function_gradcheck():
+def test_zero_weight_has_no_eligible_direction():
+    """An all-zero W0 (zero-initialised layers exist): σ_max = 0, so nothing is eligible and nothing is
+    selected (no 0/0 change rates)."""
+    sel = select_directions(torch.zeros(6, 4), torch.randn(2, 4), torch.randn(6, 2), 1.0, 2)
+    assert sel.indices.numel() == 0 and torch.isnan(sel.change_rate).all()
+    assert torch.all(sel.u_s == 0) and torch.all(sel.v_s_t == 0)
+
+
+def test_precomputed_gram_eig_is_used(monkeypatch):
+    """select_directions with a prefetched eigendecomposition does not decompose W0 again (the point of
+    the prefetch) and gives the same selection."""
+    from dashdiff import launch
+
+    w0 = decaying_weight(24, 16, seed=4).float()
+    a, b = torch.randn(2, 16), torch.randn(24, 2)
+    want = select_directions(w0, a, b, 1.0, 3)
+    eig = launch.gram_eig(w0)
+    monkeypatch.setattr(launch, "gram_eig", lambda w: (_ for _ in ()).throw(AssertionError("decomposed again")))
+    got = select_directions(w0, a, b, 1.0, 3, eig=eig)
+    assert got.indices.tolist() == want.indices.tolist()
+
+
+@pytest.mark.parametrize("scaling, lam", [(1.7, 0.6), (2.0, 1.0), (1.0, 2.0)])
+def test_fused_function_gradcheck(scaling, lam):
     torch.manual_seed(0)
     r, s, n_in, n_out = 3, 2, 7, 5
     a = torch.randn(r, n_in, dtype=torch.float64, requires_grad=True)
@@ -118,7 +147,6 @@ def test_fused_function_gradcheck():
     d = torch.randn(s, dtype=torch.float64, requires_grad=True)
     v, u = torch.randn(s, n_in, dtype=torch.float64), torch.randn(n_out, s, dtype=torch.float64)
     x = torch.randn(2, 4, n_in, dtype=torch.float64, requires_grad=True)
-    scaling, lam = 1.7, 0.6
 
     def fused(x, a, b, d):
         # the flat layout the layer uses: [A; V_sᵀ] row-major, [B, U_s]ᵀ row-major, [base·1_r; δ],
@@ -138,6 +166,16 @@ def test_fused_function_gradcheck():
     g2 = torch.autograd.grad(reference(x, a, b, d), (x, a, b, d), gy)
     for p, q in zip(g1, g2):
         torch.testing.assert_close(p, q)
+    # some factors frozen (a frozen adapter in a trained network, only A or only B trained...): each
+    # input that wants a gradient gets the full one, the others none
+    import itertools
+
+    for frozen in itertools.chain.from_iterable(itertools.combinations(range(1, 4), n) for n in (1, 2, 3)):
+        args = [t.detach() if i in frozen else t for i, t in enumerate((x, a, b, d))]
+        live = [i for i in range(4) if i not in frozen]
+        got = torch.autograd.grad(fused(*args), [args[i] for i in live], gy)
+        for i, g in zip(live, got):
+            torch.testing.assert_close(g, g2[i], msg=f"frozen {frozen}, input {i}")
 
 
 def test_lifecycle_forward_and_gradients():
