@@ -29,7 +29,10 @@ test-latest:
 	$(LATEST) -m pip install -q torch==2.13.0
 	$(LATEST) -m pip install -q --upgrade --upgrade-strategy eager torch==2.13.0 -e ".[test]"
 	$(LATEST) -m pip list 2>/dev/null | grep -iE '^(torch|diffusers|transformers|peft|accelerate|safetensors|huggingface.hub|tokenizers|gradio|pytest) '
-	$(LATEST) -m pytest -q --durations=15
+	$(LATEST) -m pytest -q --durations=15; rc=$$?; \
+	  echo "newer releases not installed (held back by a range in pyproject.toml or by a dependency):"; \
+	  $(LATEST) -m pip list --outdated 2>/dev/null | grep -iE "^(diffusers|transformers|peft|accelerate|safetensors) " || echo "  none"; \
+	  exit $$rc
 
 bench: install
 	$(PY) bench/step_time.py --model tiny-unet --device cpu --steps 30

@@ -33,6 +33,7 @@ from dashdiff.walk import iter_layers
 STOCK = Path(__file__).with_name("stock_load.py")
 # The references are computed by the very functions the stock-load subprocess uses.
 from stock_load import render, unet_forward  # noqa: E402
+from te_adapters import add_te_adapter  # noqa: E402
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # diffusers' own text-encoder targets; its kohya loader needs out_proj to recognise TE keys.
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -139,7 +140,7 @@ def world(tmp_path_factory):
     sd.save_pretrained(d / "sd_base")
     sd.unet.add_adapter(dashdiff.LoraDashConfig(r=4, lora_alpha=8, target_modules=UNET_TARGETS, dash_directions=2,
                                                 init_lora_weights="gaussian"))
-    sd.text_encoder.add_adapter(dashdiff.LoraDashConfig(r=4, lora_alpha=8, target_modules=TE_TARGETS, dash_directions=2))
+    add_te_adapter(sd.text_encoder, dashdiff.LoraDashConfig(r=4, lora_alpha=8, target_modules=TE_TARGETS, dash_directions=2))
     make_realistic(sd)
     record_pipe("sd_dash", sd, "sd")
     for fmt in ("diffusers", "kohya", "merged"):
@@ -156,8 +157,8 @@ def world(tmp_path_factory):
     xl = tiny_sdxl_pipeline(0)
     xl.save_pretrained(d / "sdxl_base")
     xl.unet.add_adapter(dashdiff.AutoLoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS))
-    xl.text_encoder.add_adapter(dashdiff.AutoLoraConfig(r=4, lora_alpha=8, target_modules=TE_TARGETS))
-    xl.text_encoder_2.add_adapter(dashdiff.AutoLoraConfig(r=4, lora_alpha=4, target_modules=TE_TARGETS))
+    add_te_adapter(xl.text_encoder, dashdiff.AutoLoraConfig(r=4, lora_alpha=8, target_modules=TE_TARGETS))
+    add_te_adapter(xl.text_encoder_2, dashdiff.AutoLoraConfig(r=4, lora_alpha=4, target_modules=TE_TARGETS))
     make_realistic(xl)
     record_pipe("sdxl_auto", xl, "sdxl")
     for fmt in ("diffusers", "kohya"):
@@ -305,9 +306,10 @@ def test_export_did_not_mutate_the_models(world, tmp_path):
     sd = world["models"]["sd_dash"]
     assert torch.equal(unet_forward(sd, inputs, "sd"), world["refs"]["sd_dash"]["unet"])
     te_config, before = sd.text_encoder.config, sd.text_encoder.config.to_dict()
+    flag = getattr(sd.text_encoder, "_hf_peft_config_loaded", False)  # True after transformers' add_adapter
     dashdiff.export_lora(sd, tmp_path, format="merged")
     assert sd.text_encoder.config is te_config and te_config.to_dict() == before
-    assert sd.text_encoder._hf_peft_config_loaded  # set by transformers' add_adapter; restored after the save
+    assert getattr(sd.text_encoder, "_hf_peft_config_loaded", False) == flag  # restored after the save
 
 
 def _inputs(world):

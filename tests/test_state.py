@@ -17,6 +17,7 @@ from dashdiff import safeio
 from dashdiff.export import HEADER_KEY, iter_lora_layers
 from dashdiff.tiny import tiny_llama, tiny_sd_pipeline
 from dashdiff.walk import iter_layers
+from te_adapters import add_te_adapter
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -112,7 +113,7 @@ def test_round_trip_pipeline_dash_and_autolora(tmp_path):
     """Pipeline: LoRA-Dash on the UNet, AutoLoRA on the text encoder, one file, fresh pipeline."""
     pipe = tiny_sd_pipeline(0)
     pipe.unet.add_adapter(dashdiff.LoraDashConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], dash_directions=2))
-    pipe.text_encoder.add_adapter(dashdiff.AutoLoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    add_te_adapter(pipe.text_encoder, dashdiff.AutoLoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for _, _, _, layer in iter_lora_layers(pipe):
