@@ -235,6 +235,12 @@ def failure_line(err: BaseException) -> Optional[str]:
     (whose traceback should be seen)."""
     if isinstance(err, TrainingError):
         return str(err)
+    from .training import _DISK_FULL_SIGNS
+
+    text = f"{type(err).__name__}: {err}"
+    if any(sign in text for sign in _DISK_FULL_SIGNS):  # OSError 28, or torch / safetensors wrapping it
+        return (f"the disk is full ({text.splitlines()[0][:200]}): free space, then resume with "
+                "--resume_from_checkpoint latest (the last complete checkpoint is intact)")
     if isinstance(err, OSError):  # the file system or a model folder, not the code
         if getattr(err, "strerror", None):
             where = f": {err.filename}" if err.filename else ""

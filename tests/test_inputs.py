@@ -521,3 +521,19 @@ def test_a_failure_during_injection_is_undone(tmp_path, monkeypatch):
     fresh = dashdiff.load_adapter(tiny_llama(0), good)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
+
+
+def test_a_full_disk_anywhere_is_one_line():
+    # Exports and step-log appends are not checkpoint writes: their full-disk errors come wrapped by
+    # torch (RuntimeError) or safetensors; each still reads as one line naming the fix.
+    import errno
+
+    from dashdiff.validation import failure_line
+
+    for err in (OSError(errno.ENOSPC, "No space left on device", "/out/x.safetensors"),
+                RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing "
+                             "file data/0: file write failed"),
+                Exception("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")):
+        line = failure_line(err)
+        assert line is not None and line.startswith("the disk is full") and "--resume_from_checkpoint latest" in line
+    assert failure_line(RuntimeError("shape mismatch")) is None  # a bug keeps its traceback
