@@ -13,7 +13,8 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+import sys
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from .training import TrainingError, read_run_record, write_run_record
 
@@ -233,9 +234,10 @@ def mark_failed(output_dir: PathLike, reason: str) -> bool:
 def failure_line(err: BaseException) -> Optional[str]:
     """The one-line message for errors a user can fix from the command line, None for a bug
     (whose traceback should be seen)."""
-    if isinstance(err, TrainingError):
+    from .training import _DISK_FULL_SIGNS, NonFiniteLossError
+
+    if isinstance(err, (TrainingError, NonFiniteLossError)):  # the NaN guard's message names the fix
         return str(err)
-    from .training import _DISK_FULL_SIGNS
 
     text = f"{type(err).__name__}: {err}"
     if any(sign in text for sign in _DISK_FULL_SIGNS):  # OSError 28, or torch / safetensors wrapping it
@@ -247,3 +249,19 @@ def failure_line(err: BaseException) -> Optional[str]:
             return f"{err.strerror}{where} ({type(err).__name__})"
         return str(err) or type(err).__name__  # e.g. transformers' "not a model folder" messages
     return None
+
+
+def run_command_line(main: Callable[[Any], Any], args: Any, prog: str) -> int:
+    """Both training scripts' command line: ``main(args)``; an error the user can fix is one line on
+    stderr and exit status 1, a bug keeps its traceback; either way the run record is left saying
+    "failed", not "running"."""
+    try:
+        main(args)
+    except BaseException as err:  # noqa: BLE001 - the record must not keep saying "running"
+        line = failure_line(err)
+        mark_failed(args.output_dir, line or f"{type(err).__name__}: {err}")
+        if line is None:
+            raise
+        print(f"{prog}: error: {line}", file=sys.stderr)
+        return 1
+    return 0

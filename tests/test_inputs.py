@@ -196,7 +196,7 @@ def test_output_folder_that_cannot_be_written_is_named(tmp_path):
 def test_commonsense_cli_read_only_output_is_one_line(llama, capsys):
     code = cs.cli(cs_argv("/proc/dashdiff-test/out", "--adapter_name", "lora", base=llama))
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith("error: --output_dir /proc/dashdiff-test/out: cannot write there")
+    assert code == 1 and err.startswith("commonsense_dash.py: error: --output_dir /proc/dashdiff-test/out: cannot write there")
 
 
 # --------------------------------------------------------------------------- data
@@ -241,7 +241,7 @@ def test_commonsense_mistyped_or_empty_inputs_are_one_line(llama, tmp_path, caps
         assert cs.cli(argv) == 1, flag
         err = capsys.readouterr().err
         last = err.strip().splitlines()[-1]
-        assert last.startswith("error: ") and msg in last and "Traceback" not in err, (flag, err)
+        assert last.startswith("commonsense_dash.py: error: ") and msg in last and "Traceback" not in err, (flag, err)
 
 
 def test_eval_loss_is_null_not_nan_and_files_are_strict_json(tmp_path):

@@ -972,21 +972,10 @@ def _main(args: argparse.Namespace, guard: Any) -> dict[str, Any]:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """The command line: the user's input or folders give one clear line and exit status 1 (a bug
-    keeps its traceback); either way the run record is left saying "failed", not "running"."""
+    """The command line: one clear line and exit status 1 for the user's input or folders."""
     from dashdiff import validation as V
 
-    args = parse_args(argv)
-    try:
-        main(args)
-    except BaseException as err:  # noqa: BLE001 - the record must not keep saying "running"
-        line = V.failure_line(err)
-        V.mark_failed(args.output_dir, line or f"{type(err).__name__}: {err}")
-        if line is None:
-            raise
-        print(f"error: {line}", file=sys.stderr)
-        return 1
-    return 0
+    return V.run_command_line(main, parse_args(argv), "commonsense_dash.py")
 
 
 if __name__ == "__main__":

@@ -1661,17 +1661,7 @@ def final_validation(args, models: Models, model_path: str, output_dir: Path, dt
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        main(args)
-    except BaseException as err:  # noqa: BLE001 - the record must not keep saying "running"
-        line = str(err) if isinstance(err, T.NonFiniteLossError) else V.failure_line(err)
-        V.mark_failed(args.output_dir, line or f"{type(err).__name__}: {err}")
-        if line is None:
-            raise
-        print(f"dreambooth_dash.py: error: {line}", file=sys.stderr)
-        return 1
-    return 0
+    return V.run_command_line(main, parse_args(argv), "dreambooth_dash.py")
 
 
 if __name__ == "__main__":
