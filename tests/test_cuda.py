@@ -271,3 +271,35 @@ def test_app_caps_and_cancel_on_cuda():
         assert len(r.render("a toy", steps=2, width=64, height=64, methods=["base"])) == 1
     finally:
         r.close()
+
+
+@cuda
+def test_fp16_overflow_with_fused_adamw_is_seen_as_a_skipped_step():
+    """accelerate's real fp16 GradScaler with fused AdamW (the scripts' and Trainer's optimizer): an
+    overflowing step is skipped inside the kernel, which accelerate's ``step_was_skipped`` misses;
+    ``dashdiff.training.step_skipped`` sees it (the scaler backs off), and not on a finite step."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from dashdiff.training import loss_scale, step_skipped
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        acc = Accelerator(mixed_precision="fp16")
+        model = torch.nn.Linear(8, 4).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        model, opt = acc.prepare(model, opt)
+        for overflow in (False, True, False):
+            with acc.autocast():
+                loss = model(torch.randn(2, 8, device="cuda")).float().pow(2).mean()
+            acc.backward(loss * (float("inf") if overflow else 1.0))
+            before = acc.unwrap_model(model).weight.detach().clone()
+            scale = loss_scale(opt)
+            opt.step()
+            assert step_skipped(opt, scale) == overflow
+            assert torch.equal(before, acc.unwrap_model(model).weight.detach()) == overflow
+            opt.zero_grad()
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
