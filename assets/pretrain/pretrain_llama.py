@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     state, done = C.train_chunked(args=args, folder=args.output_dir / "llama", modules={"model": model},
                                   optimizer=opt, scheduler=sched, loss_fn=loss_fn, config=cfg,
                                   max_steps=steps, device=device)
-    info: dict[str, Any] = {"model": "mini-llama", "steps": state.step, "seconds": round(state.seconds, 1),
+    info: dict[str, Any] = {"model": "mini-llama", "steps": state.step, "seconds": round(state.seconds, 3),
                             "chunks": state.chunks, "final_loss": C.mean_tail(state.losses),
                             "device": C.device_info(device), "config": cfg, "tokens": len(stream)}
     if done:

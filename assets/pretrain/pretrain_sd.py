@@ -222,7 +222,7 @@ def run_vae(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     folder = args.output_dir / "vae"
     state, done = C.train_chunked(args=args, folder=folder, modules={"vae": vae}, optimizer=opt,
                                   scheduler=sched, loss_fn=loss_fn, config=cfg, max_steps=steps, device=device)
-    info = {"steps": state.step, "seconds": round(state.seconds, 1), "chunks": state.chunks,
+    info = {"steps": state.step, "seconds": round(state.seconds, 3), "chunks": state.chunks,
             "final_loss": C.mean_tail(state.losses), "device": C.device_info(device), "config": cfg}
     if done:
         # Round to float16 now: the UNet stage then trains on exactly the VAE that ships (and the
@@ -300,7 +300,7 @@ def run_unet(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     state, done = C.train_chunked(args=args, folder=folder, modules={"unet": unet, "text_encoder": text_encoder},
                                   optimizer=opt, scheduler=sched, loss_fn=loss_fn, config=cfg,
                                   max_steps=steps, device=device)
-    info = {"steps": state.step, "seconds": round(state.seconds, 1), "chunks": state.chunks,
+    info = {"steps": state.step, "seconds": round(state.seconds, 3), "chunks": state.chunks,
             "final_loss": C.mean_tail(state.losses), "device": C.device_info(device), "config": cfg}
     if done:
         save_pipeline(args, preset, vae, unet, text_encoder, tok, {"vae": vae_info, "unet": info}, device)
