@@ -1,11 +1,28 @@
 """Running scripts the way users do: ``accelerate launch``, with two real CPU processes where asked."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path, name: str | None = None, reuse: bool = False):
+    """Import a script file (``train/x.py``, ``assets/pretrain/x.py``; relative to the repository or
+    absolute) as module ``name`` (default: the file's stem), registered in ``sys.modules`` because
+    dataclasses look their module up there. ``reuse``: return the module already imported under that
+    name instead of executing the file again."""
+    path = Path(path) if Path(path).is_absolute() else ROOT / path
+    name = name or path.stem
+    if reuse and name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def accelerate_launch(script: str, *args: str, processes: int = 1, timeout: int = 300,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from safetensors.torch import load_file
 
 from dashdiff import safeio
 from dashdiff import training as T
-from launch_utils import ROOT
+from launch_utils import ROOT, load_script
 
 SUBJECT = str(ROOT / "assets" / "subject")
 SCRIPT = ROOT / "train" / "dreambooth_dash.py"
@@ -39,11 +38,7 @@ STEPS = ["--max_train_steps", "6", "--checkpointing_steps", "2", "--lora_dropout
 
 @pytest.fixture(scope="module")
 def db():
-    spec = importlib.util.spec_from_file_location("dreambooth_dash", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["dreambooth_dash"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("train/dreambooth_dash.py")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,14 +7,12 @@ tensors refuse to meet CPU tensors in ``cat`` / arithmetic just as cuda tensors 
 step (VAE encode, text encoders, UNet, loss) runs on meta without computing anything. The cuda
 versions of these checks are in ``test_cuda.py``."""
 
-import importlib.util
-import sys
 
 import pytest
 import torch
 
 from dashdiff.tiny import resolve_model
-from launch_utils import ROOT
+from launch_utils import ROOT, load_script
 
 SCRIPT = ROOT / "train" / "dreambooth_dash.py"
 META = torch.device("meta")
@@ -22,11 +20,7 @@ META = torch.device("meta")
 
 @pytest.fixture(scope="module")
 def db():
-    spec = importlib.util.spec_from_file_location("dreambooth_dash", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["dreambooth_dash"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("train/dreambooth_dash.py")
 
 
 def _meta_models(db, model: str, prediction_type: str):

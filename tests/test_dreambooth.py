@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from dashdiff import training as T
 from dashdiff.tiny import resolve_model
-from launch_utils import ROOT, accelerate_launch
+from launch_utils import ROOT, accelerate_launch, load_script
 
 SUBJECT = str(ROOT / "assets" / "subject")
 SCRIPT = ROOT / "train" / "dreambooth_dash.py"
@@ -48,11 +48,7 @@ lora_alpha lora_layers cache_latents
 
 @pytest.fixture(scope="module")
 def db():
-    spec = importlib.util.spec_from_file_location("dreambooth_dash", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["dreambooth_dash"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("train/dreambooth_dash.py")
 
 
 @pytest.fixture(scope="module", autouse=True)

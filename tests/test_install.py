@@ -1,8 +1,6 @@
 """Installs that reproduce: the lock agrees with pyproject.toml, and text-encoder adapters attach
 without transformers' version-gated ``add_adapter`` exactly as it would attach them."""
 
-import importlib.util
-import sys
 import tomllib
 
 import pytest
@@ -10,7 +8,7 @@ import torch
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from launch_utils import ROOT
+from launch_utils import ROOT, load_script
 
 
 def _lock() -> dict[str, str]:
@@ -42,11 +40,7 @@ def test_lock_pins_every_declared_dependency_within_its_range():
 
 @pytest.fixture(scope="module")
 def db():
-    spec = importlib.util.spec_from_file_location("dreambooth_dash", ROOT / "train" / "dreambooth_dash.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["dreambooth_dash"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("train/dreambooth_dash.py")
 
 
 @pytest.mark.parametrize("method", ["lora", "dash", "autolora"])

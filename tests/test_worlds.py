@@ -4,26 +4,21 @@ accepts and whose every gold answer is re-derived here from the corpus text alon
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dashdiff.commonsense import DATASETS, extract_answer, generate_prompt, load_records, tokenize_example
+from launch_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "assets" / "pretrain" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look the module up by name
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"assets/pretrain/{name}.py")
 
 
 IW = _load("image_world")
