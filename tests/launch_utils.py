@@ -25,6 +25,15 @@ def load_script(path, name: str | None = None, reuse: bool = False):
     return mod
 
 
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state between in-process script runs."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
 def accelerate_launch(script: str, *args: str, processes: int = 1, timeout: int = 300,
                       env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``accelerate launch`` on ``script``; two processes use the only launch line that really

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from dashdiff import safeio
 from dashdiff import training as T
-from launch_utils import ROOT, load_script
+from launch_utils import ROOT, load_script, reset_accelerate
 
 SUBJECT = str(ROOT / "assets" / "subject")
 SCRIPT = ROOT / "train" / "dreambooth_dash.py"
@@ -49,14 +49,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def argv(out: Path, *extra: str) -> list[str]:
     return ["--pretrained_model_name_or_path", "tiny-sd", "--instance_data_dir", SUBJECT,
             "--instance_prompt", "a photo of sks toy", "--resolution", "64", "--train_batch_size", "2",
@@ -64,12 +56,12 @@ def argv(out: Path, *extra: str) -> list[str]:
 
 
 def run(db, args: list[str]) -> dict:
-    _reset_accelerate()
+    reset_accelerate()
     torch.manual_seed(0)
     try:
         return db.main(db.parse_args(args))
     finally:
-        _reset_accelerate()
+        reset_accelerate()
 
 
 def losses(folder: Path) -> dict[tuple[str, int], float]:
@@ -231,11 +223,11 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(d
         real(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(safeio, "_save_file", full_disk)
-    _reset_accelerate()
+    reset_accelerate()
     try:
         assert db.cli(argv(out, *STEPS, "--checkpoints_total_limit", "1")) == 1
     finally:
-        _reset_accelerate()
+        reset_accelerate()
     stderr = capsys.readouterr().err
     assert "Traceback" not in stderr
     err = [line for line in stderr.splitlines() if "error" in line.lower()]

@@ -1,47 +1,20 @@
 """LoRA-Dash under DDP with two real CPU processes: δ and the launched directions agree between the
 ranks *and* with one process training on both ranks' batches together (computed here, in-process)."""
 
-import importlib.util
-from pathlib import Path
-
-import peft
 import torch
 from safetensors.torch import load_file
 
-import dashdiff
-from launch_utils import accelerate_launch
-
-SCRIPT = Path(__file__).with_name("scripts") / "ddp_dash.py"
+from launch_utils import accelerate_launch, load_script
 
 
 def one_process_run() -> dict[str, torch.Tensor]:
     """What tests/scripts/ddp_dash.py dumps, from one process: DDP averages the two ranks' gradients
     of equal-size batches, i.e. the gradient of the mean loss over both batches concatenated."""
-    spec = importlib.util.spec_from_file_location("ddp_dash", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    torch.manual_seed(0)
-    cfg = dashdiff.LoraDashConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], dash_warmup_steps=2,
-                                  dash_directions=3, init_lora_weights="gaussian")
-    model = peft.get_peft_model(mod.Net(), cfg)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    mod = load_script("tests/scripts/ddp_dash.py", "ddp_dash")
+    model, opt = mod.build()
     gens = [torch.Generator().manual_seed(100 + rank) for rank in (0, 1)]
-    dumps = {}
-    for step in range(1, 6):
-        x = torch.cat([torch.randn(8, 24, generator=g) for g in gens])
-        model(x).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-        if dashdiff.dash_step(model):
-            for name, layer, ad in dashdiff.walk.iter_layers(model, "dash"):
-                dumps[f"{name}.U"] = layer.lora_dash_U[ad].clone()
-                dumps[f"{name}.V"] = layer.lora_dash_V[ad].clone()
-                dumps[f"{name}.idx"] = layer.dash_record[ad]["indices"].clone()
-            dumps["launch_step"] = torch.tensor(step)
-    for name, layer, ad in dashdiff.walk.iter_layers(model, "dash"):
-        dumps[f"{name}.delta"] = layer.lora_dash_delta[ad].detach().clone()
-        dumps[f"{name}.A"] = layer.lora_A[ad].weight.detach().clone()
-    return dumps
+    return mod.train_and_dump(model, opt, lambda: torch.cat([torch.randn(8, 24, generator=g) for g in gens]),
+                              lambda loss: loss.backward())
 
 
 def test_two_processes_share_directions_and_delta(tmp_path):

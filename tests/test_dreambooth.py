@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from dashdiff import training as T
 from dashdiff.tiny import resolve_model
-from launch_utils import ROOT, accelerate_launch, load_script
+from launch_utils import ROOT, accelerate_launch, load_script, reset_accelerate
 
 SUBJECT = str(ROOT / "assets" / "subject")
 SCRIPT = ROOT / "train" / "dreambooth_dash.py"
@@ -57,14 +57,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def run(db, argv, **kw):

@@ -4,11 +4,8 @@ through the parsers (no model); the few end-to-end cases use the reserved tiny m
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,32 +15,15 @@ from PIL import Image
 
 from dashdiff import training as T
 from dashdiff import validation as V
+from launch_utils import load_script, reset_accelerate
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBJECT = ROOT / "assets" / "subject"
 TRAIN = ROOT / "tests" / "fixtures" / "commonsense" / "train.json"
 
 
-def _load(name: str, rel: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-db = _load("dreambooth_dash", "train/dreambooth_dash.py")
-cs = _load("commonsense_dash", "train/commonsense_dash.py")
-
-
-def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+db = load_script("train/dreambooth_dash.py", reuse=True)
+cs = load_script("train/commonsense_dash.py", reuse=True)
 
 
 @pytest.fixture(autouse=True)
@@ -346,7 +326,7 @@ def test_dreambooth_images_too_large_or_16_bit(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- eval script
 
-ev = _load("commonsense_eval", "train/commonsense_eval.py")
+ev = load_script("train/commonsense_eval.py", reuse=True)
 
 
 def test_eval_refuses_a_peft_folder_whose_targets_miss_its_weights(llama, tmp_path, capsys):

@@ -3,6 +3,7 @@ dumps the launched directions (read right after launch, before the next forward)
 
 import gc
 import sys
+from typing import Callable
 
 import peft
 import torch
@@ -23,21 +24,22 @@ class Net(nn.Module):
         return self.o_proj(torch.tanh(self.q_proj(x)))
 
 
-def main(out_prefix: str) -> None:
-    accelerator = Accelerator(cpu=True)
-    assert accelerator.num_processes == 2, accelerator.num_processes
+def build() -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model and optimizer, the same in every process (and in the test's one-process reference)."""
     torch.manual_seed(0)  # same init everywhere; DDP also broadcasts rank 0's parameters
     cfg = dashdiff.LoraDashConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], dash_warmup_steps=2,
                                   dash_directions=3, init_lora_weights="gaussian")
     model = peft.get_peft_model(Net(), cfg)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model, opt = accelerator.prepare(model, opt)
-    g = torch.Generator().manual_seed(100 + accelerator.process_index)  # different data per rank
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def train_and_dump(model, opt, next_batch: Callable[[], torch.Tensor],
+                   backward: Callable[[torch.Tensor], None]) -> dict[str, torch.Tensor]:
+    """Five optimizer steps with ``dash_step``; the launched directions (read right after the launch,
+    before the next forward), then δ and A."""
     dumps = {}
     for step in range(1, 6):
-        x = torch.randn(8, 24, generator=g)
-        loss = model(x).pow(2).mean()
-        accelerator.backward(loss)
+        backward(model(next_batch()).pow(2).mean())
         opt.step()
         opt.zero_grad()
         if dashdiff.dash_step(model):
@@ -49,6 +51,15 @@ def main(out_prefix: str) -> None:
     for name, layer, ad in dashdiff.walk.iter_layers(model, "dash"):
         dumps[f"{name}.delta"] = layer.lora_dash_delta[ad].detach().clone()
         dumps[f"{name}.A"] = layer.lora_A[ad].weight.detach().clone()
+    return dumps
+
+
+def main(out_prefix: str) -> None:
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 2, accelerator.num_processes
+    model, opt = accelerator.prepare(*build())
+    g = torch.Generator().manual_seed(100 + accelerator.process_index)  # different data per rank
+    dumps = train_and_dump(model, opt, lambda: torch.randn(8, 24, generator=g), accelerator.backward)
     dumps["world"] = torch.tensor(accelerator.num_processes)
     save_file({k: v.contiguous() for k, v in dumps.items()}, f"{out_prefix}{accelerator.process_index}.safetensors")
     accelerator.wait_for_everyone()
