@@ -40,6 +40,7 @@ ADAPTER_STATE = "dashdiff_adapter.safetensors"
 CHECKPOINT_STATE = "dashdiff_checkpoint.json"
 STEP_LOG = "dashdiff_steps.jsonl"
 LOCK_FILE = ".dashdiff.lock"
+WRITE_PROBE_PREFIX = ".dashdiff-write-test."  # validation.check_output_dir_writable's probe file
 
 logger = logging.getLogger("dashdiff.training")
 
@@ -473,7 +474,10 @@ def check_output_dir(output_dir: PathLike, fingerprint: str, resume: Optional[st
         return
     if not root.is_dir():
         raise TrainingError(f"--output_dir {root} exists and is a file, not a folder")
-    entries = sorted(p.name for p in root.iterdir() if p.name != LOCK_FILE)
+    # The lock, and another process's writability probe (validation.check_output_dir_writable: under
+    # DDP one rank may probe while another checks here) are not contents.
+    entries = sorted(p.name for p in root.iterdir()
+                     if p.name != LOCK_FILE and not p.name.startswith(WRITE_PROBE_PREFIX))
     if not entries:
         return
     record = read_run_record(root)

@@ -16,7 +16,7 @@ from pathlib import Path
 import sys
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from .training import TrainingError, read_run_record, write_run_record
+from .training import WRITE_PROBE_PREFIX, TrainingError, read_run_record, write_run_record
 
 PathLike = Union[str, os.PathLike]
 
@@ -108,7 +108,7 @@ def check_output_dir_writable(output_dir: PathLike, flag: str = "--output_dir") 
     if probe.exists() and not probe.is_dir():
         raise TrainingError(f"{flag} {output_dir}: {probe} is a file, not a folder; pick another path")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".dashdiff-write-test.", dir=probe)
+        fd, tmp = tempfile.mkstemp(prefix=WRITE_PROBE_PREFIX, dir=probe)
         os.close(fd)
         os.unlink(tmp)
     except OSError as err:

@@ -517,3 +517,15 @@ def test_a_full_disk_anywhere_is_one_line():
         line = failure_line(err)
         assert line is not None and line.startswith("the disk is full") and "--resume_from_checkpoint latest" in line
     assert failure_line(RuntimeError("shape mismatch")) is None  # a bug keeps its traceback
+
+
+def test_another_processs_write_probe_is_not_content(tmp_path):
+    # Under DDP one rank's writability probe can exist while another rank checks the folder: that
+    # rank refused "not empty (.dashdiff-write-test.…)" in a two-process run.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / (T.WRITE_PROBE_PREFIX + "abc123")).write_bytes(b"")
+    T.check_output_dir(out, "f" * 16, None, False)
+    (out / "model.bin").write_bytes(b"x")
+    with pytest.raises(T.TrainingError, match="not empty"):
+        T.check_output_dir(out, "f" * 16, None, False)
