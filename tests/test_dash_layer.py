@@ -592,3 +592,16 @@ def test_script_exits_cleanly_while_a_prefetch_worker_is_busy():
     proc = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "terminate called" not in proc.stderr
+
+
+@pytest.mark.parametrize("shape", [(40, 64), (64, 40)])
+def test_tied_change_rates_keep_the_larger_singular_values(shape):
+    """B = 0 (ΔW = 0): every change rate is 0, so the order among them is the tie-break: the launch
+    keeps the directions of the largest σ, in order (a stable sort), on both launch paths."""
+    from dashdiff.launch import _select_from_host_eig, gram_eig
+
+    w0 = decaying_weight(*shape, seed=6, decades=2).float()
+    a, b = torch.randn(2, shape[1]), torch.zeros(shape[0], 2)
+    for sel in (select_directions(w0, a, b, 1.0, 6), _select_from_host_eig(w0, a, b, 1.0, 6, gram_eig(w0))):
+        assert sel.indices.tolist() == [0, 1, 2, 3, 4, 5]
+        assert torch.all(sel.change_rate == 0)
