@@ -105,10 +105,14 @@ def test_numerically_zero_threshold_boundary_non_square(shape):
     w0 = (u * sigma) @ v.t()  # rank 6; the other min(shape) - 6 singular values are 0
     a = torch.randn(2, shape[1], generator=g, dtype=torch.float64)
     b = torch.randn(shape[0], 2, generator=g, dtype=torch.float64)
-    sel = select_directions(w0, a, b, 1.0, min(shape))
-    assert sorted(sel.indices.tolist()) == [0, 1, 2, 3]  # 1.01·threshold is eligible, the rest not
-    assert torch.isfinite(sel.change_rate[:4]).all() and torch.isnan(sel.change_rate[4:]).all()
-    torch.testing.assert_close(sel.sigma[:6], sigma, rtol=1e-5, atol=0)
+    from dashdiff.launch import _select_from_host_eig, gram_eig
+
+    # both launch paths: W0's own spectrum, and a spectrum prefetched to the host (its own threshold code)
+    for sel in (select_directions(w0, a, b, 1.0, min(shape)),
+                _select_from_host_eig(w0, a, b, 1.0, min(shape), gram_eig(w0))):
+        assert sorted(sel.indices.tolist()) == [0, 1, 2, 3]  # 1.01·threshold is eligible, the rest not
+        assert torch.isfinite(sel.change_rate[:4]).all() and torch.isnan(sel.change_rate[4:]).all()
+        torch.testing.assert_close(sel.sigma[:6], sigma, rtol=1e-5, atol=0)
     from dashdiff.launch import spectrum
 
     spec = spectrum(w0)  # its contract: the columns of numerically-zero singular values are zero
@@ -119,9 +123,34 @@ def test_numerically_zero_threshold_boundary_non_square(shape):
 def test_zero_weight_has_no_eligible_direction():
     """An all-zero W0 (zero-initialised layers exist): σ_max = 0, so nothing is eligible and nothing is
     selected (no 0/0 change rates)."""
-    sel = select_directions(torch.zeros(6, 4), torch.randn(2, 4), torch.randn(6, 2), 1.0, 2)
-    assert sel.indices.numel() == 0 and torch.isnan(sel.change_rate).all()
-    assert torch.all(sel.u_s == 0) and torch.all(sel.v_s_t == 0)
+    from dashdiff.launch import _select_from_host_eig, gram_eig
+
+    w0, a, b = torch.zeros(6, 4), torch.randn(2, 4), torch.randn(6, 2)
+    for sel in (select_directions(w0, a, b, 1.0, 2), _select_from_host_eig(w0, a, b, 1.0, 2, gram_eig(w0))):
+        assert sel.indices.numel() == 0 and torch.isnan(sel.change_rate).all()
+        assert torch.all(sel.u_s == 0) and torch.all(sel.v_s_t == 0)
+
+
+def test_launch_refuses_more_directions_than_the_layer_has():
+    # the launch's own check (the layer's constructor has another, with another message)
+    msg = ("dash_directions s=5 exceeds min(out, in)=4 of a 4x6 layer: "
+           "lower dash_directions or leave this layer out of target_modules.")
+    with pytest.raises(ValueError) as err:
+        select_directions(torch.randn(4, 6), torch.randn(2, 6), torch.randn(4, 2), 1.0, 5)
+    assert str(err.value) == msg
+
+
+def test_launch_path_follows_the_decompositions_device(monkeypatch):
+    """A prefetched decomposition on W0's own device goes through ``spectrum`` (the host path is for a
+    decomposition left on another device than W0's, e.g. a GPU launch after a host prefetch)."""
+    from dashdiff import launch
+
+    w0 = decaying_weight(12, 8, seed=5).float()
+    eig = launch.gram_eig(w0)
+    calls = []
+    monkeypatch.setattr(launch, "_select_from_host_eig", lambda *args: calls.append("host"))
+    sel = select_directions(w0, torch.randn(2, 8), torch.randn(12, 2), 1.0, 3, eig=eig)
+    assert calls == [] and sel.indices.numel() == 3
 
 
 def test_precomputed_gram_eig_is_used(monkeypatch):
@@ -522,6 +551,8 @@ def test_host_spectrum_launch_matches_float64_svd(shape):
     want = torch.topk(dsig.abs() / sig, 5).indices
     assert got.indices.tolist() == want.tolist()
     torch.testing.assert_close(got.change_rate, dsig.abs() / sig, rtol=1e-9, atol=1e-12)
+    # every σ_i (measured relative error 3.1e-10 at the smallest σ of the square case: the Gram route)
+    torch.testing.assert_close(got.sigma, sig, rtol=3e-9, atol=0)
     for j, i in enumerate(want.tolist()):  # each chosen rank-1 direction u_i v_iᵀ (sign-free)
         torch.testing.assert_close(torch.outer(got.u_s[:, j], got.v_s_t[j]), torch.outer(u[:, i], vh[i]),
                                    rtol=0, atol=1e-9)
@@ -561,3 +592,16 @@ def test_script_exits_cleanly_while_a_prefetch_worker_is_busy():
     proc = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "terminate called" not in proc.stderr
+
+
+@pytest.mark.parametrize("shape", [(40, 64), (64, 40)])
+def test_tied_change_rates_keep_the_larger_singular_values(shape):
+    """B = 0 (ΔW = 0): every change rate is 0, so the order among them is the tie-break: the launch
+    keeps the directions of the largest σ, in order (a stable sort), on both launch paths."""
+    from dashdiff.launch import _select_from_host_eig, gram_eig
+
+    w0 = decaying_weight(*shape, seed=6, decades=2).float()
+    a, b = torch.randn(2, shape[1]), torch.zeros(shape[0], 2)
+    for sel in (select_directions(w0, a, b, 1.0, 6), _select_from_host_eig(w0, a, b, 1.0, 6, gram_eig(w0))):
+        assert sel.indices.tolist() == [0, 1, 2, 3, 4, 5]
+        assert torch.all(sel.change_rate == 0)

@@ -258,3 +258,16 @@ def test_plain_lora_stock_save_does_not_warn(tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="dashdiff")
         model.save_pretrained(tmp_path)
+
+
+def test_split_name_of_a_layer_in_a_file():
+    """A file's layer name -> (component, name relative to it): a plain model's single component is "";
+    a pipeline's names start with the component ("unet.down.0.proj" -> unet, "down.0.proj"); an unknown
+    first part gives (None, name)."""
+    from dashdiff.state import _split_name
+
+    assert _split_name("down.0.proj", {"": None}) == ("", "down.0.proj")
+    pipe = {"unet": None, "text_encoder": None}
+    assert _split_name("unet.down.0.proj", pipe) == ("unet", "down.0.proj")
+    assert _split_name("text_encoder.layers.1.q_proj", pipe) == ("text_encoder", "layers.1.q_proj")
+    assert _split_name("vae.decoder.proj", pipe) == (None, "vae.decoder.proj")
