@@ -4,7 +4,10 @@ import importlib.util
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,6 +26,17 @@ def load_script(path, name: str | None = None, reuse: bool = False):
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+@contextmanager
+def one_torch_thread():
+    """Torch on one thread inside: tiny models then compute what OMP_NUM_THREADS=1 subprocesses do."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def reset_accelerate() -> None:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from dashdiff import safeio
 from dashdiff import training as T
-from launch_utils import ROOT, load_script, reset_accelerate
+from launch_utils import ROOT, load_script, one_torch_thread, reset_accelerate
 
 SUBJECT = str(ROOT / "assets" / "subject")
 SCRIPT = ROOT / "train" / "dreambooth_dash.py"
@@ -43,10 +43,8 @@ def db():
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: the same numerics as the OMP_NUM_THREADS=1 subprocesses
-    yield
-    torch.set_num_threads(n)
+    with one_torch_thread():  # tiny models: the same numerics as the OMP_NUM_THREADS=1 subprocesses
+        yield
 
 
 def argv(out: Path, *extra: str) -> list[str]:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from dashdiff import training as T
 from dashdiff.tiny import resolve_model
-from launch_utils import ROOT, accelerate_launch, load_script, reset_accelerate
+from launch_utils import ROOT, accelerate_launch, load_script, one_torch_thread, reset_accelerate
 
 SUBJECT = str(ROOT / "assets" / "subject")
 SCRIPT = ROOT / "train" / "dreambooth_dash.py"
@@ -53,10 +53,8 @@ def db():
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_torch_thread():  # tiny models: the same numerics as the OMP_NUM_THREADS=1 subprocesses
+        yield
 
 
 def run(db, argv, **kw):
