@@ -280,6 +280,7 @@ def test_fp16_overflow_with_fused_adamw_is_seen_as_a_skipped_step():
     ``dashdiff.training.step_skipped`` sees it (the scaler backs off), and not on a finite step."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import GradScalerKwargs
 
     from dashdiff.training import loss_scale, step_skipped
 
