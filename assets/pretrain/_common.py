@@ -171,6 +171,14 @@ def check_chunk_args(p: Any, args: Any) -> None:
         p.error("pass either --resume (latest checkpoint of --output_dir) or --resume_from DIR, not both")
 
 
+def check_positive(p: Any, args: Any, names: tuple[str, ...]) -> None:
+    """Refuse any of the integer options ``names`` that is set and < 1, through the parser."""
+    for name in names:
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            p.error(f"--{name} must be >= 1")
+
+
 def train_chunked(
     *,
     args: Any,
