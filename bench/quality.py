@@ -70,10 +70,10 @@ RESERVED = {"mini-sd": ROOT / "assets" / "models" / "mini-sd", "mini-llama": ROO
 WORLD_ENCODER = ROOT / "assets" / "models" / "world-encoder"
 
 SIZES: dict[str, dict[str, Any]] = {
-    "test": {"subjects": ("toydog",), "methods": ("lora-r4", "dash-r4-s8"), "train_seeds": (0,), "eval_seeds": (0,),
+    "test": {"subjects": ("toydog",), "methods": ("dash-r4-s8",), "train_seeds": (0,), "eval_seeds": (0,),
              "prompts": 2, "steps": 2, "long_steps": 3, "dash_warmup": 1, "batch": 1, "lr": 1e-3,
              "inference_steps": 2, "rank_sweep": (2,), "prior": False,
-             "cs_methods": ("lora-r4", "dash-r4"), "cs_seeds": (0,), "cs_steps": 2, "cs_limit": 1, "cs_beams": 1,
+             "cs_methods": ("dash-r4",), "cs_seeds": (0,), "cs_steps": 2, "cs_limit": 1, "cs_beams": 1,
              "cs_batch": 2, "cs_lr": 1e-3, "cs_people": 8, "encoder_preset": "test"},
     "cpu": {"subjects": ("toydog",), "methods": ("lora-r4", "lora-r12", "dash-r4-s8", "autolora-k12"),
             "train_seeds": (0, 1), "eval_seeds": (0, 1), "prompts": None, "steps": 60, "long_steps": 240,
@@ -250,7 +250,10 @@ def section_subject(args, size: dict, sd_model: str, encoder, out: Path, log) ->
             for seed in size["train_seeds"]:
                 run_dir = out / "runs" / subject / method / f"seed{seed}"
                 t0 = time.perf_counter()
-                rec = train_dreambooth(sd_model, inst, method, seed, size["steps"], run_dir, size)
+                if method.startswith("dash") and seed == size["train_seeds"][0]:
+                    rec = train_dash_captured(sd_model, inst, method, seed, size["steps"], run_dir, size)
+                else:
+                    rec = train_dreambooth(sd_model, inst, method, seed, size["steps"], run_dir, size)
                 facts = {"subject": subject, "seed": seed, "seconds": rec.get("seconds", round(time.perf_counter() - t0, 2)),
                          "params": lora_parameters(run_dir), "ranks": rec.get("autolora_ranks")}
                 add(method, evaluate_run(sd_model, run_dir, prompts, size["eval_seeds"], size, encoder, references,
@@ -329,27 +332,56 @@ def tsd_layer(w0: torch.Tensor, u_s: torch.Tensor, delta: Optional[torch.Tensor]
     return row
 
 
+LAUNCH_CAPTURE = "launch_capture.pt"
+
+
+def train_dash_captured(model: str, instance_dir: Path, method: str, seed: int, steps: int, run_dir: Path,
+                        size: dict) -> dict:
+    """A LoRA-Dash run that also keeps what its launch chose (``launch_capture.pt``: per layer the
+    frozen weight, the chosen U_s and dashdiff's recorded indices), for the TSD section. Reused when
+    both the run and the capture are complete."""
+    capture = run_dir / LAUNCH_CAPTURE
+    if _done(run_dir) and capture.is_file():
+        return json.loads((run_dir / "dashdiff_run.json").read_text())
+    from dashdiff.safeio import atomic_write
+
+    chosen: dict[str, dict] = {}
+
+    def on_event(event: str, info: dict) -> None:
+        if event == "launch":
+            chosen.update(_dash_choices(info["host"]))
+
+    rec = train_dreambooth(model, instance_dir, method, seed, steps, run_dir, size, on_event)
+    atomic_write(capture, lambda t: torch.save(chosen, t))
+    return rec
+
+
 def section_tsd(args, size: dict, sd_model: str, out: Path, log) -> dict[str, Any]:
-    """A LoRA-Dash run (its launch captured) and a long plain-LoRA run (its final ΔW) per subject."""
+    """Per subject: the LoRA-Dash run of seed 0 (its launch captured; shared with the subject
+    section) and a long plain-LoRA run (its final ΔW)."""
     by_type: dict[str, list[dict]] = {}
+    seed = size["train_seeds"][0]
     for subject in size["subjects"][:1] if args.size != "full" else size["subjects"]:
         inst = out / "instances" / subject
         if not inst.is_dir():
             W.write_subject(subject, inst, INSTANCE_SHOTS)
-        chosen: dict[str, dict] = {}
+        dash_dir = out / "runs" / subject / "dash-r4-s8" / f"seed{seed}"
+        train_dash_captured(sd_model, inst, "dash-r4-s8", seed, size["steps"], dash_dir, size)
+        chosen = torch.load(dash_dir / LAUNCH_CAPTURE, weights_only=True)
         deltas: dict[str, torch.Tensor] = {}
+        long_dir = out / "tsd" / subject / "lora-long"
+        delta_file = long_dir / "deltas.pt"
+        if delta_file.is_file() and _done(long_dir):
+            deltas = torch.load(delta_file, weights_only=True)
+        else:
+            def on_lora(event: str, info: dict) -> None:
+                if event == "end":
+                    deltas.update(_lora_deltas(info["host"]))
 
-        def on_dash(event: str, info: dict) -> None:
-            if event == "launch":
-                chosen.update(_dash_choices(info["host"]))
+            from dashdiff.safeio import atomic_write
 
-        def on_lora(event: str, info: dict) -> None:
-            if event == "end":
-                deltas.update(_lora_deltas(info["host"]))
-
-        train_dreambooth(sd_model, inst, "dash-r4-s8", 0, size["steps"], out / "tsd" / subject / "dash", size, on_dash)
-        train_dreambooth(sd_model, inst, "lora-r4", 0, size["long_steps"], out / "tsd" / subject / "lora-long", size,
-                         on_lora)
+            train_dreambooth(sd_model, inst, "lora-r4", seed, size["long_steps"], long_dir, size, on_lora)
+            atomic_write(delta_file, lambda t: torch.save(deltas, t))
         for name, c in chosen.items():
             row = tsd_layer(c["w0"], c["u_s"], deltas.get(name))
             row["agrees_with_launch"] = row["positions"] == c["launch_indices"]

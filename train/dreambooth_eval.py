@@ -32,6 +32,7 @@ the summary) and ``dreambooth_eval.md``, each written to a temporary name and re
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import re
@@ -70,7 +71,7 @@ def _t_cdf(t: float, df: int) -> float:
     log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
     # Substituting x = atan(u) keeps the integrand smooth for the heavy tails of small df.
     hi = math.atan(t)
-    n = 2000  # even
+    n = 400  # even; the error against table values is < 1e-6 (test_dreambooth_eval)
     h = hi / n
 
     def f(x: float) -> float:
@@ -81,6 +82,7 @@ def _t_cdf(t: float, df: int) -> float:
     return 0.5 + s * h / 3
 
 
+@functools.lru_cache(maxsize=256)
 def t_quantile(p: float, df: int) -> float:
     """The ``p`` quantile (0.5 < p < 1) of Student's t with ``df`` degrees of freedom (bisection)."""
     if not 0.5 < p < 1 or df < 1:
@@ -88,7 +90,7 @@ def t_quantile(p: float, df: int) -> float:
     lo, hi = 0.0, 1.0
     while _t_cdf(hi, df) < p:
         hi *= 2
-    for _ in range(60):
+    for _ in range(48):  # the bracket [0, 2^m] halves 48 times: below 1e-12
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if _t_cdf(mid, df) < p else (lo, mid)
     return (lo + hi) / 2

@@ -59,8 +59,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"channels": (16, 32, 48, 64), "embed_dim": 96, "context_dim": 48, "n_scenes": 10000,
             "batch_size": 64, "steps": 1500, "lr": 2e-3},
     # Seconds on CPU, for the tests: already well above chance on held-out scenes.
-    "test": {"channels": (8, 16, 24, 32), "embed_dim": 32, "context_dim": 16, "n_scenes": 600,
-             "batch_size": 32, "steps": 150, "lr": 4e-3},
+    "test": {"channels": (8, 16, 24, 32), "embed_dim": 32, "context_dim": 16, "n_scenes": 400,
+             "batch_size": 32, "steps": 80, "lr": 4e-3},
 }
 
 
