@@ -101,6 +101,10 @@ def test_subject_fidelity_moves_when_the_subject_is_learned_and_not_otherwise(en
     learned_plain = [W.subject_image("toydog", 30 + k) for k in range(n)]
     ci = {name: DE.mean_ci(WE.subject_fidelity(model, imgs, refs).tolist()) for name, imgs in
           (("learned", learned), ("plain", learned_plain), ("prior_a", _teddies(n, 1)), ("prior_b", _teddies(n, 2)))}
+    # Per image: the mean over the references of the cosine of unit-norm object embeddings (DINO's rule).
+    g, r = model.embed(WE.to_tensor(learned[:3])), model.embed(WE.to_tensor(refs))
+    assert torch.allclose(g.norm(dim=1), torch.ones(3), atol=1e-6)
+    assert torch.allclose(WE.subject_fidelity(model, learned[:3], refs), (g @ r.t()).mean(1), atol=1e-6)
     # Measured: learned 0.824 ± 0.068, plain 0.801 ± 0.065, class prior 0.653 ± 0.041 and 0.644 ± 0.041.
     assert ci["learned"]["low"] > ci["prior_a"]["high"] and ci["learned"]["low"] > ci["prior_b"]["high"]
     gap = ci["learned"]["mean"] - ci["prior_a"]["mean"]
@@ -128,19 +132,17 @@ def test_tsd_layer_on_a_known_spectrum():
     v, _ = torch.linalg.qr(torch.randn(in_f, in_f, generator=g, dtype=torch.float64))
     sigma = torch.linspace(10, 1, in_f, dtype=torch.float64)
     w0 = u[:, :in_f] @ torch.diag(sigma) @ v.t()
-    chosen = [6, 8, 2]
+    chosen = [6, 8, 3]
     u_s = u[:, chosen] * torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)  # signs are arbitrary
-    # ΔW moves σ_7 by 0.5 (rate 0.5 / σ_7), σ_8 by 0.1, σ_0 by 3 (rate 0.3), σ_2 by 0.2: the top 3 rates
-    # are directions 7, 0, 2 (0.5/3.0, 0.3, 0.2/8.0 < 0.1/2.0 = direction 8's)... computed below.
+    # ΔW moves σ_0 by 3.0, σ_2 by 0.2, σ_7 by 0.5, σ_8 by 0.1: by |Δσ| the top 3 are {0, 7, 2}, but by
+    # the change rate |Δσ| / σ (0.3, 0.025, 0.167, 0.05) they are {0, 7, 8}: overlap {8} with the choice.
     dsig = torch.zeros(in_f, dtype=torch.float64)
-    dsig[7], dsig[8], dsig[0], dsig[2] = 0.5, 0.1, 3.0, 0.2
+    dsig[0], dsig[2], dsig[7], dsig[8] = 3.0, 0.2, 0.5, 0.1
     delta = u[:, :in_f] @ torch.diag(dsig) @ v.t()
-    rates = dsig / sigma
-    top = set(torch.argsort(rates, descending=True)[:3].tolist())
-    assert top == {7, 8, 0}
+    assert set(torch.argsort(dsig / sigma, descending=True)[:3].tolist()) == {0, 7, 8}
     row = Q.tsd_layer(w0, u_s, delta)
     assert row["positions"] == chosen and row["k"] == in_f and row["eligible"] == in_f
-    assert row["relative"] == pytest.approx([6 / 9, 8 / 9, 2 / 9]) and row["match_min"] == pytest.approx(1)
+    assert row["relative"] == pytest.approx([6 / 9, 8 / 9, 3 / 9]) and row["match_min"] == pytest.approx(1)
     assert row["overlap"] == pytest.approx(1 / 3) and row["chance"] == pytest.approx(3 / 10)
     assert Q.layer_type("unet.up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_out.0") == "attn2.to_out"
 
