@@ -171,7 +171,7 @@ def train_dreambooth(model: str, instance_dir: Path, method: str, seed: int, ste
             "--overwrite_output_dir", *flags]
     if size["prior"]:
         argv += ["--with_prior_preservation", "--class_prompt", W.CLASS_PROMPT, "--num_class_images", "50",
-                 "--class_data_dir", str(out.parent.parent / "class_images"), "--num_inference_steps",
+                 "--class_data_dir", str(size["class_dir"]), "--num_inference_steps",
                  str(size["inference_steps"])]
     _reset_accelerate()
     torch.manual_seed(seed)
@@ -583,8 +583,9 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[s
     from dashdiff.safeio import atomic_write
 
     t0 = time.perf_counter()
-    size = SIZES[args.size]
     out = Path(args.output_dir)
+    # Prior preservation's class images ("a photo of a toy" from the base model): one set for all runs.
+    size = {**SIZES[args.size], "class_dir": out / "class_images"}
     out.mkdir(parents=True, exist_ok=True)
     # Finished runs are reused by path: a folder holds the runs of one size only.
     marker = out / "quality_size.txt"
