@@ -586,6 +586,9 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[s
     out = Path(args.output_dir)
     # Prior preservation's class images ("a photo of a toy" from the base model): one set for all runs.
     size = {**SIZES[args.size], "class_dir": out / "class_images"}
+    image_sections = {"subject", "tsd", "autolora"} & set(args.sections)
+    sd_model = resolve(args.sd_model, "--sd_model") if image_sections else None
+    llama = resolve(args.llama_model, "--llama_model") if "commonsense" in args.sections else None
     out.mkdir(parents=True, exist_ok=True)
     # Finished runs are reused by path: a folder holds the runs of one size only.
     marker = out / "quality_size.txt"
@@ -593,9 +596,6 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[s
         raise SystemExit(f"quality.py: error: {out} holds a --size {marker.read_text().strip()} run; "
                          "use another --output_dir for --size " + args.size)
     marker.write_text(args.size + "\n")
-    image_sections = {"subject", "tsd", "autolora"} & set(args.sections)
-    sd_model = resolve(args.sd_model, "--sd_model") if image_sections else None
-    llama = resolve(args.llama_model, "--llama_model") if "commonsense" in args.sections else None
     result: dict[str, Any] = {}
     encoder, enc_path = (world_encoder(args, size, out, log) if {"subject", "autolora"} & set(args.sections)
                          else (None, None))

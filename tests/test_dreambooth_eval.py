@@ -201,6 +201,7 @@ def test_bad_inputs_are_one_line_errors(encoders, tmp_path, capsys):
         (["--images_dir", str(refs), "--clip_model", str(encoders / "dino")], "a vit model, not CLIP"),
         (["--images_dir", str(refs), "--dino_model", str(encoders / "clip")], "a clip model, not a ViT"),
         (["--images_dir", str(refs), "--dino_model", "no-such/model-id"], "not a loadable model"),
+        (["--images_dir", str(refs), "--clip_model", str(tmp_path / "gone")], "no such folder"),
         (["--images_dir", str(refs), "--clip_model", str(encoders / "clip")], "CLIP-T needs each image's prompt"),
     ]
     for extra, msg in cases:

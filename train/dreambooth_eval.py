@@ -206,6 +206,8 @@ def _load_error(flag: str, name: str, err: Exception) -> EvalInputError:
 def _check_model_path(flag: str, name: str) -> None:
     """A local folder must hold a model's config.json (a hub id is left to from_pretrained)."""
     p = Path(name).expanduser()
+    if not p.exists() and (p.is_absolute() or name.startswith((".", "~"))):  # a path, not a hub id
+        raise EvalInputError(f"{flag} {name}: no such folder")
     if p.exists() and not (p / "config.json").is_file():
         raise EvalInputError(f"{flag} {name}: not a model folder (no config.json)")
 
