@@ -148,6 +148,15 @@ def test_identical_images_score_one_and_the_table_is_written(encoders, tmp_path)
     expect = (emb @ emb.t()).mean(1)
     assert torch.allclose(torch.tensor([r["dino"] for r in full["samples"]]), expect, atol=1e-6)
     assert all(r["dino"] < 1 - 1e-4 for r in full["samples"])
+    # CLIP-I is CLIP's projected image embedding after the model folder's own processor (CLIP's transform).
+    from transformers import CLIPImageProcessorPil
+
+    px = CLIPImageProcessorPil.from_pretrained(encoders / "clip")(images=DE.load_images(files), return_tensors="pt")
+    with torch.no_grad():
+        feats = enc.clip.get_image_features(pixel_values=px["pixel_values"])
+    feats = feats if torch.is_tensor(feats) else feats.pooler_output
+    assert torch.allclose(DE.clip_image_embed(enc, DE.load_images(files)),
+                          torch.nn.functional.normalize(feats, dim=-1), atol=1e-6)
     # CLIP-T embeds the prompt without the identifier.
     t_plain = DE.clip_text_embed(enc, ["a photo of toy on the beach"])
     img = DE.clip_image_embed(enc, DE.load_images([samples[0].file]))
