@@ -43,11 +43,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.util
+import importlib
 import json
 import math
 import platform
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -173,6 +174,8 @@ def train_dreambooth(model: str, instance_dir: Path, method: str, seed: int, ste
         argv += ["--with_prior_preservation", "--class_prompt", W.CLASS_PROMPT, "--num_class_images", "50",
                  "--class_data_dir", str(size["class_dir"]), "--num_inference_steps",
                  str(size["inference_steps"])]
+    # Images rendered from an earlier adapter in this folder would be scored as this one's.
+    shutil.rmtree(out / "eval_images", ignore_errors=True)
     _reset_accelerate()
     torch.manual_seed(seed)
     try:
@@ -393,7 +396,9 @@ def section_tsd(args, size: dict, sd_model: str, out: Path, log) -> dict[str, An
 # =========================================================================== AutoLoRA vs a rank sweep
 
 
-def section_autolora(args, size: dict, sd_model: str, encoder, out: Path, log, subject_result: Optional[dict]) -> dict:
+def section_autolora(args, size: dict, sd_model: str, encoder, out: Path, log) -> dict:
+    """Plain LoRA at each rank of the sweep and AutoLoRA (seed 0, first subject); runs shared with the
+    subject section where they coincide."""
     subject = size["subjects"][0]
     inst = out / "instances" / subject
     if not inst.is_dir():
@@ -604,7 +609,7 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[s
     if "tsd" in args.sections:
         result["tsd"] = section_tsd(args, size, sd_model, out, log)
     if "autolora" in args.sections:
-        result["autolora"] = section_autolora(args, size, sd_model, encoder, out, log, result.get("subject"))
+        result["autolora"] = section_autolora(args, size, sd_model, encoder, out, log)
     if "commonsense" in args.sections:
         result["commonsense"] = section_commonsense(args, size, llama, out, log)
     result["meta"] = {"size": args.size, "sections": args.sections, "sd_model": args.sd_model,
