@@ -144,9 +144,16 @@ class Result:
     log: list[str] = field(default_factory=list)
 
 
+def _visible_gpus() -> list[str]:
+    """``-i ID,...`` for nvidia-smi when ``CUDA_VISIBLE_DEVICES`` restricts this process's GPUs."""
+    ids = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return ["-i", ids] if ids else []
+
+
 class GpuMemory:
-    """Peak used memory over all GPUs while a case runs (``nvidia-smi``, polled every 0.2 s): the
-    cases run one after another, so the device-level peak is the case's."""
+    """Peak used memory over this process's GPUs while a case runs (``nvidia-smi``, polled every 0.2 s):
+    the cases run one after another, so the device-level peak is the case's. nvidia-smi ignores
+    ``CUDA_VISIBLE_DEVICES``, so its ids are passed on (two suites may share a host, one GPU each)."""
 
     def __init__(self) -> None:
         self.peak_mib = 0.0
@@ -156,8 +163,8 @@ class GpuMemory:
 
     def _poll(self) -> None:
         while not self._stop.wait(0.2):
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True).stdout.split()
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                  *_visible_gpus()], capture_output=True, text=True).stdout.split()
             if out:
                 self.peak_mib = max(self.peak_mib, max(float(v) for v in out))
 
@@ -225,6 +232,8 @@ class Suite:
         if out_dir is not None and not killed and res.status == "ok":
             self._read_record(res, out_dir)
         self.results.append(res)
+        if self.args.table:  # the table so far: a call cut off by its time limit still reports
+            Path(self.args.table).write_text(self.table())
         print(f"[{case}] {res.status} {res.wall_s:.0f} s {res.note}", flush=True)
         for line in res.log:
             print(f"    {line}", flush=True)
@@ -396,10 +405,12 @@ class Suite:
 
     # ------------------------------------------------------------------ table
     def table(self) -> str:
-        import torch
+        import torch  # the suite process never touches CUDA itself: its memory would count in the peaks
 
-        dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-        rows = [f"GPU end-to-end suite, {time.strftime('%Y-%m-%d')}, {dev} x{torch.cuda.device_count() or 1}; "
+        names = (subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", *_visible_gpus()],
+                                capture_output=True, text=True).stdout.splitlines() if _has_smi() else [])
+        dev = f"{names[0]} x{len(names)}" if names else "CPU"
+        rows = [f"GPU end-to-end suite, {time.strftime('%Y-%m-%d')}, {dev}; "
                 f"torch {torch.__version__}; groups {','.join(self.args.groups)}\n",
                 "| run | status | wall (s) | steps/s | peak GPU memory (GiB) | launch (s) | note |",
                 "|---|---|---|---|---|---|---|"]

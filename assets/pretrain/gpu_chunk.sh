@@ -15,9 +15,13 @@ stage=${1:?stage: sd-vae, sd-unet or llama}
 minutes=${2:?minutes of training in this chunk}
 shift 2
 out=${OUT:?OUT is unset: run this on the device machine}
-if compgen -G ".whl/*.whl" >/dev/null; then  # packages the machine lacks (diffusers), carried as wheels
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
+# Packages the machine lacks (diffusers and its importlib_metadata), carried as wheels. Only those: every
+# chunk of a stage must run on the same software, and the other wheels (20 MB) would not fit beside a
+# UNet checkpoint in one call's 64 MiB.
+wheels=$(ls .whl/diffusers-*.whl .whl/importlib_metadata-*.whl 2>/dev/null || true)
+if [ -n "$wheels" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-pretrain $wheels
+  export PYTHONPATH=/tmp/site-pretrain
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
@@ -41,11 +45,6 @@ export_dir=/tmp/export/$stage
 rm -rf "$export_dir"
 python3 "${script[@]}" --output_dir "$base" --max_minutes "$minutes" --keep_checkpoints 1 \
   --export_dir "$export_dir" "${resume[@]}" "$@" 2>&1 | tee "$out/$stage.log"
-# $OUT/STAGE-checkpoint-N/: named by stage, so two stages run side by side never collide, and
-# only one folder deep (the transfer returns files at most two folders down).
-for ck in "$export_dir"/checkpoint-*; do
-  if [ -d "$ck" ]; then cp -r "$ck" "$out/$stage-$(basename "$ck")"; fi
-done
 case $stage in
   sd-vae) final=$base/vae/final; name=sd-vae-final ;;
   sd-unet) final=$base/pipeline; name=mini-sd ;;
@@ -53,5 +52,11 @@ case $stage in
 esac
 if [ -d "$final" ]; then  # one file (the transfer takes at most 8); unpacks as NAME/
   tar czf "$out/$name.tgz" -C "$(dirname "$final")" --transform "s,^$(basename "$final"),$name," "$(basename "$final")"
+else
+  # $OUT/STAGE-checkpoint-N/ (only while the stage is unfinished: the transfer takes 8 files, 64 MiB):
+  # named by stage, so two stages run side by side never collide, and one folder deep.
+  for ck in "$export_dir"/checkpoint-*; do
+    if [ -d "$ck" ]; then cp -r "$ck" "$out/$stage-$(basename "$ck")"; fi
+  done
 fi
 ls -la "$out"
