@@ -351,8 +351,11 @@ def load_pipeline(model: str, lora_weights: Optional[str] = None, dashdiff_adapt
     if Path(path).exists() and not (Path(path) / "model_index.json").is_file():
         raise EvalInputError(f"--pretrained_model_name_or_path {model}: not a diffusers pipeline folder "
                              "(no model_index.json)")
+    # CPU kernels need float32: a folder of fp16 weights (the shipped mini-sd) is upcast there; on a GPU
+    # the weights keep the dtype they were saved in.
+    dtype = torch.float32 if str(device).startswith("cpu") else None
     try:
-        pipe = DiffusionPipeline.from_pretrained(path)
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as err:
         raise _load_error("--pretrained_model_name_or_path", model, err) from None
     if lora_weights:
