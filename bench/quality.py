@@ -489,7 +489,9 @@ def _ci(ci: Optional[dict]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
-    lines = [f"# Quality in the miniature (bench/quality.py --size {meta['size']})", "",
+    extra = "".join(f" --{'learning_rate' if k == 'lr' else k} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                    for k, v in meta.get("overrides", {}).items())
+    lines = [f"# Quality in the miniature (bench/quality.py --size {meta['size']}{extra})", "",
              f"{meta['date']} · {meta['device']} · sd_model `{meta['sd_model']}` · llama_model `{meta['llama_model']}` · "
              f"world encoder `{meta['world_encoder']}` · {meta['seconds']:.0f} s", ""]
     if "subject" in result:
@@ -576,7 +578,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--world_encoder", default=None, help="a world encoder folder (world_encoders.py); default: "
                    "assets/models/world-encoder, else trained now")
     p.add_argument("--output_dir", required=True)
+    o = p.add_argument_group("overrides of the --size settings (tuning; runs go to another --output_dir)")
+    o.add_argument("--steps", type=int, default=None, help="DreamBooth optimizer steps (the long TSD run: 4x)")
+    o.add_argument("--learning_rate", type=float, default=None, help="DreamBooth learning rate")
+    o.add_argument("--train_seeds", type=int, nargs="+", default=None)
+    o.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=None)
     args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be >= 1")
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in args.sections if s not in SECTIONS]
     if bad:
@@ -591,16 +600,23 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[s
     out = Path(args.output_dir)
     # Prior preservation's class images ("a photo of a toy" from the base model): one set for all runs.
     size = {**SIZES[args.size], "class_dir": out / "class_images"}
+    overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.learning_rate),
+                                   ("train_seeds", args.train_seeds), ("methods", args.methods)) if v is not None}
+    size.update(overrides)
+    if args.steps is not None:
+        size["long_steps"] = 4 * args.steps
+        size["dash_warmup"] = max(1, args.steps // 4)
     image_sections = {"subject", "tsd", "autolora"} & set(args.sections)
     sd_model = resolve(args.sd_model, "--sd_model") if image_sections else None
     llama = resolve(args.llama_model, "--llama_model") if "commonsense" in args.sections else None
     out.mkdir(parents=True, exist_ok=True)
     # Finished runs are reused by path: a folder holds the runs of one size only.
     marker = out / "quality_size.txt"
-    if marker.is_file() and marker.read_text().strip() != args.size:
+    setting = " ".join([args.size, *(f"{k}={v}" for k, v in sorted(overrides.items()))])
+    if marker.is_file() and marker.read_text().strip() != setting:
         raise SystemExit(f"quality.py: error: {out} holds a --size {marker.read_text().strip()} run; "
-                         "use another --output_dir for --size " + args.size)
-    marker.write_text(args.size + "\n")
+                         "use another --output_dir for --size " + setting)
+    marker.write_text(setting + "\n")
     result: dict[str, Any] = {}
     encoder, enc_path = (world_encoder(args, size, out, log) if {"subject", "autolora"} & set(args.sections)
                          else (None, None))
@@ -612,7 +628,7 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[s
         result["autolora"] = section_autolora(args, size, sd_model, encoder, out, log)
     if "commonsense" in args.sections:
         result["commonsense"] = section_commonsense(args, size, llama, out, log)
-    result["meta"] = {"size": args.size, "sections": args.sections, "sd_model": args.sd_model,
+    result["meta"] = {"size": args.size, "overrides": overrides, "sections": args.sections, "sd_model": args.sd_model,
                       "llama_model": args.llama_model, "world_encoder": enc_path, "device": device_name(),
                       "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                       "seconds": time.perf_counter() - t0, "torch": torch.__version__}
