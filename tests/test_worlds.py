@@ -299,3 +299,31 @@ def test_text_world_writer(tmp_path):
         TW.write_world(out)
     with pytest.raises(ValueError, match="n_people"):
         TW.World(0, n_people=2)
+
+
+def test_atomic_folder_helper_is_torch_free_and_refuses_or_replaces(tmp_path):
+    import subprocess
+    import sys
+
+    # The worlds and the helper import with torch made unimportable (they are run on their own).
+    code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, 'assets/pretrain'); "
+            "import _atomic, image_world, text_world; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.stdout.strip() == "ok", proc.stderr
+    A = load_script("assets/pretrain/_atomic.py", reuse=True)
+    out = tmp_path / "f"
+    A.save_folder_atomic(out, lambda t: (t / "a").write_text("1"))
+    with pytest.raises(FileExistsError, match="exists"):
+        A.save_folder_atomic(out, lambda t: (t / "b").write_text("2"))
+    assert sorted(p.name for p in out.iterdir()) == ["a"]
+    A.save_folder_atomic(out, lambda t: (t / "b").write_text("2"), replace=True)
+    assert sorted(p.name for p in out.iterdir()) == ["b"]
+
+    def fail(t):
+        (t / "c").write_text("3")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        A.save_folder_atomic(tmp_path / "g", fail)
+    # Nothing partial: neither the target nor a temporary sibling is left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]

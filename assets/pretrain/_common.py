@@ -24,13 +24,15 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+import _atomic
+from _atomic import write_json_atomic  # noqa: F401  (the scripts call C.write_json_atomic)
 
 CKPT_PREFIX = "checkpoint-"
 SHARD_BYTES = 15 * 2**20  # under the device machine's 16 MiB per returned file
@@ -50,36 +52,10 @@ def step_generator(seed: int, step: int, salt: str, device: torch.device | str =
     return torch.Generator(device=device).manual_seed(step_seed(seed, step, salt))
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary sibling and rename it into place (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are shared and committed
-    os.replace(tmp, path)
-
-
 def save_folder_atomic(final: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_dir)`` and rename the folder to ``final`` (an old ``final`` is replaced
-    only after the new one is complete)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp creates 0700
-    try:
-        write(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    only after the new one is complete): :func:`_atomic.save_folder_atomic` with ``replace=True``."""
+    return _atomic.save_folder_atomic(final, write, replace=True)
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -193,6 +169,14 @@ def check_chunk_args(p: Any, args: Any) -> None:
         p.error("--max_minutes must be > 0")
     if args.resume and args.resume_from is not None:
         p.error("pass either --resume (latest checkpoint of --output_dir) or --resume_from DIR, not both")
+
+
+def check_positive(p: Any, args: Any, names: tuple[str, ...]) -> None:
+    """Refuse any of the integer options ``names`` that is set and < 1, through the parser."""
+    for name in names:
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            p.error(f"--{name} must be >= 1")
 
 
 def train_chunked(

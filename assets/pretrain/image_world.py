@@ -32,12 +32,14 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _atomic import save_folder_atomic  # noqa: E402  (torch-free, like this module)
 
 SIZE = 64
 SS = 4  # draw at 4x and downsample: PIL's primitives are not anti-aliased.
@@ -427,14 +429,10 @@ def write_dataset(out: str | os.PathLike[str], n: int, seed: int = 0, split: str
     Written into a temporary sibling folder and renamed at the end: an interrupted run never
     leaves a partial dataset under ``out``.
     """
-    final = Path(out)
-    if final.exists():
-        raise FileExistsError(f"{final} exists; choose a new --out folder (nothing was overwritten)")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp / "metadata.jsonl", "w", encoding="utf-8") as meta:
             for i in range(n):
                 image, text, attrs = scene(i, seed, split)
@@ -443,10 +441,8 @@ def write_dataset(out: str | os.PathLike[str], n: int, seed: int = 0, split: str
                 meta.write(json.dumps({"file_name": name, "text": text, **attrs}) + "\n")
                 if progress:
                     progress(i)
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return save_folder_atomic(out, write)
 
 
 def main(argv: list[str] | None = None) -> Path:

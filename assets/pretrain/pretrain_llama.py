@@ -164,10 +164,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     C.add_chunk_args(p)
     args = p.parse_args(argv)
     C.check_chunk_args(p, args)
-    for name in ("max_steps", "chunk_steps", "block_size", "batch_size", "copies"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            p.error(f"--{name} must be >= 1")
+    C.check_positive(p, args, ("max_steps", "chunk_steps", "block_size", "batch_size", "copies"))
     if not 0 <= args.task_fraction < 1:
         p.error("--task_fraction must be in [0, 1)")
     return args

@@ -366,10 +366,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     C.add_chunk_args(p)
     args = p.parse_args(argv)
     C.check_chunk_args(p, args)
-    for name in ("max_steps", "chunk_steps", "n_scenes", "batch_size"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            p.error(f"--{name} must be >= 1")
+    C.check_positive(p, args, ("max_steps", "chunk_steps", "n_scenes", "batch_size"))
     return args
 
 

@@ -35,11 +35,13 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _atomic import save_folder_atomic  # noqa: E402  (torch-free, like this module)
 
 # --------------------------------------------------------------------------- the world's rules
 
@@ -535,13 +537,8 @@ def write_world(out: str | os.PathLike[str], seed: int = 0, n_people: int = 24, 
     ``out`` must not exist; everything is written into a temporary sibling and renamed at the
     end, so an interrupted run never leaves a partial folder.
     """
-    final = Path(out)
-    if final.exists():
-        raise FileExistsError(f"{final} exists; choose a new --out folder (nothing was overwritten)")
-    world = World(seed, n_people)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
+    def write(tmp: Path) -> None:
+        world = World(seed, n_people)
         (tmp / "corpus.txt").write_text("\n".join(corpus(world, copies)) + "\n", encoding="utf-8")
         all_train = []
         for task, split in tasks(world).items():
@@ -552,10 +549,8 @@ def write_world(out: str | os.PathLike[str], seed: int = 0, n_people: int = 24, 
         _rng(seed, "merge").shuffle(all_train)
         (tmp / "train.json").write_text(json.dumps(all_train, indent=2) + "\n", encoding="utf-8")
         (tmp / "world.json").write_text(json.dumps(world.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return save_folder_atomic(out, write)
 
 
 def main(argv: list[str] | None = None) -> Path:
