@@ -62,10 +62,12 @@ def _fresh_accelerate():
 
 
 def cli(base: Path, out: Path, kind: str, *extra: str) -> list[str]:
-    # A method's own options are refused with another --adapter_name: give each run only its own.
+    # A method's own options are refused with another --adapter_name: give each run only its own
+    # (looked up by destination: COMMON spells some flags the LLM-Adapters way, e.g. --autolora_beta_lr).
     common = []
+    options = script.build_parser()._option_string_actions
     for flag, value in zip(COMMON[::2], COMMON[1::2]):
-        owner = script.METHOD_OPTIONS.get(flag[2:])
+        owner = script.METHOD_OPTIONS.get(options[flag].dest)
         if owner in (None, kind):
             common += [flag, value]
     return ["--base_model", str(base), "--data_path", str(TRAIN), "--output_dir", str(out),
@@ -117,9 +119,9 @@ def runs(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 
 def test_defaults_are_the_published_recipe_and_target_lists_parse() -> None:
     args = script.parse_args(["--base_model", "m", "--data_path", "d.json", "--output_dir", "o"])
-    assert (args.lora_r, args.lora_alpha, args.learning_rate, args.num_epochs) == (32, 64, 2e-4, 3)
+    assert (args.rank, args.lora_alpha, args.learning_rate, args.num_epochs) == (32, 64, 2e-4, 3)
     assert (args.batch_size, args.micro_batch_size, args.warmup_steps, args.lora_dropout) == (16, 4, 100, 0.05)
-    assert (args.cutoff_len, args.val_set_size, args.adapter_name, args.prompt_template) == (256, 120, "dash", "llm_adapters")
+    assert (args.cutoff_len, args.val_set_size, args.method, args.prompt_template) == (256, 120, "dash", "llm_adapters")
     assert args.target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
     assert args.train_on_inputs is True and args.dash_directions == 8
     assert args.dash_warmup_steps == math.ceil(100 / (16 // 4))  # 100 training micro-batches

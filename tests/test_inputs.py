@@ -62,8 +62,9 @@ def llama(tmp_path_factory) -> str:
 
 @pytest.mark.parametrize("script", ["dreambooth", "commonsense"])
 def test_bad_numbers_and_foreign_method_options_are_refused(script, tmp_path, capsys):
-    parse, argv, flag = ((db.parse_args, db_argv, "--method") if script == "dreambooth"
-                         else (cs.parse_args, cs_argv, "--adapter_name"))
+    # one vocabulary: --method in both (the commonsense script's --adapter_name is its alias)
+    parse, argv, flag = (db.parse_args, db_argv, "--method") if script == "dreambooth" else (cs.parse_args, cs_argv,
+                                                                                              "--method")
     cases = {
         ("--seed", "-1"): "--seed must be from 0 to 4294967295",
         ("--seed", str(2**32)): "--seed must be from 0",
@@ -87,7 +88,7 @@ def test_bad_numbers_and_foreign_method_options_are_refused(script, tmp_path, ca
 def test_commonsense_method_defaults_are_filled_only_after_the_check(tmp_path):
     args = cs.parse_args(cs_argv(tmp_path, "--adapter_name", "lora"))
     # the defaults the run record and checkpoints hold are unchanged
-    assert (args.dash_directions, args.autolora_val_fraction, args.autolora_mode, args.autolora_retrain) == (
+    assert (args.dash_directions, args.autolora_val_fraction, args.autolora_hypergradient, args.autolora_retrain) == (
         8, 0.3, "darts", True)
     cs.validate_args(args)  # main() validates again: the filled defaults are not "given" options
     assert "_defaults_filled" not in T.run_arguments(args)
@@ -95,8 +96,9 @@ def test_commonsense_method_defaults_are_filled_only_after_the_check(tmp_path):
 
 @pytest.mark.parametrize("script", ["dreambooth", "commonsense"])
 def test_dash_shorter_than_its_warmup_is_refused_at_parse_time(script, tmp_path, capsys):
-    parse, argv, flag = ((db.parse_args, db_argv, "--method") if script == "dreambooth"
-                         else (cs.parse_args, cs_argv, "--adapter_name"))
+    # one vocabulary: --method in both (the commonsense script's --adapter_name is its alias)
+    parse, argv, flag = (db.parse_args, db_argv, "--method") if script == "dreambooth" else (cs.parse_args, cs_argv,
+                                                                                              "--method")
     # default warm-up: 100 micro-batches, i.e. 100 steps (DreamBooth here) or 50 (2 micro-batches a step)
     w = 100 if script == "dreambooth" else 50
     err = parse_error(parse, argv(tmp_path) + [flag, "dash", "--max_train_steps", str(w - 1)], capsys)

@@ -109,10 +109,18 @@ from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-import dashdiff
-from dashdiff import training as T
-from dashdiff import validation as V
-from dashdiff.training import TrainingError
+if __package__ in (None, ""):
+    # Run as a script: make the repository's dashdiff and this folder's modules (the flags shared
+    # with the commonsense script) importable without installing anything.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import dashdiff  # noqa: E402
+import run_flags  # noqa: E402
+from dashdiff import training as T  # noqa: E402
+from dashdiff import validation as V  # noqa: E402
+from dashdiff.training import TrainingError  # noqa: E402
+from run_flags import BoolFlag, add_method_flags, add_run_flags, parse_bool  # noqa: E402
 
 logger = logging.getLogger("dreambooth_dash")
 
@@ -161,21 +169,7 @@ UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "prodigy_safeguard_warmup": (None, "only --optimizer AdamW is offered (prodigy is not)"),
 }
 # Flags that belong to one method (None = not given): refused with another method (dashdiff.validation).
-METHOD_OPTIONS: dict[str, str] = {
-    **{name: "dash" for name in ("dash_warmup_steps", "dash_directions")},
-    **{name: "autolora" for name in ("autolora_search_steps", "autolora_val_fraction", "autolora_threshold",
-                                     "autolora_rank_rule", "autolora_hypergradient", "autolora_meta_lr",
-                                     "autolora_rollback", "autolora_fd_batched")},
-}
-
-
-def _bool_flag(value: str) -> bool:
-    low = value.lower()
-    if low in ("1", "true", "yes"):
-        return True
-    if low in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+METHOD_OPTIONS: dict[str, str] = run_flags.METHOD_OPTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,67 +198,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--instance_prompt", default=None, required=True, help="Prompt with the identifier, e.g. 'a photo of sks cat'.")
     g.add_argument("--class_data_dir", default=None, help="Folder of class images (filled up by generation if short).")
     g.add_argument("--class_prompt", default=None, help="Prompt of the class images.")
-    g.add_argument("--with_prior_preservation", action="store_true", help="Add the prior-preservation loss.")
+    g.add_argument("--with_prior_preservation", action=BoolFlag, default=False, help="Add the prior-preservation loss.")
     g.add_argument("--prior_loss_weight", type=float, default=1.0)
     g.add_argument("--num_class_images", type=int, default=100, help="Class images wanted; missing ones are generated.")
     g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for generating class images.")
     g.add_argument("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"])
     g.add_argument("--resolution", type=int, default=None, help="Training resolution (default: 512 SD, 1024 SDXL).")
-    g.add_argument("--center_crop", action="store_true", help="Center crop instead of random crop.")
-    g.add_argument("--random_flip", action="store_true", help="Random horizontal flip.")
+    g.add_argument("--center_crop", action=BoolFlag, default=False, help="Center crop instead of random crop.")
+    g.add_argument("--random_flip", action=BoolFlag, default=False, help="Random horizontal flip.")
     g.add_argument("--image_interpolation_mode", default="lanczos", choices=sorted(INTERPOLATION))
     g.add_argument("--dataloader_num_workers", type=int, default=0)
-    g.add_argument("--cache_latents", action="store_true",
+    g.add_argument("--cache_latents", action=BoolFlag, default=False,
                    help="Encode the images with the VAE once (one crop/flip per image, as diffusers).")
 
     g = p.add_argument_group("text encoder")
-    g.add_argument("--train_text_encoder", action="store_true",
+    g.add_argument("--train_text_encoder", action=BoolFlag, default=False,
                    help="Also adapt the text encoder(s) (q_proj, k_proj, v_proj, out_proj) with the same method.")
     g.add_argument("--text_encoder_lr", type=float, default=None, help="Learning rate of the text encoder adapters (default: --learning_rate).")
     g.add_argument("--adam_weight_decay_text_encoder", type=float, default=None)
-    g.add_argument("--pre_compute_text_embeddings", action="store_true",
+    g.add_argument("--pre_compute_text_embeddings", action=BoolFlag, default=False,
                    help="Encode every prompt once before training (frozen text encoders are otherwise run once per "
                         "new prompt and cached; not with --train_text_encoder).")
     g.add_argument("--tokenizer_max_length", type=int, default=None)
-    g.add_argument("--text_encoder_use_attention_mask", action="store_true")
+    g.add_argument("--text_encoder_use_attention_mask", action=BoolFlag, default=False)
 
-    g = p.add_argument_group("adapter method")
-    g.add_argument("--method", default="lora", choices=["lora", "dash", "autolora"])
-    g.add_argument("--rank", type=int, default=4, help="LoRA rank r (AutoLoRA: the initial rank k).")
-    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: --rank).")
-    g.add_argument("--lora_dropout", type=float, default=0.0)
+    add_method_flags(p, method="lora", rank=4, lora_alpha=None, lora_dropout=0.0, dash_prefetch_spectra=True,
+                     prefetch_help=", ~5 GB for the SDXL UNet")
+    g = p.add_argument_group("adapter (this script)")
     g.add_argument("--lora_layers", default=DEFAULT_LORA_LAYERS, help="Comma-separated UNet nn.Linear module names.")
-    g.add_argument("--dash_warmup_steps", type=int, default=None,
-                   help="LoRA-Dash pre-launch optimizer steps (default: ceil(100 / gradient_accumulation_steps)).")
-    g.add_argument("--dash_directions", type=int, default=None, help="LoRA-Dash directions s per layer (default 8).")
-    g.add_argument("--dash_prefetch_spectra", action=argparse.BooleanOptionalAction, default=True,
-                   help="LoRA-Dash: decompose W0 on the host during the pre-launch steps so the launch is short "
-                        "(host memory 8·k² bytes per layer, ~5 GB for the SDXL UNet); --no-dash_prefetch_spectra "
-                        "computes everything at the launch.")
-    g.add_argument("--autolora_search_steps", type=int, default=None, help="Search steps (default: --max_train_steps).")
-    g.add_argument("--autolora_val_fraction", type=float, default=None,
-                   help="Fraction of instance images held out for the search (default 0.3, published 70/30).")
-    g.add_argument("--autolora_threshold", type=float, default=None, help="Keep components with α_j >= λ (default 1/k).")
-    g.add_argument("--autolora_rank_rule", default=None, choices=["softmax", "published"])
-    g.add_argument("--autolora_hypergradient", default=None, choices=["darts", "first_order", "darts_unrolled"],
-                   help="Hypergradient of the search (default darts).")
-    g.add_argument("--autolora_meta_lr", type=float, default=None, help="Adam learning rate of β (default 3e-4).")
-    g.add_argument("--autolora_rollback", action="store_true", default=None,
-                   help="Redo the inner step with the new β after each β update (published; off by default).")
-    g.add_argument("--autolora_fd_batched", action=argparse.BooleanOptionalAction, default=None,
-                   help="Run the two finite-difference passes as one pass over the micro-batch twice over (default on: "
-                        "faster where the step is bound by per-operation overhead, e.g. a GPU at small batch; that pass "
-                        "holds twice the activations). --no-autolora_fd_batched: two passes.")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--seed", type=int, default=None)
     g.add_argument("--train_batch_size", type=int, default=4)
     g.add_argument("--num_train_epochs", type=int, default=1)
     g.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--learning_rate", type=float, default=None, help="Default: 5e-4 SD, 1e-4 SDXL.")
-    g.add_argument("--scale_lr", action="store_true", help="Multiply the lr by processes x batch x accumulation.")
+    g.add_argument("--scale_lr", action=BoolFlag, default=False, help="Multiply the lr by processes x batch x accumulation.")
     g.add_argument("--lr_scheduler", default="constant",
                    choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
     g.add_argument("--lr_warmup_steps", type=int, default=500)
@@ -272,19 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr_power", type=float, default=1.0)
     g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 recommended).")
     g.add_argument("--optimizer", default="AdamW", help="AdamW (prodigy is not offered).")
-    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (needs bitsandbytes).")
+    g.add_argument("--use_8bit_adam", action=BoolFlag, default=False, help="bitsandbytes' 8-bit AdamW (needs bitsandbytes).")
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=None, help="Default: 1e-2 SD, 1e-4 SDXL.")
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-                   help="Frozen weights in this precision, trainable ones in fp32 (default: accelerate's config).")
-    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--allow_tf32", action=BoolFlag, default=False)
     for name in ("prodigy_beta3",):
         g.add_argument(f"--{name}", type=float, default=None, help=argparse.SUPPRESS)
     for name in ("prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup"):
-        g.add_argument(f"--{name}", type=_bool_flag, default=None, help=argparse.SUPPRESS)
+        g.add_argument(f"--{name}", type=parse_bool, default=None, help=argparse.SUPPRESS)
 
     g = p.add_argument_group("validation")
     g.add_argument("--validation_prompt", default=None)
@@ -293,15 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_inference_steps", type=int, default=25, help="Sampling steps for validation / class images.")
     g.add_argument("--validation_images", nargs="+", default=None, help=argparse.SUPPRESS)
 
-    g = p.add_argument_group("output and checkpoints")
-    g.add_argument("--output_dir", default="lora-dreambooth-model")
-    g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="Start over in an --output_dir that holds another run (its checkpoints are removed).")
-    g.add_argument("--output_kohya_format", action="store_true", help="Also write pytorch_lora_weights_kohya.safetensors.")
-    g.add_argument("--checkpointing_steps", type=int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=int, default=None)
-    g.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder (or its name) or 'latest'.")
-    g.add_argument("--save_reference_output", action="store_true",
+    add_run_flags(p, output_dir="lora-dreambooth-model", seed=None, checkpointing_steps=500,
+                  checkpoints_total_limit=None)
+    g = p.add_argument_group("outputs (this script)")
+    g.add_argument("--output_kohya_format", action=BoolFlag, default=False, help="Also write pytorch_lora_weights_kohya.safetensors.")
+    g.add_argument("--save_reference_output", action=BoolFlag, default=False,
                    help="Write reference_output.safetensors: the trained UNet's output on fixed inputs.")
 
     g = p.add_argument_group("logging")
@@ -313,12 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local_rank", type=int, default=-1, help="Set by launchers; accelerate reads the environment.")
 
     g = p.add_argument_group("unsupported (parse, then refused with the alternative)")
-    g.add_argument("--push_to_hub", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--push_to_hub", action=BoolFlag, default=False, help=argparse.SUPPRESS)
     g.add_argument("--hub_token", default=None, help=argparse.SUPPRESS)
     g.add_argument("--hub_model_id", default=None, help=argparse.SUPPRESS)
-    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help=argparse.SUPPRESS)
-    g.add_argument("--use_dora", action="store_true", help=argparse.SUPPRESS)
-    g.add_argument("--do_edm_style_training", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--enable_xformers_memory_efficient_attention", action=BoolFlag, default=False, help=argparse.SUPPRESS)
+    g.add_argument("--use_dora", action=BoolFlag, default=False, help=argparse.SUPPRESS)
+    g.add_argument("--do_edm_style_training", action=BoolFlag, default=False, help=argparse.SUPPRESS)
     g.add_argument("--class_labels_conditioning", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -386,7 +349,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
         errors.append(f"--autolora_threshold must be in (0, 1], got {args.autolora_threshold}")
     # Method-specific flags with another method would be silently ignored: say so instead.
     errors += V.method_option_errors(args, args.method, METHOD_OPTIONS, "--method")
-    errors += [e for e in (V.seed_error(args.seed), V.positive_finite_error("--learning_rate", args.learning_rate),
+    errors += [e for e in (V.seed_error(args.seed), run_flags.search_length_error(args),
+                           V.positive_finite_error("--learning_rate", args.learning_rate),
                            V.positive_finite_error("--text_encoder_lr", args.text_encoder_lr),
                            V.positive_finite_error("--autolora_meta_lr", args.autolora_meta_lr)) if e]
     if args.method == "dash" and args.max_train_steps is not None and args.gradient_accumulation_steps >= 1:
@@ -457,22 +421,9 @@ def resolve_defaults(args: argparse.Namespace, family: str) -> None:
             setattr(args, key, value)
     if args.resolution % 8:
         raise TrainingError(f"--resolution {args.resolution} must be a multiple of 8")
-    if args.lora_alpha is None:
-        args.lora_alpha = args.rank
-    if args.method == "dash":
-        if args.dash_warmup_steps is None:
-            args.dash_warmup_steps = T.default_dash_warmup_steps(args.gradient_accumulation_steps)
-        if args.dash_directions is None:
-            args.dash_directions = 8
-    if args.method == "autolora":
-        from dashdiff.autolora import DEFAULT_BETA_LR, DEFAULT_VAL_FRACTION
-
-        args.autolora_val_fraction = args.autolora_val_fraction or DEFAULT_VAL_FRACTION
-        args.autolora_rank_rule = args.autolora_rank_rule or "softmax"
-        args.autolora_hypergradient = args.autolora_hypergradient or "darts"
-        args.autolora_meta_lr = args.autolora_meta_lr or DEFAULT_BETA_LR
-        args.autolora_rollback = bool(args.autolora_rollback)
-        args.autolora_fd_batched = args.autolora_fd_batched is not False
+    run_flags.fill_method_defaults(args)
+    if args.dash_warmup_steps is None:
+        args.dash_warmup_steps = T.default_dash_warmup_steps(args.gradient_accumulation_steps)
     if args.text_encoder_lr is None:
         args.text_encoder_lr = args.learning_rate
     if args.adam_weight_decay_text_encoder is None:
@@ -1191,7 +1142,8 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
     model_path = resolve_model_path(args)
     family = detect_family(model_path, args.revision)
     resolve_defaults(args, family)
-    if args.method == "autolora" and args.autolora_search_steps is None and args.max_train_steps is not None:
+    if (args.method == "autolora" and args.autolora_search_steps is None and args.autolora_search_epochs is None
+            and args.max_train_steps is not None):
         args.autolora_search_steps = args.max_train_steps
     output_dir = Path(args.output_dir)
 
@@ -1354,13 +1306,15 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
             accelerator.init_trackers("dreambooth-dash", config={k: v for k, v in T.run_arguments(args).items()
                                                                   if isinstance(v, (int, float, str, bool))})
 
-        def setup_phase(name: str, part: Sequence[Item], steps: Optional[int]) -> Phase:
+        def setup_phase(name: str, part: Sequence[Item], steps: Optional[int],
+                        epochs: Optional[float] = None) -> Phase:
             """Prepare model, optimizer, scheduler and data loader for one phase."""
             nonlocal unet, encoders
             dataloader = accelerator.prepare(make_dataloader(dataset_for(part), args))
             updates = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
             if steps is None:
-                steps = args.num_train_epochs * updates
+                steps = run_flags.search_steps(args, updates, args.num_train_epochs * updates) if epochs \
+                    else args.num_train_epochs * updates
             lr_scale = accelerator.num_processes * args.train_batch_size * args.gradient_accumulation_steps if args.scale_lr else 1
             groups = param_groups(args, accelerator.unwrap_model(unet), [accelerator.unwrap_model(t) for t in encoders])
             for g in groups:
@@ -1380,7 +1334,7 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
         def run_search() -> dict[str, int]:
             from dashdiff.autolora import BilevelStep
 
-            phase = setup_phase("search", search_items, args.autolora_search_steps)
+            phase = setup_phase("search", search_items, args.autolora_search_steps, args.autolora_search_epochs)
             args.autolora_search_steps = phase.max_steps
             # β's optimizer is prepared too, so save_state / load_state carry its Adam moments.
             beta_opt = accelerator.prepare_optimizer(
