@@ -46,7 +46,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import run_flags  # noqa: E402
-from dashdiff.commonsense import TEMPLATES, load_records, tokenize_example  # noqa: E402
+from commonsense_data import TEMPLATES, load_records, tokenize_example  # noqa: E402
 from dashdiff.training import Run as RunBase  # noqa: E402
 from run_flags import BoolFlag, add_method_flags, add_run_flags  # noqa: E402
 

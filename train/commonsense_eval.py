@@ -2,7 +2,7 @@
 """Evaluate a causal LM (optionally with an adapter) on the 8 LLM-Adapters commonsense test sets.
 
 Same rules as LLM-Adapters' ``commonsense_evaluate.py`` (prompt strings, beam search 4,
-32 new tokens, case-sensitive first-match extraction; see ``dashdiff.commonsense``), with left
+32 new tokens, case-sensitive first-match extraction; see ``commonsense_data.py``), with left
 padding done right so that ``--batch_size`` never changes the answers.
 
     python train/commonsense_eval.py --dataset all --data_dir dataset \
@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 if __package__ in (None, ""):
-    # Run as a script: make the repository's dashdiff importable without installing it.
+    # Run as a script: make the repository's dashdiff and this folder's modules importable
+    # without installing anything.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dashdiff.commonsense import DATASETS, TEMPLATES, evaluate, load_records  # noqa: E402
+from commonsense_data import DATASETS, TEMPLATES, evaluate, load_records  # noqa: E402
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 # Settings that must match for results of separate runs to share one table.

@@ -195,8 +195,8 @@ class Run:
 
     def after_optimizer_step(self, host: Any, step: int, skipped: bool, phase: str = "train") -> Optional[dict]:
         """The per-optimizer-step hook (call on every process after optimizer step ``step``,
-        1-based): LoRA-Dash's warm-up and launch (``dash_optimizer_step``); the launch is logged and
-        kept in ``launch``. Other methods: nothing."""
+        1-based): LoRA-Dash's warm-up and launch (``dash_optimizer_step``); the launch report is
+        kept in ``launch`` (and the step log), the script words it for its user. Other methods: nothing."""
         if self.method != "dash":
             return None
         report = dash_optimizer_step(host, step, skipped)
@@ -205,8 +205,6 @@ class Run:
         self.launch = report
         if self.log_events:
             self.log.write({"event": "dash_launch", "phase": phase, **report})
-        logger.info("LoRA-Dash launched after optimizer step %d: %d layers, %.2f s, same directions on %d process(es)",
-                    step, report["layers"], report["seconds"], report["num_processes"])
         return report
 
     def stop(self, err: BaseException) -> None:
