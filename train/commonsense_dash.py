@@ -572,7 +572,7 @@ def fit(run: Run, model: Any, examples: list[Example], val_examples: list[Exampl
             run.results["eval_loss"] = eval_loss
             run.print(f"step {step}: eval loss {eval_loss:.4f}")
         if step % args.checkpointing_steps == 0 or step == total_steps:
-            save_checkpoint(run, "train", step, {"scheduler": scheduler}, {"ranks": run.results.get("autolora_ranks")})
+            save_checkpoint(run, "train", step, {"scheduler": scheduler}, {})  # with AutoLoRA's ranks in the retrain
         run.results["final_loss"] = loss
     run.timings["train_s"] = run.timings.get("train_s", 0.0) + time.perf_counter() - t0
     run.results["train_steps"] = total_steps
@@ -835,16 +835,13 @@ def train_phases(run: Run, model: Any, tokenizer: Any, train_records: list[dict]
 
         search_records, search_val_records = split_train_val(train_records, args.autolora_val_fraction, args.seed)
         run.record["data"].update(search_train=len(search_records), search_val=len(search_val_records))
-        ranks = None
-        if resume is not None and resume.phase == "train":  # the search is over: its ranks were recorded
-            ranks = T.read_checkpoint_info(resume.path).get("ranks")
+        ranks = run.recorded_ranks()  # a resumed retrain: the search is over
         if ranks is None:
             model = add_adapter(model, adapter_config(args, "autolora"), args.seed)
             model = search(run, model, tokenize_records(search_records, tokenizer, args),
                            tokenize_records(search_val_records, tokenizer, args), resume)
             ranks = write_rank_report(run, model)
-            resume = None  # a search checkpoint has been used up; the retrain starts fresh
-        run.results["autolora_ranks"] = ranks
+        run.start_retrain(ranks)
         if args.autolora_retrain:
             from peft import PeftModel
 
@@ -859,7 +856,7 @@ def train_phases(run: Run, model: Any, tokenizer: Any, train_records: list[dict]
             cfg = retrain_config(ranks, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
                                  task_type="CAUSAL_LM")
             model = add_adapter(base, cfg, args.seed)
-            model = fit(run, model, tokenize_records(train_records, tokenizer, args), val_ex, "lora", resume)
+            model = fit(run, model, tokenize_records(train_records, tokenizer, args), val_ex, "lora", run.resume)
     else:
         model = add_adapter(model, adapter_config(args, kind), args.seed)
         if kind == "dash" and args.dash_prefetch_spectra:

@@ -1133,8 +1133,6 @@ class Run(RunBase):
     loss_fn: Optional[LossFn] = None
     classes: list = field(default_factory=list)  # class images (prior preservation)
     val_dataset: Optional[DreamBoothDataset] = None  # AutoLoRA: the held-out instance images
-    ranks: Optional[dict[str, int]] = None  # AutoLoRA: the per-layer ranks the search found
-    alphas: dict = field(default_factory=dict)  # AutoLoRA: α per layer at the end of the search
     bar: Any = None  # the open progress bar
     on_event: Optional[Callable[[str, dict], None]] = None
 
@@ -1245,9 +1243,7 @@ def prepare_models(run: Run) -> None:
 
     train_encoders: list[nn.Module] = models.text_encoders if args.train_text_encoder else []
     if args.method == "autolora" and resume is not None and resume.phase == "train":
-        info = T.read_checkpoint_info(resume.path)
-        run.ranks = {k: int(v) for k, v in info["autolora_ranks"].items()}
-        run.alphas.update(info.get("autolora_alphas", {}))
+        run.ranks = run.recorded_ranks()
         models.unet.add_adapter(retrain_adapter_config(args, run.ranks))
     else:
         models.unet.add_adapter(adapter_config(args, args.lora_layers))
@@ -1407,8 +1403,7 @@ def run_loop(run: Run, phase: Phase, start: int, step_fn: Callable[..., dict], b
             if args.report_to != "none":
                 accelerator.log({"loss": row["loss"], "lr": row["lr"]}, step=step)
             if step % args.checkpointing_steps == 0:
-                run.save_checkpoint(phase.name, step, {"autolora_ranks": run.ranks, "autolora_alphas": run.alphas}
-                                    if run.ranks else {})
+                run.save_checkpoint(phase.name, step)  # with AutoLoRA's ranks in the retrain
             if step >= phase.max_steps:
                 break
         if (args.validation_prompt and phase.name == "train" and (epoch + 1) % args.validation_epochs == 0
@@ -1463,7 +1458,7 @@ def search(run: Run, search_items: Sequence[Item]) -> dict[str, int]:
 def switch_to_retrain(run: Run, ranks: dict[str, int]) -> None:
     """AutoLoRA's retrain: a fresh plain LoRA with the found ranks on the UNet, on all instance images;
     the search's checkpoint is used up."""
-    run.ranks = ranks
+    run.start_retrain(ranks)
     run.event("search_end", ranks=ranks)
     logger.info("AutoLoRA search done: per-layer ranks %s", _rank_histogram(ranks))
     root = run.accelerator.unwrap_model(run.unet)
@@ -1477,7 +1472,6 @@ def switch_to_retrain(run: Run, ranks: dict[str, int]) -> None:
 
         root.to(dtype=run.weight_dtype)
         cast_training_params([root], dtype=torch.float32)
-    run.resume = None
 
 
 def train(run: Run, items: Sequence[Item]) -> dict[str, Any]:

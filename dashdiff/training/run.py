@@ -26,7 +26,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ..safeio import atomic_write
-from .checkpoints import Checkpoint, save_checkpoint, validate_checkpoint, write_checkpoint_info  # noqa: F401
+from .checkpoints import Checkpoint, read_checkpoint_info, save_checkpoint
 from .guard import Advice, reduced_loss
 from .records import CheckpointWriteError, NonFiniteLossError, StepLog, mark_stopped, write_run_record
 
@@ -121,6 +121,8 @@ class Run:
     last_checkpoint: Optional[Path] = None
     committed: bool = False
     launch: Optional[dict[str, Any]] = None  # LoRA-Dash's launch report
+    ranks: Optional[dict[str, int]] = None  # AutoLoRA: the per-layer ranks the search found
+    alphas: dict[str, Any] = field(default_factory=dict)  # AutoLoRA: α per layer at the end of the search
     timings: dict[str, float] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
 
@@ -170,9 +172,10 @@ class Run:
             state = {name: obj.state_dict() for name, obj in (stateful or {}).items()}
             atomic_write(folder / EXTRA_STATE, lambda tmp: torch.save(state, tmp))
 
+        found = {"autolora_ranks": self.ranks, "autolora_alphas": self.alphas} if self.ranks else {}
         path = save_checkpoint(self.accelerator, self.out, phase, step,
                                {"method": self.method, "fingerprint": self.fingerprint, "num_processes": self.world,
-                                **(info or {})},
+                                **found, **(info or {})},
                                self.total_limit, write_extra if stateful else None)
         self.last_checkpoint = path
         logger.info("saved %s", path)
@@ -192,6 +195,23 @@ class Run:
                 obj.load_state_dict(extra[name])
         self.last_checkpoint = ckpt.path
         self.commit()
+
+    def recorded_ranks(self) -> Optional[dict[str, int]]:
+        """AutoLoRA: the ranks a resumed retrain checkpoint recorded (its search is over), else None."""
+        if self.resume is None or self.resume.phase != "train":
+            return None
+        info = read_checkpoint_info(self.resume.path)
+        ranks = info.get("autolora_ranks", info.get("ranks"))  # "ranks": commonsense checkpoints before 0.2
+        self.alphas.update(info.get("autolora_alphas") or {})
+        return None if ranks is None else {name: int(r) for name, r in ranks.items()}
+
+    def start_retrain(self, ranks: dict[str, int]) -> None:
+        """AutoLoRA's switch from the search to the retrain with the found ``ranks`` (kept for the
+        retrain's checkpoints): a search checkpoint is used up, the retrain starts fresh."""
+        self.ranks = ranks
+        self.results["autolora_ranks"] = ranks
+        if self.resume is not None and self.resume.phase == "search":
+            self.resume = None
 
     def after_optimizer_step(self, host: Any, step: int, skipped: bool, phase: str = "train") -> Optional[dict]:
         """The per-optimizer-step hook (call on every process after optimizer step ``step``,
