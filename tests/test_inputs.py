@@ -1,4 +1,4 @@
-"""Input rules shared by the entry points (dashdiff.validation, issue 13): each case is a silent
+"""Input rules shared by the entry points (train/input_rules.py, issue 13): each case is a silent
 wrong result or a traceback that became a clear refusal or a correct result. Flag checks go
 through the parsers (no model); the few end-to-end cases use the reserved tiny models in-process."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,6 @@ import torch
 from PIL import Image
 
 from dashdiff import training as T
-from dashdiff import validation as V
 from launch_utils import load_script, reset_accelerate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +24,7 @@ TRAIN = ROOT / "tests" / "fixtures" / "commonsense" / "train.json"
 
 db = load_script("train/dreambooth_dash.py", reuse=True)
 cs = load_script("train/commonsense_dash.py", reuse=True)
+V = sys.modules["input_rules"]  # train/input_rules.py, as the scripts imported it
 
 
 @pytest.fixture(autouse=True)
@@ -510,7 +511,7 @@ def test_a_full_disk_anywhere_is_one_line():
     # torch (RuntimeError) or safetensors; each still reads as one line naming the fix.
     import errno
 
-    from dashdiff.validation import failure_line
+    failure_line = V.failure_line
 
     for err in (OSError(errno.ENOSPC, "No space left on device", "/out/x.safetensors"),
                 RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing "

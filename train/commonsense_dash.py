@@ -144,7 +144,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Check the settings that need no model or data; fill the derived defaults."""
-    from dashdiff import validation as V
+    import input_rules as V
 
     # Before the defaults are filled: a method's option given with another method is refused (as
     # train/dreambooth_dash.py does), not silently ignored.
@@ -741,7 +741,7 @@ def _main(args: argparse.Namespace, guard: Any) -> dict[str, Any]:
 
     import dashdiff
     from dashdiff import training as T
-    from dashdiff import validation as V
+    import input_rules as V
 
     validate_args(args)
     t_start = time.perf_counter()
@@ -789,7 +789,7 @@ def _main(args: argparse.Namespace, guard: Any) -> dict[str, Any]:
         "script": "train/commonsense_dash.py", "fingerprint": fingerprint, "args": T.run_arguments(args),
         "method": kind, "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
         "device": str(accelerator.device), "status": "running",
-        "pid": os.getpid(),  # lets cli() mark this record "failed" (dashdiff.validation.mark_failed)
+        "pid": os.getpid(),  # lets cli() mark this record "failed" (input_rules.mark_failed)
         "data": {"records": len(records), "train": len(train_records), "val": len(val_records)},
         "versions": {"torch": torch.__version__, "dashdiff": dashdiff.__version__},
     }
@@ -867,7 +867,7 @@ def train_phases(run: Run, model: Any, tokenizer: Any, train_records: list[dict]
 
 def cli(argv: Sequence[str] | None = None) -> int:
     """The command line: one clear line and exit status 1 for the user's input or folders."""
-    from dashdiff import validation as V
+    import input_rules as V
 
     return V.run_command_line(main, parse_args(argv), "commonsense_dash.py")
 

@@ -75,7 +75,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--num_beams and --max_new_tokens must be >= 1")
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")
-    from dashdiff.validation import seed_error
+    from input_rules import seed_error
 
     if seed_error(args.seed):
         p.error(seed_error(args.seed))
@@ -114,7 +114,7 @@ def _attach_adapter(model: Any, lora_weights: str) -> Any:
         )
     from peft import PeftModel
 
-    from dashdiff.validation import check_peft_weights_loaded
+    from input_rules import check_peft_weights_loaded
 
     peft_model = PeftModel.from_pretrained(model, str(path))
     # PEFT only warns when the weights name modules its target_modules did not adapt: the model
@@ -214,7 +214,7 @@ def main(args: argparse.Namespace) -> dict:
         data[name] = records[: args.limit] if args.limit else records
     if args.lora_weights:
         check_lora_weights_path(args.lora_weights)
-    from dashdiff.validation import check_output_dir_writable
+    from input_rules import check_output_dir_writable
 
     check_output_dir_writable(args.output_dir)
 

@@ -111,17 +111,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 if __package__ in (None, ""):
-    # Run as a script: make the repository's dashdiff and this folder's modules (the flags shared
-    # with the commonsense script) importable without installing anything.
+    # Run as a script: make the repository's dashdiff and this folder's modules (input rules and
+    # flags shared with the commonsense scripts) importable without installing anything.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dashdiff  # noqa: E402
-import run_flags  # noqa: E402
 from dashdiff import training as T  # noqa: E402
-from dashdiff import validation as V  # noqa: E402
 from dashdiff.training import Run as RunBase  # noqa: E402
 from dashdiff.training import TrainingError  # noqa: E402
+
+import input_rules as V  # noqa: E402  (train/: the input rules and flags both scripts share)
+import run_flags  # noqa: E402
 from run_flags import BoolFlag, add_method_flags, add_run_flags, parse_bool  # noqa: E402
 
 logger = logging.getLogger("dreambooth_dash")
@@ -170,7 +171,7 @@ UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "prodigy_use_bias_correction": (None, "only --optimizer AdamW is offered (prodigy is not)"),
     "prodigy_safeguard_warmup": (None, "only --optimizer AdamW is offered (prodigy is not)"),
 }
-# Flags that belong to one method (None = not given): refused with another method (dashdiff.validation).
+# Flags that belong to one method (None = not given): refused with another method (input_rules).
 METHOD_OPTIONS: dict[str, str] = run_flags.METHOD_OPTIONS
 
 
@@ -446,7 +447,7 @@ class Item:
 
 def load_image(path: Path) -> Image.Image:
     """Open, EXIF-rotate and convert to 8-bit RGB (16-bit and transparent images as a user means them,
-    see ``dashdiff.validation.to_rgb``); a bad or oversized file raises naming it."""
+    see ``input_rules.to_rgb``); a bad or oversized file raises naming it."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -1210,7 +1211,7 @@ def run_record(run: Run, unique_items: list[Item], split: Optional[tuple]) -> di
     record: dict[str, Any] = {
         "fingerprint": run.fingerprint, "args": T.run_arguments(args), "family": run.family, "method": args.method,
         "model_path": run.model_path, "num_processes": run.world, "status": "running",
-        "pid": os.getpid(),  # lets the command line mark this record "failed" (dashdiff.validation.mark_failed)
+        "pid": os.getpid(),  # lets the command line mark this record "failed" (input_rules.mark_failed)
         "dashdiff_version": dashdiff.__version__, "resumed_from": str(resume.path) if resume else None,
     }
     if split is not None:

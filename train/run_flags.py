@@ -22,7 +22,7 @@ from dashdiff.autolora import DEFAULT_BETA_LR, DEFAULT_VAL_FRACTION
 METHODS = ("lora", "dash", "autolora")
 HYPERGRADIENTS = ("darts", "first_order", "darts_unrolled")
 
-# Options of one --method (refused with another one: dashdiff.validation.method_option_errors).
+# Options of one --method (refused with another one: input_rules.method_option_errors).
 # Their parser default is None ("not given"); fill_method_defaults puts the real default in.
 METHOD_OPTIONS: dict[str, str] = {
     **{name: "dash" for name in ("dash_warmup_steps", "dash_directions")},

@@ -31,7 +31,7 @@ def check_output_dir(output_dir: PathLike, fingerprint: str, resume: Optional[st
         return
     if not root.is_dir():
         raise TrainingError(f"--output_dir {root} exists and is a file, not a folder")
-    # The lock, and another process's writability probe (validation.check_output_dir_writable: under
+    # The lock, and another process's writability probe (train/input_rules.check_output_dir_writable: under
     # DDP one rank may probe while another checks here) are not contents.
     entries = sorted(p.name for p in root.iterdir()
                      if p.name != LOCK_FILE and not p.name.startswith(WRITE_PROBE_PREFIX))

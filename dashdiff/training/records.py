@@ -24,7 +24,7 @@ ADAPTER_STATE = "dashdiff_adapter.safetensors"
 CHECKPOINT_STATE = "dashdiff_checkpoint.json"
 STEP_LOG = "dashdiff_steps.jsonl"
 LOCK_FILE = ".dashdiff.lock"
-WRITE_PROBE_PREFIX = ".dashdiff-write-test."  # validation.check_output_dir_writable's probe file
+WRITE_PROBE_PREFIX = ".dashdiff-write-test."  # train/input_rules.check_output_dir_writable's probe file
 
 logger = logging.getLogger("dashdiff.training")
 
