@@ -10,6 +10,11 @@ options::
         --mixed_precision bf16
     python train/commonsense_eval.py --dataset all --base_model <same> --lora_weights out/llama-dash
 
+The settings both training scripts share are spelled as in ``train/dreambooth_dash.py``
+(``train/run_flags.py``: ``--method``, ``--rank``, ``--checkpointing_steps``, ...); the
+LLM-Adapters spellings (``--adapter_name``, ``--lora_r``, ``--save_step``,
+``--use_gradient_checkpointing``) parse as aliases.
+
 Runs on one or several GPUs (``accelerate launch``, bf16 / fp16) or with plain ``python`` on CPU.
 
 Writes to ``--output_dir``: ``adapter_config.json`` + ``adapter_model.safetensors`` (a plain PEFT
@@ -25,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -34,7 +38,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 if __package__ in (None, ""):
     # Run as a script: make the repository's dashdiff and this folder's modules importable
@@ -313,7 +317,8 @@ def check_base_dense(config: Any, adapter: str) -> None:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
         raise TypeError(
             f"--base_model is quantized ({method}); LoRA-Dash and AutoLoRA need dense nn.Linear weights (the "
-            "launch SVD and merging read them). Load an unquantized bf16/fp16 checkpoint, or use --method lora (--adapter_name lora)."
+            "launch SVD and merging read them). Load an unquantized bf16/fp16 checkpoint, or use --method lora "
+            "(--adapter_name lora)."
         )
 
 

@@ -24,8 +24,8 @@ Methods (``--method``)
   each layer launches: the ``--dash_directions`` task-specific directions of the frozen weight are
   chosen and a coefficient δ per direction trains alongside A and B. Validation never advances the
   warm-up; a step the fp16 grad scaler skipped does not count.
-- ``autolora``: AutoLoRA. A bi-level search of ``--autolora_search_steps`` steps (default
-  ``--max_train_steps``) learns per-layer selection weights α = softmax(β) of an initial rank
+- ``autolora``: AutoLoRA. A bi-level search of ``--autolora_search_steps`` steps (or
+  ``--autolora_search_epochs`` epochs over its images; default ``--max_train_steps``) learns per-layer selection weights α = softmax(β) of an initial rank
   ``--rank``, the per-layer ranks are read off α (``--autolora_threshold``, default 1/k), then a
   fresh plain LoRA with those ranks retrains for ``--max_train_steps`` on all the data. In the
   search, A and B use ``--learning_rate`` and the AdamW flags (the published recipe used 3e-4);
@@ -79,7 +79,8 @@ Differences from the diffusers scripts
   ``--resume_from_checkpoint`` or ``--overwrite_output_dir`` (which removes that run's checkpoints,
   step log and run record; other files are overwritten by name).
 - Extra flags: ``--method``, ``--lora_alpha`` (default = rank), ``--lora_layers``, ``--dash_*``,
-  ``--autolora_*``, ``--num_inference_steps`` (validation and class-image sampling, default 25),
+  ``--autolora_*`` (spelled as in the commonsense script: ``train/run_flags.py``; booleans take
+  ``--x``, ``--x true|false`` or ``--no-x``), ``--num_inference_steps`` (validation and class-image sampling, default 25),
   ``--save_reference_output`` (writes the trained UNet's output on fixed inputs, to check that a
   stock load reproduces the trained model), ``--overwrite_output_dir``.
 - A NaN / inf loss stops training before that step changes any weight, keeping the last checkpoint;

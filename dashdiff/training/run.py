@@ -85,9 +85,15 @@ def dash_optimizer_step(host: Any, step: int, skipped: bool, adapter_name: Optio
     from .. import dash as dash_module
     from ..walk import iter_layers
 
-    if skipped or not dash_module.dash_step(host, adapter_name):
+    if skipped:
         return None
-    seconds = dash_module.last_launch_seconds
+    launched = dash_module.dash_step(host, adapter_name)
+    if not launched:
+        return None
+    # dash_step returns a launch report on the lib branch (issue 15); before it, a bool and a global
+    seconds = getattr(launched, "seconds", None)
+    if seconds is None:
+        seconds = dash_module.last_launch_seconds
     digests = [directions_digest(host)]
     world = 1
     if check_processes:
