@@ -727,11 +727,6 @@ def write_rank_report(run: Run, model: Any) -> dict[str, int]:
 # --------------------------------------------------------------------------- main
 
 
-def training_dtype(accelerator: Any) -> torch.dtype:
-    """The frozen base's dtype under accelerate's mixed precision (the adapter trains in float32)."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train, export and record one run; returns the run record (also in <output_dir>/dashdiff_run.json).
     The output folder is locked for the run (released at the end, also on error)."""
@@ -779,7 +774,7 @@ def _main(args: argparse.Namespace, guard: Any) -> dict[str, Any]:
         V.raise_errors([V.dash_warmup_error(args.dash_warmup_steps, train_steps(args, plan),
                                             f"--num_epochs {args.num_epochs:g} x {plan.steps_per_epoch} per epoch")])
 
-    weight_dtype = training_dtype(accelerator)
+    weight_dtype = T.mixed_precision_dtype(accelerator)
     kind = args.method
     # BilevelStep's finite differences need float32 weights: the AutoLoRA search keeps the base in float32.
     model, tokenizer = load_base_model(args, torch.float32 if kind == "autolora" else weight_dtype,
@@ -857,7 +852,7 @@ def train_phases(run: Run, model: Any, tokenizer: Any, train_records: list[dict]
             if isinstance(base, PeftModel):  # after a search; a resumed retrain starts from the bare base
                 base = base.unload()
             accelerator.free_memory()
-            base.to(training_dtype(accelerator))
+            base.to(T.mixed_precision_dtype(accelerator))
             cfg = retrain_config(ranks, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
                                  task_type="CAUSAL_LM")
             model = add_adapter(base, cfg, args.seed)

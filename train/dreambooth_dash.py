@@ -1152,10 +1152,6 @@ class Run(RunBase):
             self.on_event(name, {"host": self.host(), **info})
 
 
-def _mixed_precision_dtype(accelerator) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-
 def _progress(total: int, initial: int, disable: bool, desc: str):
     from tqdm.auto import tqdm
 
@@ -1592,7 +1588,7 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
               restart=restart, total_limit=args.checkpoints_total_limit, advice=run_flags.nan_advice,
               log_events=False,  # this script's step log holds optimizer steps only
               last_checkpoint=resume.path if resume else None, args=args, family=family, model_path=model_path,
-              models=models, weight_dtype=_mixed_precision_dtype(accelerator), on_event=on_event)
+              models=models, weight_dtype=T.mixed_precision_dtype(accelerator), on_event=on_event)
     run.record = run_record(run, unique_items, split)
     if resume is None:
         run.commit()  # else once the checkpoint has been loaded: a failed resume changes nothing

@@ -33,7 +33,7 @@ from .guard import (  # noqa: F401
 )
 from .run import (  # noqa: F401
     dash_optimizer_step, ddp_kwargs_handlers, directions_digest, EXTRA_STATE, log_position,
-    prepared_beta_optimizer, Run,
+    mixed_precision_dtype, prepared_beta_optimizer, Run,
 )
 
 __all__ = [
@@ -43,7 +43,7 @@ __all__ = [
     "args_fingerprint", "check_finite_loss", "check_output_dir", "checkpoint_name", "checkpoint_problem",
     "clean_stale_temporaries", "clear_for_overwrite", "dash_optimizer_step", "ddp_kwargs_handlers",
     "default_dash_warmup_steps", "directions_digest", "fused_adamw_ok", "list_checkpoints", "log_position",
-    "loss_scale", "mark_stopped", "nonfinite_error", "optimizer_step", "parse_checkpoint", "prepared_beta_optimizer",
+    "loss_scale", "mark_stopped", "mixed_precision_dtype", "nonfinite_error", "optimizer_step", "parse_checkpoint", "prepared_beta_optimizer",
     "prune_checkpoints", "read_checkpoint_info", "read_run_record", "reduced_loss", "register_state_hooks",
     "resolve_resume", "restarts_in_place", "run_arguments", "save_checkpoint", "step_generator", "step_seed",
     "step_skipped", "validate_checkpoint", "write_checkpoint_info", "write_model_card", "write_run_record",

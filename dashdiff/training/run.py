@@ -46,6 +46,11 @@ def ddp_kwargs_handlers() -> list:
     return [DistributedDataParallelKwargs(broadcast_buffers=False)]
 
 
+def mixed_precision_dtype(accelerator: Any) -> torch.dtype:
+    """The frozen weights' dtype under accelerate's mixed precision (trainable ones stay float32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
 def prepared_beta_optimizer(accelerator: Any, betas: list, lr: float) -> Any:
     """AutoLoRA's β optimizer: Adam with the published betas (0.5, 0.999), prepared by accelerate so
     that ``save_state`` / ``load_state`` carry its moments with the weight optimizer's (prepare it
