@@ -364,6 +364,11 @@ def test_autolora_resume_in_the_search_is_exact(runs: dict[str, Path], base: Pat
     record = [json.loads((d / "dashdiff_run.json").read_text())["results"] for d in (full, out)]
     assert record[0]["autolora_ranks"] == record[1]["autolora_ranks"]
     assert max_diff(load_file(full / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")) <= 1e-6
+    # as in the DreamBooth script (issue 15): β's Adam moments are accelerate's second optimizer file,
+    # and a retrain checkpoint records the ranks the search found
+    assert (full / "checkpoint-search-2" / "optimizer_1.bin").is_file()
+    assert not (full / "checkpoint-search-2" / "extra_state.pt").exists()
+    assert T.read_checkpoint_info(full / "checkpoint-2")["autolora_ranks"] == record[0]["autolora_ranks"]
 
 
 def test_fp16_skipped_steps_do_not_count_toward_the_dash_warmup(base: Path, tmp_path: Path, monkeypatch) -> None:

@@ -278,6 +278,10 @@ def test_autolora_resume_lands_in_the_right_phase(db, tmp_path):
     ref = losses(tmp_path / "full")
     assert sorted(ref) == [("search", 1), ("search", 2), ("train", 1), ("train", 2)]
     assert (tmp_path / "full" / "autolora_ranks.json").exists()
+    # as in the commonsense script (issue 15): β's Adam moments are accelerate's second optimizer file,
+    # and a retrain checkpoint records the ranks the search found
+    assert (tmp_path / "full" / "checkpoint-search-1" / "optimizer_1.bin").is_file()
+    assert T.read_checkpoint_info(tmp_path / "full" / "checkpoint-1")["autolora_ranks"] == full["autolora_ranks"]
     for ckpt, expect in (("checkpoint-search-1", [("search", 2), ("train", 1), ("train", 2)]),
                          ("checkpoint-1", [("train", 2)])):
         out = tmp_path / ckpt
