@@ -28,8 +28,8 @@ from typing import Any, Optional
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from . import dash as _dash
-from .training import loss_scale, step_skipped
+from .training.guard import loss_scale, step_skipped
+from .training.run import dash_optimizer_step
 from .walk import iter_layers, resolve_adapter
 
 logger = logging.getLogger(__name__)
@@ -69,17 +69,17 @@ class LoraDashCallback(TrainerCallback):
                           model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
         if model is None:
             raise RuntimeError("LoraDashCallback: Trainer passed no model to on_optimizer_step")
-        if step_skipped(optimizer, self._scale):
-            return  # the fp16 scaler skipped this step: the weights did not move
-        if not _dash.dash_step(model, self.adapter_name):
-            return
+        # The scripts' per-optimizer-step hook: a step the fp16 scaler skipped (the weights did not
+        # move) does not count; at the launch every process must have chosen the same directions.
         # state.global_step is incremented after this event: this is optimizer step global_step + 1.
-        self.launch_step = state.global_step + 1
-        seconds = _dash.last_launch_seconds
-        n_layers = sum(1 for _ in iter_layers(model, "dash", self.adapter_name))
+        report = dash_optimizer_step(model, state.global_step + 1, step_skipped(optimizer, self._scale),
+                                     self.adapter_name)
+        if report is None:
+            return
+        self.launch_step, seconds = report["step"], report["seconds"]
         logger.warning(
             "dashdiff: LoRA-Dash launched after optimizer step %d (%d layers, %.2f s)",
-            self.launch_step, n_layers, seconds,
+            self.launch_step, report["layers"], seconds,
         )
         state.log_history.append(
             {"dash_launch_step": self.launch_step, "step": self.launch_step, "dash_launch_seconds": seconds}

@@ -10,21 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from dashdiff.commonsense import (
-    DATASETS,
-    evaluate,
-    extract_answer,
-    generate_prompt,
-    load_records,
-    tokenize_example,
-)
+from launch_utils import load_script
+
+# train/commonsense_data.py: the LLM-Adapters data code, next to its scripts
+_data = load_script("train/commonsense_data.py", reuse=True)
+DATASETS, evaluate, extract_answer = _data.DATASETS, _data.evaluate, _data.extract_answer
+generate_prompt, load_records, tokenize_example = _data.generate_prompt, _data.load_records, _data.tokenize_example
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "commonsense"
 I16 = " " * 16
 
 # --- published prompt strings, written out as literals (LLM-Adapters finetune.py and
-# commomsense_evaluate.py; see dashdiff.commonsense's docstring for the commits) ---
+# commomsense_evaluate.py; see train/commonsense_data.py's docstring for the commits) ---
 TRAIN_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.  \n"

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dashdiff import training as T
 from launch_utils import accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,7 @@ def _load(name: str, path: Path):
 
 
 script = _load("commonsense_dash", ROOT / SCRIPT)
+cs_data = sys.modules["commonsense_data"]  # train/commonsense_data.py, as the script imported it
 
 
 def _reset_accelerate() -> None:
@@ -62,10 +64,12 @@ def _fresh_accelerate():
 
 
 def cli(base: Path, out: Path, kind: str, *extra: str) -> list[str]:
-    # A method's own options are refused with another --adapter_name: give each run only its own.
+    # A method's own options are refused with another --adapter_name: give each run only its own
+    # (looked up by destination: COMMON spells some flags the LLM-Adapters way, e.g. --autolora_beta_lr).
     common = []
+    options = script.build_parser()._option_string_actions
     for flag, value in zip(COMMON[::2], COMMON[1::2]):
-        owner = script.METHOD_OPTIONS.get(flag[2:])
+        owner = script.METHOD_OPTIONS.get(options[flag].dest)
         if owner in (None, kind):
             common += [flag, value]
     return ["--base_model", str(base), "--data_path", str(TRAIN), "--output_dir", str(out),
@@ -117,9 +121,9 @@ def runs(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 
 def test_defaults_are_the_published_recipe_and_target_lists_parse() -> None:
     args = script.parse_args(["--base_model", "m", "--data_path", "d.json", "--output_dir", "o"])
-    assert (args.lora_r, args.lora_alpha, args.learning_rate, args.num_epochs) == (32, 64, 2e-4, 3)
+    assert (args.rank, args.lora_alpha, args.learning_rate, args.num_epochs) == (32, 64, 2e-4, 3)
     assert (args.batch_size, args.micro_batch_size, args.warmup_steps, args.lora_dropout) == (16, 4, 100, 0.05)
-    assert (args.cutoff_len, args.val_set_size, args.adapter_name, args.prompt_template) == (256, 120, "dash", "llm_adapters")
+    assert (args.cutoff_len, args.val_set_size, args.method, args.prompt_template) == (256, 120, "dash", "llm_adapters")
     assert args.target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
     assert args.train_on_inputs is True and args.dash_directions == 8
     assert args.dash_warmup_steps == math.ceil(100 / (16 // 4))  # 100 training micro-batches
@@ -199,7 +203,7 @@ def test_train_export_evaluate(kind: str, runs: dict[str, Path], stock: dict, ba
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dashdiff.commonsense import RESPONSE_MARKER, generate_prompt
+    RESPONSE_MARKER, generate_prompt = cs_data.RESPONSE_MARKER, cs_data.generate_prompt
 
     tok = AutoTokenizer.from_pretrained(base)
     tok.padding_side = "left"
@@ -226,7 +230,7 @@ def test_train_export_evaluate(kind: str, runs: dict[str, Path], stock: dict, ba
 def test_loss_goes_down_and_only_response_tokens_count(base: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dashdiff.commonsense import generate_prompt
+    generate_prompt = cs_data.generate_prompt
 
     records = json.loads(TRAIN.read_text())[:4]
     data = tmp_path / "memo.json"
@@ -294,6 +298,43 @@ def test_autolora_two_processes(runs: dict[str, Path], base: Path, tmp_path: Pat
                     load_file(out / "adapter_model.safetensors")) <= 1e-5
 
 
+def test_nan_on_one_process_stops_both_with_one_message(base: Path, tmp_path: Path) -> None:
+    """Only rank 1's loss is NaN (its 3rd training micro-batch, optimizer step 3): the verdict is
+    reduced, so both processes stop before that step's update with the same message, instead of
+    rank 1 raising while rank 0 waits forever in the gradient all-reduce (issue 15)."""
+    out = tmp_path / "nan"
+    proc = accelerate_launch(str(ROOT / "tests" / "scripts" / "commonsense_nan.py"), *cli(base, out, "lora"),
+                             processes=2)
+    stopped = [line for line in proc.stdout.splitlines() if line.startswith("STOPPED ")]
+    assert len(stopped) == 2 and stopped[0] == stopped[1], proc.stdout[-3000:]
+    assert "loss is nan at train step 3" in stopped[0] and "checkpoint-2" in stopped[0]
+    assert "--resume_from_checkpoint" in stopped[0]  # the script words the advice, with flags it has
+    record = json.loads((out / "dashdiff_run.json").read_text())
+    assert record["status"] == "stopped: non-finite loss" and record["last_checkpoint"].endswith("checkpoint-2")
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_nan_in_the_autolora_search_stops_the_run(base: Path, tmp_path: Path, monkeypatch) -> None:
+    """The search's loss passes are guarded too (issue 15: the commonsense search had no guard and
+    trained on)."""
+    real = script.summed_token_loss
+    second_step = T.step_seed(42, 1, 0)  # the seed of search step 2's first training micro-batch
+
+    def flaky(model, batch):
+        loss = real(model, batch)
+        return loss * float("nan") if batch.get("seed") == second_step else loss
+
+    monkeypatch.setattr(script, "summed_token_loss", flaky)
+    out = tmp_path / "search_nan"
+    with pytest.raises(T.NonFiniteLossError, match=r"loss is nan at search step 2.*checkpoint-search-1"):
+        run_main(cli(base, out, "autolora", "--checkpointing_steps", "1"))
+    record = json.loads((out / "dashdiff_run.json").read_text())
+    assert record["status"] == "stopped: non-finite loss"
+    assert not (out / "adapter_model.safetensors").exists()
+    state = load_file(out / "checkpoint-search-1" / "dashdiff_adapter.safetensors")
+    assert all(torch.isfinite(t.float()).all() for t in state.values())
+
+
 @pytest.mark.parametrize("checkpoint", ["checkpoint-2", "checkpoint-6"])
 def test_resume_is_exact(checkpoint: str, runs: dict[str, Path], base: Path, tmp_path: Path) -> None:
     """Resume mid-epoch before the launch (step 2 of 4 in epoch 0) and after it (step 6: epoch 1,
@@ -323,6 +364,11 @@ def test_autolora_resume_in_the_search_is_exact(runs: dict[str, Path], base: Pat
     record = [json.loads((d / "dashdiff_run.json").read_text())["results"] for d in (full, out)]
     assert record[0]["autolora_ranks"] == record[1]["autolora_ranks"]
     assert max_diff(load_file(full / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")) <= 1e-6
+    # as in the DreamBooth script (issue 15): β's Adam moments are accelerate's second optimizer file,
+    # and a retrain checkpoint records the ranks the search found
+    assert (full / "checkpoint-search-2" / "optimizer_1.bin").is_file()
+    assert not (full / "checkpoint-search-2" / "extra_state.pt").exists()
+    assert T.read_checkpoint_info(full / "checkpoint-2")["autolora_ranks"] == record[0]["autolora_ranks"]
 
 
 def test_fp16_skipped_steps_do_not_count_toward_the_dash_warmup(base: Path, tmp_path: Path, monkeypatch) -> None:
@@ -525,7 +571,7 @@ def test_callback_launches_once_per_optimizer_step_in_trainer(base: Path, tmp_pa
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
     import dashdiff
-    from dashdiff.commonsense import load_records, tokenize_example
+    load_records, tokenize_example = cs_data.load_records, cs_data.tokenize_example
 
     tok = AutoTokenizer.from_pretrained(base)
     data = [tokenize_example(tok, r, cutoff_len=128) for r in load_records(TRAIN)[:8]]

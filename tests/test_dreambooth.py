@@ -278,6 +278,10 @@ def test_autolora_resume_lands_in_the_right_phase(db, tmp_path):
     ref = losses(tmp_path / "full")
     assert sorted(ref) == [("search", 1), ("search", 2), ("train", 1), ("train", 2)]
     assert (tmp_path / "full" / "autolora_ranks.json").exists()
+    # as in the commonsense script (issue 15): β's Adam moments are accelerate's second optimizer file,
+    # and a retrain checkpoint records the ranks the search found
+    assert (tmp_path / "full" / "checkpoint-search-1" / "optimizer_1.bin").is_file()
+    assert T.read_checkpoint_info(tmp_path / "full" / "checkpoint-1")["autolora_ranks"] == full["autolora_ranks"]
     for ckpt, expect in (("checkpoint-search-1", [("search", 2), ("train", 1), ("train", 2)]),
                          ("checkpoint-1", [("train", 2)])):
         out = tmp_path / ckpt
@@ -470,6 +474,14 @@ def test_two_processes_share_directions_delta_and_beta(tmp_path):
     accelerate_launch(RUNS, "--dump", str(dump), *dash, "--next", *auto, processes=2, env=THREAD_ENV)
     for folder in ("dash", "autolora"):
         assert json.loads((tmp_path / folder / T.RUN_RECORD).read_text())["num_processes"] == 2
+    # as the commonsense script (issue 15): the launch's directions are checked across the processes,
+    # and DDP does not broadcast buffers (dashdiff's are equal on every process by construction)
+    launch = json.loads((tmp_path / "dash" / T.RUN_RECORD).read_text())["dash_launch"]
+    assert launch["num_processes"] == 2 and len(set(launch["direction_digests"])) == 1
+    assert len(launch["direction_digests"]) == 2
+    for i in (0, 1):
+        seen = json.loads((dump / f"ddp-rank{i}.json").read_text())
+        assert seen and not any(seen), seen
     for event in ("run0-launch", "run0-end", "run1-search_end", "run1-end"):
         r0, r1 = (load_file(dump / f"{event}-rank{i}.safetensors") for i in (0, 1))
         assert r0.keys() == r1.keys() and r0, event

@@ -1,4 +1,4 @@
-"""Input rules shared by the entry points (dashdiff.validation, issue 13): each case is a silent
+"""Input rules shared by the entry points (train/input_rules.py, issue 13): each case is a silent
 wrong result or a traceback that became a clear refusal or a correct result. Flag checks go
 through the parsers (no model); the few end-to-end cases use the reserved tiny models in-process."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,6 @@ import torch
 from PIL import Image
 
 from dashdiff import training as T
-from dashdiff import validation as V
 from launch_utils import load_script, reset_accelerate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +24,7 @@ TRAIN = ROOT / "tests" / "fixtures" / "commonsense" / "train.json"
 
 db = load_script("train/dreambooth_dash.py", reuse=True)
 cs = load_script("train/commonsense_dash.py", reuse=True)
+V = sys.modules["input_rules"]  # train/input_rules.py, as the scripts imported it
 
 
 @pytest.fixture(autouse=True)
@@ -62,8 +63,9 @@ def llama(tmp_path_factory) -> str:
 
 @pytest.mark.parametrize("script", ["dreambooth", "commonsense"])
 def test_bad_numbers_and_foreign_method_options_are_refused(script, tmp_path, capsys):
-    parse, argv, flag = ((db.parse_args, db_argv, "--method") if script == "dreambooth"
-                         else (cs.parse_args, cs_argv, "--adapter_name"))
+    # one vocabulary: --method in both (the commonsense script's --adapter_name is its alias)
+    parse, argv, flag = (db.parse_args, db_argv, "--method") if script == "dreambooth" else (cs.parse_args, cs_argv,
+                                                                                              "--method")
     cases = {
         ("--seed", "-1"): "--seed must be from 0 to 4294967295",
         ("--seed", str(2**32)): "--seed must be from 0",
@@ -87,7 +89,7 @@ def test_bad_numbers_and_foreign_method_options_are_refused(script, tmp_path, ca
 def test_commonsense_method_defaults_are_filled_only_after_the_check(tmp_path):
     args = cs.parse_args(cs_argv(tmp_path, "--adapter_name", "lora"))
     # the defaults the run record and checkpoints hold are unchanged
-    assert (args.dash_directions, args.autolora_val_fraction, args.autolora_mode, args.autolora_retrain) == (
+    assert (args.dash_directions, args.autolora_val_fraction, args.autolora_hypergradient, args.autolora_retrain) == (
         8, 0.3, "darts", True)
     cs.validate_args(args)  # main() validates again: the filled defaults are not "given" options
     assert "_defaults_filled" not in T.run_arguments(args)
@@ -95,8 +97,9 @@ def test_commonsense_method_defaults_are_filled_only_after_the_check(tmp_path):
 
 @pytest.mark.parametrize("script", ["dreambooth", "commonsense"])
 def test_dash_shorter_than_its_warmup_is_refused_at_parse_time(script, tmp_path, capsys):
-    parse, argv, flag = ((db.parse_args, db_argv, "--method") if script == "dreambooth"
-                         else (cs.parse_args, cs_argv, "--adapter_name"))
+    # one vocabulary: --method in both (the commonsense script's --adapter_name is its alias)
+    parse, argv, flag = (db.parse_args, db_argv, "--method") if script == "dreambooth" else (cs.parse_args, cs_argv,
+                                                                                              "--method")
     # default warm-up: 100 micro-batches, i.e. 100 steps (DreamBooth here) or 50 (2 micro-batches a step)
     w = 100 if script == "dreambooth" else 50
     err = parse_error(parse, argv(tmp_path) + [flag, "dash", "--max_train_steps", str(w - 1)], capsys)
@@ -508,7 +511,7 @@ def test_a_full_disk_anywhere_is_one_line():
     # torch (RuntimeError) or safetensors; each still reads as one line naming the fix.
     import errno
 
-    from dashdiff.validation import failure_line
+    failure_line = V.failure_line
 
     for err in (OSError(errno.ENOSPC, "No space left on device", "/out/x.safetensors"),
                 RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing "

@@ -6,9 +6,14 @@ produced with), the published LoRA-Dash recipe as defaults, plus the LoRA-Dash a
 options::
 
     accelerate launch train/commonsense_dash.py --base_model <llama folder or hub id> \
-        --data_path commonsense_170k.json --output_dir out/llama-dash --adapter_name dash \
+        --data_path commonsense_170k.json --output_dir out/llama-dash --method dash \
         --mixed_precision bf16
     python train/commonsense_eval.py --dataset all --base_model <same> --lora_weights out/llama-dash
+
+The settings both training scripts share are spelled as in ``train/dreambooth_dash.py``
+(``train/run_flags.py``: ``--method``, ``--rank``, ``--checkpointing_steps``, ...); the
+LLM-Adapters spellings (``--adapter_name``, ``--lora_r``, ``--save_step``,
+``--use_gradient_checkpointing``) parse as aliases.
 
 Runs on one or several GPUs (``accelerate launch``, bf16 / fp16) or with plain ``python`` on CPU.
 
@@ -25,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -34,41 +38,37 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 if __package__ in (None, ""):
-    # Run as a script: make the repository's dashdiff importable without installing it.
+    # Run as a script: make the repository's dashdiff and this folder's modules importable
+    # without installing anything.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from dashdiff.commonsense import TEMPLATES, load_records, tokenize_example  # noqa: E402
+import run_flags  # noqa: E402
+from commonsense_data import TEMPLATES, load_records, tokenize_example  # noqa: E402
+from dashdiff.training import Run as RunBase  # noqa: E402
+from run_flags import BoolFlag, add_method_flags, add_run_flags  # noqa: E402
 
-ADAPTERS = ("lora", "dash", "autolora")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 IGNORE = -100
 # Settings a checkpoint's trajectory depends on: resuming with other values would not be exact.
 _TRAJECTORY_KEYS = (
     "base_model", "data_path", "batch_size", "micro_batch_size", "num_epochs", "max_train_steps",
     "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "cutoff_len", "val_set_size",
-    "adapter_name", "target_modules", "lora_r", "lora_alpha", "lora_dropout", "train_on_inputs",
+    "method", "target_modules", "rank", "lora_alpha", "lora_dropout", "train_on_inputs",
     "prompt_template", "seed", "dash_warmup_steps", "dash_directions", "autolora_val_fraction",
-    "autolora_mode", "autolora_search_epochs", "autolora_beta_lr", "autolora_threshold",
-    "autolora_rank_rule", "autolora_retrain",
+    "autolora_hypergradient", "autolora_search_steps", "autolora_search_epochs", "autolora_meta_lr",
+    "autolora_threshold", "autolora_rank_rule", "autolora_rollback", "autolora_retrain",
 )
-# Options of one --adapter_name (refused with another one) and their defaults, filled in by validate_args.
-METHOD_OPTIONS = {
-    **{name: "dash" for name in ("dash_warmup_steps", "dash_directions", "dash_prefetch_spectra")},
-    **{name: "autolora" for name in ("autolora_val_fraction", "autolora_mode", "autolora_search_epochs",
-                                     "autolora_beta_lr", "autolora_fd_batched", "autolora_threshold",
-                                     "autolora_rank_rule", "autolora_retrain")},
-}
-METHOD_DEFAULTS = {
-    "dash_directions": 8, "dash_prefetch_spectra": False, "autolora_val_fraction": 0.3, "autolora_mode": "darts",
-    "autolora_search_epochs": 1.0, "autolora_beta_lr": 3e-4, "autolora_fd_batched": True,
-    "autolora_rank_rule": "softmax", "autolora_retrain": True,
-}
+# Options of one --method (refused with another one), filled in by validate_args: the shared ones
+# (run_flags) and this script's own.
+METHOD_OPTIONS = {**run_flags.METHOD_OPTIONS, "dash_prefetch_spectra": "dash", "autolora_retrain": "autolora"}
+METHOD_DEFAULTS = {"dash_prefetch_spectra": False, "autolora_retrain": True}
 
 
 # --------------------------------------------------------------------------- arguments
@@ -93,29 +93,19 @@ def parse_target_modules(value: str) -> list[str]:
     return names
 
 
-def _bool(value: str) -> bool:
-    low = value.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("model and data (LLM-Adapters flags)")
     g.add_argument("--base_model", required=True,
                    help="AutoModelForCausalLM folder or hub id, or a reserved tiny name (tiny-llama)")
     g.add_argument("--data_path", required=True, help="LLM-Adapters JSON list of {instruction, input, output}")
-    g.add_argument("--output_dir", required=True)
     g.add_argument("--prompt_template", choices=TEMPLATES, default="llm_adapters",
                    help="llm_adapters: the published indented strings (needed to reproduce published "
                         "numbers); alpaca: the clean Alpaca form")
     g.add_argument("--cutoff_len", type=int, default=256)
     g.add_argument("--val_set_size", type=int, default=120,
                    help="held-out examples for the evaluation loss (not trained on)")
-    g.add_argument("--train_on_inputs", type=_bool, nargs="?", const=True, default=True,
+    g.add_argument("--train_on_inputs", action=BoolFlag, default=True,
                    help="false: only response tokens enter the loss")
 
     g = p.add_argument_group("training (LLM-Adapters flags, LoRA-Dash recipe defaults)")
@@ -129,53 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup_steps", type=int, default=100, help="learning-rate warm-up, then linear decay to 0")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping (Trainer's default is 1)")
     g.add_argument("--eval_step", type=int, default=80, help="evaluate every N optimizer steps")
-    g.add_argument("--save_step", type=int, default=80, help="checkpoint every N optimizer steps")
-    g.add_argument("--checkpoints_total_limit", type=int, default=3)
-    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
-    g.add_argument("--use_gradient_checkpointing", action="store_true")
-    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
-                   help="default: accelerate's config (no on CPU); the frozen base is loaded in this dtype, "
-                        "the adapter trains in float32")
-    g.add_argument("--seed", type=int, default=42)
     g.add_argument("--logging_steps", type=int, default=10, help="console log interval (the jsonl has every step)")
-    g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="allow an --output_dir that holds another run's files")
+    add_run_flags(p, output_dir=None, seed=42, checkpointing_steps=80, checkpoints_total_limit=3)
 
-    g = p.add_argument_group("adapter")
-    g.add_argument("--adapter_name", choices=ADAPTERS, default="dash",
-                   help="lora: stock PEFT LoRA (the LLM-Adapters baseline); dash: LoRA-Dash; autolora: AutoLoRA")
+    add_method_flags(p, method="dash", rank=32, lora_alpha=64, lora_dropout=0.05, dash_prefetch_spectra=None,
+                     prefetch_help=", ~21 GB for LLaMA-7B's 160 targets")
+    g = p.add_argument_group("adapter (this script)")
     g.add_argument("--target_modules", type=parse_target_modules, default=list(DEFAULT_TARGETS),
                    help='JSON list (\'["q_proj","k_proj"]\') or comma list')
-    g.add_argument("--lora_r", type=int, default=32)
-    g.add_argument("--lora_alpha", type=float, default=64)
-    g.add_argument("--lora_dropout", type=float, default=0.05)
-    g.add_argument("--dash_warmup_steps", type=int, default=None,
-                   help="LoRA-Dash: optimizer steps before the launch; default ceil(100 / accumulation), "
-                        "accumulation = batch_size // micro_batch_size (the published 100 training micro-batches)")
-    g.add_argument("--dash_directions", type=int, default=None, help="LoRA-Dash: s, directions per layer (default 8)")
-    g.add_argument("--dash_prefetch_spectra", action="store_true", default=None,
-                   help="LoRA-Dash: compute the launch's W0 spectra in the background during the pre-launch steps "
-                        "(host memory 8·k² bytes per layer, ~21 GB for LLaMA-7B's 160 targets)")
-    g.add_argument("--export_merged", action="store_true", help="also write the merged model to <output_dir>/merged")
-
-    g = p.add_argument_group("AutoLoRA")
-    # Method options default to None ("not given", refused with another --adapter_name); the real
-    # defaults are filled in by validate_args (METHOD_DEFAULTS).
-    g.add_argument("--autolora_val_fraction", type=float, default=None,
-                   help="part of the training set used as the search's validation split (published code: 0.3)")
-    g.add_argument("--autolora_mode", choices=("darts", "first_order", "darts_unrolled"), default=None,
-                   help="default darts")
-    g.add_argument("--autolora_search_epochs", type=float, default=None,
-                   help="epochs of the bi-level search (default 1)")
-    g.add_argument("--autolora_beta_lr", type=float, default=None, help="default 3e-4")
-    g.add_argument("--autolora_fd_batched", type=_bool, nargs="?", const=True, default=None,
-                   help="true: the two finite-difference passes run as one pass over the micro-batch twice over (faster "
-                        "where the step is bound by per-operation overhead; twice the activations in that pass)")
-    g.add_argument("--autolora_threshold", type=float, default=None, help="λ; default 1/k")
-    g.add_argument("--autolora_rank_rule", choices=("softmax", "published"), default=None, help="default softmax")
-    g.add_argument("--autolora_retrain", type=_bool, nargs="?", const=True, default=None,
-                   help="true: retrain a fresh LoRA with the found ranks on the whole training set (published); "
-                        "false: export the searched adapter with the pruned components dropped")
+    g.add_argument("--export_merged", action=BoolFlag, default=False,
+                   help="also write the merged model to <output_dir>/merged")
+    g.add_argument("--autolora_retrain", action=BoolFlag, default=None,
+                   help="AutoLoRA: true: retrain a fresh LoRA with the found ranks on the whole training set "
+                        "(published); false: export the searched adapter with the pruned components dropped")
     return p
 
 
@@ -192,24 +148,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Check the settings that need no model or data; fill the derived defaults."""
-    from dashdiff import validation as V
+    import input_rules as V
 
     # Before the defaults are filled: a method's option given with another method is refused (as
     # train/dreambooth_dash.py does), not silently ignored.
     # main() validates again: the defaults filled below must not read as "given" then.
     given = not getattr(args, "_defaults_filled", False)
-    errors = V.method_option_errors(args, args.adapter_name, METHOD_OPTIONS, "--adapter_name") if given else []
+    errors = V.method_option_errors(args, args.method, METHOD_OPTIONS, "--method") if given else []
     errors += [V.seed_error(args.seed), V.positive_finite_error("--learning_rate", args.learning_rate),
-               V.positive_finite_error("--autolora_beta_lr", args.autolora_beta_lr)]
+               V.positive_finite_error("--autolora_meta_lr", args.autolora_meta_lr),
+               run_flags.search_length_error(args)]
     try:
         V.raise_errors(errors)
     except V.TrainingError as err:
         raise ValueError(str(err)) from None
+    run_flags.fill_method_defaults(args)
     for name, value in METHOD_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args._defaults_filled = True  # a leading underscore keeps it out of the run record and fingerprint
-    positive = ("batch_size", "micro_batch_size", "cutoff_len", "eval_step", "save_step", "lora_r",
+    positive = ("batch_size", "micro_batch_size", "cutoff_len", "eval_step", "checkpointing_steps", "rank",
                 "dash_directions", "logging_steps")
     for name in positive:
         if getattr(args, name) < 1:
@@ -230,15 +188,13 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("need --learning_rate > 0, --max_grad_norm >= 0 and 0 <= --lora_dropout < 1")
     if not 0 < args.autolora_val_fraction < 1:
         raise ValueError(f"--autolora_val_fraction must be in (0, 1), got {args.autolora_val_fraction}")
-    if args.autolora_search_epochs <= 0:
-        raise ValueError("--autolora_search_epochs must be > 0")
     if args.dash_warmup_steps is None:
         from dashdiff.training import default_dash_warmup_steps
 
         args.dash_warmup_steps = default_dash_warmup_steps(args.batch_size // args.micro_batch_size)
     if args.dash_warmup_steps < 0:
         raise ValueError("--dash_warmup_steps must be >= 0")
-    if args.adapter_name == "dash" and args.max_train_steps is not None:
+    if args.method == "dash" and args.max_train_steps is not None:
         error = V.dash_warmup_error(args.dash_warmup_steps, args.max_train_steps, "--max_train_steps")
         if error:
             raise ValueError(error)
@@ -361,7 +317,8 @@ def check_base_dense(config: Any, adapter: str) -> None:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
         raise TypeError(
             f"--base_model is quantized ({method}); LoRA-Dash and AutoLoRA need dense nn.Linear weights (the "
-            "launch SVD and merging read them). Load an unquantized bf16/fp16 checkpoint, or use --adapter_name lora."
+            "launch SVD and merging read them). Load an unquantized bf16/fp16 checkpoint, or use --method lora "
+            "(--adapter_name lora)."
         )
 
 
@@ -370,7 +327,7 @@ def load_base_model(args: argparse.Namespace, dtype: torch.dtype, device: torch.
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_base_model(args.base_model)
-    check_base_dense(AutoConfig.from_pretrained(path), args.adapter_name)
+    check_base_dense(AutoConfig.from_pretrained(path), args.method)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         # Pad positions are masked out of attention and loss; any id will do (LLM-Adapters used unk = 0).
@@ -388,7 +345,7 @@ def adapter_config(args: argparse.Namespace, kind: str) -> Any:
 
     from dashdiff import AutoLoraConfig, LoraDashConfig
 
-    common = dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+    common = dict(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                   target_modules=list(args.target_modules), bias="none", task_type="CAUSAL_LM")
     if kind == "dash":
         return LoraDashConfig(**common, dash_warmup_steps=args.dash_warmup_steps,
@@ -439,28 +396,13 @@ def summed_token_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tenso
 
 
 @dataclass
-class Run:
-    """What every phase of one run shares."""
+class Run(RunBase):
+    """What every phase of one run shares: the shared lifecycle (``dashdiff.training.Run``: step log,
+    run record, checkpoints, loss guard, LoRA-Dash hook) and this script's settings and padding."""
 
-    args: argparse.Namespace
-    accelerator: Any
-    out: Path
-    pad_id: int
-    log: Any  # dashdiff.training.StepLog (writes on the main process only)
-    fingerprint: str
+    args: argparse.Namespace = None
+    pad_id: int = 0
     model: Any = None  # the model being trained (as prepared); checkpoints save and load its adapter
-    last_checkpoint: Optional[Path] = None
-    commit: Any = None  # called once a resume has been loaded (see main): then the folder is changed
-    timings: dict[str, float] = field(default_factory=dict)
-    results: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def world(self) -> int:
-        return self.accelerator.num_processes
-
-    @property
-    def rank(self) -> int:
-        return self.accelerator.process_index
 
     def print(self, message: str) -> None:
         if self.accelerator.is_main_process:
@@ -501,65 +443,10 @@ def evaluation_loss(run: Run, model: Any, examples: list[Example]) -> float:
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
-def directions_digest(model: Any) -> str:
-    """SHA-256 of every launched layer's U_s and V_sᵀ: equal on all processes iff they selected alike."""
-    from dashdiff.walk import iter_layers
-
-    h = hashlib.sha256()
-    for name, layer, adapter in iter_layers(model, "dash"):
-        h.update(name.encode())
-        for t in (layer.lora_dash_U[adapter], layer.lora_dash_V[adapter]):
-            h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def record_launch(run: Run, model: Any, step: int) -> None:
-    """Check that every process installed the same directions, and log the launch."""
-    from accelerate.utils import gather_object
-
-    import dashdiff
-    from dashdiff import dash as dash_module
-
-    net = run.accelerator.unwrap_model(model)
-    digests = gather_object([directions_digest(net)])
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"LoRA-Dash launch differs between processes (direction digests {digests})")
-    selected = dashdiff.selected_directions(net)
-    run.results["dash_launch_step"] = step
-    run.log.write({
-        "event": "dash_launch", "phase": "train", "step": step, "seconds": dash_module.last_launch_seconds,
-        "layers": len(selected), "num_processes": run.world, "direction_digests": digests,
-    })
-    run.print(f"LoRA-Dash launched after optimizer step {step}: {len(selected)} layers, "
-              f"{dash_module.last_launch_seconds:.2f} s, same directions on {run.world} process(es)")
-
-
 def save_checkpoint(run: Run, phase: str, step: int, stateful: dict[str, Any], info: dict[str, Any]) -> Path:
-    """``checkpoint-<step>/`` (``checkpoint-search-<step>/``): accelerate's state (prepared optimizer,
-    grad scaler, RNG) with the full dashdiff adapter state instead of the model weights (the hooks of
-    ``dashdiff.training.register_state_hooks``), ``extra_state.pt`` with the ``state_dict()`` of each
-    of ``stateful`` (objects accelerate does not hold: the scheduler, β's optimizer; plain tensors
-    and numbers, loaded back with ``weights_only=True``) and the step. Written aside and renamed into
-    place complete (``dashdiff.training.save_checkpoint``)."""
-    from dashdiff import training as T
-    from dashdiff.safeio import atomic_write
-
-    def write_extra(folder: Path) -> None:
-        state = {name: obj.state_dict() for name, obj in stateful.items()}
-        atomic_write(folder / "extra_state.pt", lambda tmp: torch.save(state, tmp))
-
-    try:
-        path = T.save_checkpoint(run.accelerator, run.out, phase, step,
-                                 {"fingerprint": run.fingerprint, "trajectory": trajectory_settings(run.args),
-                                  "num_processes": run.world, **info},
-                                 run.args.checkpoints_total_limit, write_extra)
-    except T.CheckpointWriteError as err:
-        if run.accelerator.is_main_process:  # say in the record why the run stopped
-            T.mark_stopped(run.out, "checkpoint write failed", err, run.last_checkpoint)
-        raise
-    run.last_checkpoint = path
-    run.log.write({"event": "checkpoint", "phase": phase, "step": step, "path": path.name})
-    return path
+    """The run's checkpoint (``Run.save_checkpoint``) with the trajectory settings a resume is checked
+    against; ``stateful``: objects accelerate does not hold (the scheduler, stepped here)."""
+    return run.save_checkpoint(phase, step, {"trajectory": trajectory_settings(run.args), **info}, stateful)
 
 
 def check_resume(ckpt: Any, fingerprint: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -582,28 +469,20 @@ def check_resume(ckpt: Any, fingerprint: str, args: argparse.Namespace) -> dict[
 def load_checkpoint(run: Run, ckpt: Any, stateful: dict[str, Any]) -> int:
     """Restore checkpoint ``ckpt`` (None: a fresh start) into the prepared objects and ``stateful``
     (as ``save_checkpoint`` got them); returns the number of steps already done."""
-    from dashdiff import training as T
-
     if ckpt is None:
         return 0
+    # check_resume has already refused a checkpoint with a pickle that is more than data, with a
+    # clear message, before anything was written
     info = check_resume(ckpt, run.fingerprint, run.args)
-    run.accelerator.load_state(str(ckpt.path))
-    # weights_only: the file holds tensors and numbers only; anything else is refused, never run
-    # (check_resume has already refused such a file with a clear message before anything was written)
-    extra = torch.load(ckpt.path / "extra_state.pt", map_location="cpu", weights_only=True)
-    for name, obj in stateful.items():
-        obj.load_state_dict(extra[name])
-    run.last_checkpoint = ckpt.path
-    if run.commit is not None:
-        run.commit()
+    run.load_checkpoint(ckpt, stateful)
     run.print(f"resumed from {ckpt.path} at {ckpt.phase} step {info['step']}")
     return info["step"]
 
 
-def train_step(run: Run, model: Any, examples: list[Example], micro: list[list[int]], step: int,
-               phase: str) -> torch.Tensor:
-    """Forward/backward of this process's micro-batches of one optimizer step; returns the summed
-    token loss over this process's micro-batches (the caller reduces and normalises it).
+def train_step(run: Run, model: Any, examples: list[Example], micro: list[list[int]], step: int) -> torch.Tensor:
+    """Forward/backward of this process's micro-batches of one optimizer step; returns (summed token
+    loss over this process's micro-batches, how many of its losses were NaN/inf): the caller reduces
+    both in one collective and stops every process before the optimizer step if any was.
 
     Each micro-batch's loss is ``sum of token losses · world / tokens of the whole step``: DDP
     averages gradients over the processes, so the update is the per-token mean over the global
@@ -618,17 +497,20 @@ def train_step(run: Run, model: Any, examples: list[Example], micro: list[list[i
         mine = [0]
     scale = 0.0 if ghost or tokens == 0 else run.world / tokens
     total = torch.zeros((), dtype=torch.float32, device=acc.device)
+    nonfinite = torch.zeros((), dtype=torch.float32, device=acc.device)
     for n, j in enumerate(mine):
         batch = collate([examples[i] for i in micro[j]], run.pad_id, acc.device)
         torch.manual_seed(T.step_seed(run.args.seed, step, j))  # dropout masks: a function of (step, j) only
         sync = acc.no_sync(model) if n < len(mine) - 1 else contextlib.nullcontext()
         with sync:
             loss = summed_token_loss(model, batch)
-            T.check_finite_loss(loss, step, phase, run.last_checkpoint)
+            # Counted, not raised here: the processes may run different numbers of micro-batches, so a
+            # verdict must wait for the step's one reduction (fit), which every process reaches.
+            nonfinite += (~torch.isfinite(loss.detach())).float()
             acc.backward(loss * scale)
         if not ghost:
             total += loss.detach()
-    return total
+    return torch.stack([total, nonfinite])
 
 
 def fit(run: Run, model: Any, examples: list[Example], val_examples: list[Example], kind: str,
@@ -664,19 +546,20 @@ def fit(run: Run, model: Any, examples: list[Example], val_examples: list[Exampl
     while step < total_steps:
         epoch, micro = plan.step(step)
         tokens = sum(examples[i].targets for batch in micro for i in batch)
-        loss_sum = train_step(run, model, examples, micro, step, "train")
+        # (loss sum, NaN/inf count) over all processes: one collective, and the same verdict on all.
+        loss_sum, nonfinite = acc.reduce(train_step(run, model, examples, micro, step), reduction="sum").tolist()
+        if nonfinite:
+            raise T.nonfinite_error(loss_sum if not math.isfinite(loss_sum) else float("nan"), step, "train",
+                                    run.last_checkpoint, run.advice)
         grad_norm = acc.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm > 0 else None
         lr = scheduler.get_last_lr()[0]
-        scale = T.loss_scale(optimizer)
-        optimizer.step()
-        skipped = T.step_skipped(optimizer, scale)
+        skipped = T.optimizer_step(optimizer)
         if not skipped:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        launched = kind == "dash" and not skipped and dashdiff.dash_step(model)
 
-        loss = float(acc.reduce(loss_sum, reduction="sum")) / max(tokens, 1)
+        loss = loss_sum / max(tokens, 1)
         row = {"phase": "train", "step": step, "epoch": round(step / plan.steps_per_epoch, 4), "loss": loss,
                "lr": lr, "tokens": tokens, "skipped": skipped}
         if grad_norm is not None:
@@ -684,15 +567,17 @@ def fit(run: Run, model: Any, examples: list[Example], val_examples: list[Exampl
         run.log.write(row)
         if step % args.logging_steps == 0 or step == total_steps:
             run.print(f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} lr {lr:.3g}")
-        if launched:
-            record_launch(run, model, step)
+        if run.after_optimizer_step(acc.unwrap_model(model), step, skipped):  # LoRA-Dash launched
+            run.results["dash_launch_step"] = step
+            run.print(f"LoRA-Dash launched after optimizer step {step}: {run.launch['layers']} layers, "
+                      f"{run.launch['seconds']:.2f} s, same directions on {run.world} process(es)")
         if val_examples and (step % args.eval_step == 0 or step == total_steps):
             eval_loss = evaluation_loss(run, model, val_examples)
             run.log.write({"event": "eval", "phase": "train", "step": step, "eval_loss": eval_loss})
             run.results["eval_loss"] = eval_loss
             run.print(f"step {step}: eval loss {eval_loss:.4f}")
-        if step % args.save_step == 0 or step == total_steps:
-            save_checkpoint(run, "train", step, {"scheduler": scheduler}, {"ranks": run.results.get("autolora_ranks")})
+        if step % args.checkpointing_steps == 0 or step == total_steps:
+            save_checkpoint(run, "train", step, {"scheduler": scheduler}, {})  # with AutoLoRA's ranks in the retrain
         run.results["final_loss"] = loss
     run.timings["train_s"] = run.timings.get("train_s", 0.0) + time.perf_counter() - t0
     run.results["train_steps"] = total_steps
@@ -702,13 +587,41 @@ def fit(run: Run, model: Any, examples: list[Example], val_examples: list[Exampl
 # --------------------------------------------------------------------------- AutoLoRA search
 
 
+def search_loss(run: Run, step: int, net: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """The search's loss of one micro-batch: its per-token mean, guarded. Every pass BilevelStep makes
+    (inner, validation, finite differences) is checked on every process together; BilevelStep puts
+    w, β and the optimizers back when this raises."""
+    from dashdiff import training as T
+
+    # The dropout masks travel with the batch, so BilevelStep's repeated passes agree.
+    torch.manual_seed(batch["seed"])
+    loss = summed_token_loss(net, batch) / max(batch["targets"], 1)
+    run.check_loss(loss, step, "search")
+    return loss
+
+
+def search_micro_batch(run: Run, examples: list[Example], idx: list[int], seed: int) -> dict[str, Any]:
+    batch = collate([examples[i] for i in idx], run.pad_id, run.accelerator.device)
+    return {**batch, "seed": seed, "targets": sum(examples[i].targets for i in idx)}
+
+
+def double_micro_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """A micro-batch twice over (the batched finite-difference pass): the token count doubles with
+    the tokens, so the loss of the result is the mean of the copies'."""
+    from dashdiff.autolora import double_batch
+
+    return {**double_batch(batch), "targets": 2 * batch["targets"]}
+
+
 def search(run: Run, model: Any, train_ex: list[Example], val_ex: list[Example], resume: Any = None) -> Any:
     """AutoLoRA's bi-level search: per step an inner AdamW step of A, B on a training batch (constant
-    --learning_rate) and a hypergradient step of β on a validation batch (Adam, --autolora_beta_lr;
+    --learning_rate) and a hypergradient step of β on a validation batch (Adam, --autolora_meta_lr;
     dashdiff.autolora.BilevelStep). Returns the prepared model. The loss here is each micro-batch's
     per-token mean (BilevelStep averages over micro-batches)."""
+    from functools import partial
+
     from dashdiff import training as T
-    from dashdiff.autolora import DEFAULT_BETA_BETAS, BilevelStep, double_batch
+    from dashdiff.autolora import BilevelStep
     from dashdiff.walk import iter_layers
 
     args, acc = run.args, run.accelerator
@@ -720,36 +633,24 @@ def search(run: Run, model: Any, train_ex: list[Example], val_ex: list[Example],
         )
     plan = BatchPlan(len(train_ex), args.micro_batch_size, per_step, args.seed)
     val_plan = BatchPlan(len(val_ex), args.micro_batch_size, per_step, args.seed + 1)
-    total_steps = math.ceil(args.autolora_search_epochs * plan.steps_per_epoch)
+    total_steps = run_flags.search_steps(args, plan.steps_per_epoch, plan.steps_per_epoch)  # default: one epoch
     layers = list(iter_layers(model, "autolora"))
     weights = [p for _, layer, a in layers for p in (layer.lora_A[a].weight, layer.lora_B[a].weight)]
     betas = [layer.lora_autolora_beta[a] for _, layer, a in layers]
     weight_opt = torch.optim.AdamW(weights, lr=args.learning_rate, weight_decay=args.weight_decay)
-    beta_opt = torch.optim.Adam(betas, lr=args.autolora_beta_lr, betas=DEFAULT_BETA_BETAS)
     model, weight_opt = acc.prepare(model, weight_opt)
+    beta_opt = T.prepared_beta_optimizer(acc, betas, args.autolora_meta_lr)  # checkpointed by accelerate
     run.model = model
     # BilevelStep counts its micro-batch calls against the accelerator's accumulation setting.
     acc.gradient_accumulation_steps = per_step // run.world
-    def double_micro_batch(batch: dict[str, Any]) -> dict[str, Any]:
-        # the token count doubles with the tokens, so the loss of the result is the mean of the copies'
-        return {**double_batch(batch), "targets": 2 * batch["targets"]}
-
-    bilevel = BilevelStep(model, weight_opt, beta_opt, mode=args.autolora_mode, accelerator=acc,
+    bilevel = BilevelStep(model, weight_opt, beta_opt, mode=args.autolora_hypergradient, accelerator=acc,
+                          rollback=args.autolora_rollback,
                           max_grad_norm=args.max_grad_norm or None, fd_batched=args.autolora_fd_batched,
                           double=double_micro_batch)
 
-    def loss_fn(net: Any, batch: dict[str, Any]) -> torch.Tensor:
-        # The dropout masks travel with the batch, so BilevelStep's repeated passes agree.
-        torch.manual_seed(batch["seed"])
-        return summed_token_loss(net, batch) / max(batch["targets"], 1)
-
-    def micro_batch(ex: list[Example], idx: list[int], seed: int) -> dict[str, Any]:
-        batch = collate([ex[i] for i in idx], run.pad_id, acc.device)
-        return {**batch, "seed": seed, "targets": sum(ex[i].targets for i in idx)}
-
-    step = load_checkpoint(run, resume, {"beta_optimizer": beta_opt})
-    run.print(f"AutoLoRA search ({args.autolora_mode}): {len(train_ex)} train / {len(val_ex)} validation examples, "
-              f"{total_steps} steps")
+    step = load_checkpoint(run, resume, {})
+    run.print(f"AutoLoRA search ({args.autolora_hypergradient}): {len(train_ex)} train / {len(val_ex)} validation "
+              f"examples, {total_steps} steps")
     model.train()
     t0 = time.perf_counter()
     try:
@@ -758,17 +659,17 @@ def search(run: Run, model: Any, train_ex: list[Example], val_ex: list[Example],
             _, val_micro = val_plan.step(step)  # the validation split cycles at its own pace
             for j in range(run.rank, per_step, run.world):
                 # An epoch's last step may be short: repeat its micro-batches, as BilevelStep needs a full count.
-                tb = micro_batch(train_ex, micro[j % len(micro)], T.step_seed(args.seed, step, j))
-                vb = micro_batch(val_ex, val_micro[j % len(val_micro)], T.step_seed(args.seed + 1, step, j))
-                out = bilevel.step(tb, vb, loss_fn)
+                tb = search_micro_batch(run, train_ex, micro[j % len(micro)], T.step_seed(args.seed, step, j))
+                vb = search_micro_batch(run, val_ex, val_micro[j % len(val_micro)], T.step_seed(args.seed + 1, step, j))
+                out = bilevel.step(tb, vb, partial(search_loss, run, step))
             step += 1
             run.log.write({"phase": "search", "step": step, "loss": out["train_loss"], "val_loss": out["val_loss"],
                            "skipped": out["skipped"]})
             if step % args.logging_steps == 0 or step == total_steps:
                 run.print(f"search step {step}/{total_steps} train loss {out['train_loss']:.4f} "
                           f"val loss {out['val_loss'] if out['val_loss'] is None else round(out['val_loss'], 4)}")
-            if step % args.save_step == 0 and step < total_steps:
-                save_checkpoint(run, "search", step, {"beta_optimizer": beta_opt}, {})
+            if step % args.checkpointing_steps == 0 and step < total_steps:
+                save_checkpoint(run, "search", step, {}, {})
     finally:
         acc.gradient_accumulation_steps = 1
     run.timings["search_s"] = time.perf_counter() - t0
@@ -800,7 +701,7 @@ def export_outputs(run: Run, model: Any, tokenizer: Any) -> dict[str, Any]:
     # Serving stacks size their LoRA buffers by a maximum rank (vLLM --max-lora-rank, TGI / LoRAX
     # similar): a LoRA-Dash export has rank r + s, not r.
     run.print(f"exported a plain PEFT LoRA to {out} (rank {exported['max_rank']}"
-              + (f" = r {args.lora_r} + s {args.dash_directions}" if args.adapter_name == "dash" else "")
+              + (f" = r {args.rank} + s {args.dash_directions}" if args.method == "dash" else "")
               + "; serving stacks need a max LoRA rank >= that)")
     return exported
 
@@ -837,19 +738,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def _main(args: argparse.Namespace, guard: Any) -> dict[str, Any]:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
 
     import dashdiff
     from dashdiff import training as T
-    from dashdiff import validation as V
+    import input_rules as V
 
     validate_args(args)
     t_start = time.perf_counter()
-    # broadcast_buffers=False: DDP would otherwise copy rank 0's buffers at every forward, a
-    # collective per forward that also needs equal forward counts; dashdiff's buffers (U_s, V_s,
-    # step counters) are made identical on every process by construction.
-    accelerator = Accelerator(mixed_precision=args.mixed_precision,
-                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    # broadcast_buffers=False under DDP (dashdiff's buffers are equal on every process by construction)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, kwargs_handlers=T.ddp_kwargs_handlers())
     out = Path(args.output_dir)
     # Every check before anything in the folder changes (the lock aside): a refused run, a bad data
     # file or a refused resume leaves the folder as it was.
@@ -872,92 +769,45 @@ def _main(args: argparse.Namespace, guard: Any) -> dict[str, Any]:
         train_records, val_records = split_records(records, args.val_set_size, args.seed)
     except (OSError, ValueError) as err:
         raise T.TrainingError(str(err)) from err
-    if args.adapter_name == "dash":  # a run shorter than the warm-up would never launch
+    if args.method == "dash":  # a run shorter than the warm-up would never launch
         plan = BatchPlan(len(train_records), args.micro_batch_size, micro_per_step(args), args.seed)
         V.raise_errors([V.dash_warmup_error(args.dash_warmup_steps, train_steps(args, plan),
                                             f"--num_epochs {args.num_epochs:g} x {plan.steps_per_epoch} per epoch")])
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    kind = args.adapter_name
+    weight_dtype = T.mixed_precision_dtype(accelerator)
+    kind = args.method
     # BilevelStep's finite differences need float32 weights: the AutoLoRA search keeps the base in float32.
     model, tokenizer = load_base_model(args, torch.float32 if kind == "autolora" else weight_dtype,
                                        accelerator.device)
-    if args.use_gradient_checkpointing:
+    if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     accelerator.wait_for_everyone()  # every process has checked everything before rank 0 deletes
     if accelerator.is_main_process and args.overwrite_output_dir and resume is None:
         T.clear_for_overwrite(out)
 
-    run = Run(args=args, accelerator=accelerator, out=out, pad_id=tokenizer.pad_token_id,
-              log=T.StepLog(out / T.STEP_LOG, enabled=accelerator.is_main_process), fingerprint=fingerprint)
-
-    def commit() -> None:
-        """Cut the step log back to the resume point and record the run as running: called once the
-        resume has been loaded (by load_checkpoint), at once for a fresh start."""
-        if resume is not None:
-            order = {"search": 0, "train": 1}
-            point = (order[resume.phase], resume.step)
-            run.log.truncate(lambda r: (order.get(r.get("phase"), 2), r.get("step", 0)) <= point)
-            run.log.write({"event": "resume", "phase": resume.phase, "step": resume.step, "path": str(resume.path)})
-        elif restart:
-            run.log.truncate(lambda r: False)
-        if accelerator.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            T.write_run_record(out, record)
-        run.commit = None
-
     record = {
         "script": "train/commonsense_dash.py", "fingerprint": fingerprint, "args": T.run_arguments(args),
         "method": kind, "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
         "device": str(accelerator.device), "status": "running",
-        "pid": os.getpid(),  # lets cli() mark this record "failed" (dashdiff.validation.mark_failed)
+        "pid": os.getpid(),  # lets cli() mark this record "failed" (input_rules.mark_failed)
         "data": {"records": len(records), "train": len(train_records), "val": len(val_records)},
         "versions": {"torch": torch.__version__, "dashdiff": dashdiff.__version__},
     }
-    run.commit = commit
+    run = Run(accelerator=accelerator, out=out, fingerprint=fingerprint, method=kind,
+              log=T.StepLog(out / T.STEP_LOG, enabled=accelerator.is_main_process), record=record, resume=resume,
+              restart=restart, total_limit=args.checkpoints_total_limit, advice=run_flags.nan_advice, args=args,
+              pad_id=tokenizer.pad_token_id)
     if resume is None:
-        commit()
+        run.commit()  # else once the checkpoint has been loaded: a failed resume changes nothing
     T.register_state_hooks(accelerator, lambda: accelerator.unwrap_model(run.model), dashdiff.save_adapter,
                            dashdiff.load_adapter)
 
     val_ex = tokenize_records(val_records, tokenizer, args, "held-out (--val_set_size)")
-    if kind == "autolora":
-        # The search's validation split comes out of the training records; --val_set_size stays the
-        # held-out evaluation set, as in LLM-Adapters. The retrain uses all training records.
-        from dashdiff.autolora import split_train_val
-
-        search_records, search_val_records = split_train_val(train_records, args.autolora_val_fraction, args.seed)
-        record["data"].update(search_train=len(search_records), search_val=len(search_val_records))
-        ranks = None
-        if resume is not None and resume.phase == "train":  # the search is over: its ranks were recorded
-            ranks = T.read_checkpoint_info(resume.path).get("ranks")
-        if ranks is None:
-            model = add_adapter(model, adapter_config(args, "autolora"), args.seed)
-            model = search(run, model, tokenize_records(search_records, tokenizer, args),
-                           tokenize_records(search_val_records, tokenizer, args), resume)
-            ranks = write_rank_report(run, model)
-            resume = None  # a search checkpoint has been used up; the retrain starts fresh
-        run.results["autolora_ranks"] = ranks
-        if args.autolora_retrain:
-            from peft import PeftModel
-
-            from dashdiff.autolora import retrain_config
-
-            # A fresh plain LoRA with the found per-layer ranks on the frozen base (now in the training dtype).
-            base = accelerator.unwrap_model(model)
-            if isinstance(base, PeftModel):  # after a search; a resumed retrain starts from the bare base
-                base = base.unload()
-            accelerator.free_memory()
-            base.to(weight_dtype)
-            cfg = retrain_config(ranks, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
-                                 task_type="CAUSAL_LM")
-            model = add_adapter(base, cfg, args.seed)
-            model = fit(run, model, tokenize_records(train_records, tokenizer, args), val_ex, "lora", resume)
-    else:
-        model = add_adapter(model, adapter_config(args, kind), args.seed)
-        if kind == "dash" and args.dash_prefetch_spectra:
-            dashdiff.prefetch_spectra(model)
-        model = fit(run, model, tokenize_records(train_records, tokenizer, args), val_ex, kind, resume)
+    try:
+        model = train_phases(run, model, tokenizer, train_records, val_ex)
+    except (T.NonFiniteLossError, T.CheckpointWriteError) as err:
+        run.stop(err)  # the record says why there are no final weights; the last checkpoint is kept
+        raise
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -971,9 +821,53 @@ def _main(args: argparse.Namespace, guard: Any) -> dict[str, Any]:
     return record
 
 
+def train_phases(run: Run, model: Any, tokenizer: Any, train_records: list[dict], val_ex: list[Example]) -> Any:
+    """The method's phases from ``run.resume`` on: LoRA / LoRA-Dash training, or AutoLoRA's search,
+    rank read-out and retrain. Returns the trained (prepared) model."""
+    import dashdiff
+    from dashdiff import training as T
+
+    args, accelerator, kind, resume = run.args, run.accelerator, run.method, run.resume
+    if kind == "autolora":
+        # The search's validation split comes out of the training records; --val_set_size stays the
+        # held-out evaluation set, as in LLM-Adapters. The retrain uses all training records.
+        from dashdiff.autolora import split_train_val
+
+        search_records, search_val_records = split_train_val(train_records, args.autolora_val_fraction, args.seed)
+        run.record["data"].update(search_train=len(search_records), search_val=len(search_val_records))
+        ranks = run.recorded_ranks()  # a resumed retrain: the search is over
+        if ranks is None:
+            model = add_adapter(model, adapter_config(args, "autolora"), args.seed)
+            model = search(run, model, tokenize_records(search_records, tokenizer, args),
+                           tokenize_records(search_val_records, tokenizer, args), resume)
+            ranks = write_rank_report(run, model)
+        run.start_retrain(ranks)
+        if args.autolora_retrain:
+            from peft import PeftModel
+
+            from dashdiff.autolora import retrain_config
+
+            # A fresh plain LoRA with the found per-layer ranks on the frozen base (now in the training dtype).
+            base = accelerator.unwrap_model(model)
+            if isinstance(base, PeftModel):  # after a search; a resumed retrain starts from the bare base
+                base = base.unload()
+            accelerator.free_memory()
+            base.to(T.mixed_precision_dtype(accelerator))
+            cfg = retrain_config(ranks, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
+                                 task_type="CAUSAL_LM")
+            model = add_adapter(base, cfg, args.seed)
+            model = fit(run, model, tokenize_records(train_records, tokenizer, args), val_ex, "lora", run.resume)
+    else:
+        model = add_adapter(model, adapter_config(args, kind), args.seed)
+        if kind == "dash" and args.dash_prefetch_spectra:
+            dashdiff.prefetch_spectra(model)
+        model = fit(run, model, tokenize_records(train_records, tokenizer, args), val_ex, kind, resume)
+    return model
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
     """The command line: one clear line and exit status 1 for the user's input or folders."""
-    from dashdiff import validation as V
+    import input_rules as V
 
     return V.run_command_line(main, parse_args(argv), "commonsense_dash.py")
 

@@ -2,7 +2,7 @@
 """Evaluate a causal LM (optionally with an adapter) on the 8 LLM-Adapters commonsense test sets.
 
 Same rules as LLM-Adapters' ``commonsense_evaluate.py`` (prompt strings, beam search 4,
-32 new tokens, case-sensitive first-match extraction; see ``dashdiff.commonsense``), with left
+32 new tokens, case-sensitive first-match extraction; see ``commonsense_data.py``), with left
 padding done right so that ``--batch_size`` never changes the answers.
 
     python train/commonsense_eval.py --dataset all --data_dir dataset \
@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 if __package__ in (None, ""):
-    # Run as a script: make the repository's dashdiff importable without installing it.
+    # Run as a script: make the repository's dashdiff and this folder's modules importable
+    # without installing anything.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dashdiff.commonsense import DATASETS, TEMPLATES, evaluate, load_records  # noqa: E402
+from commonsense_data import DATASETS, TEMPLATES, evaluate, load_records  # noqa: E402
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 # Settings that must match for results of separate runs to share one table.
@@ -73,7 +75,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--num_beams and --max_new_tokens must be >= 1")
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")
-    from dashdiff.validation import seed_error
+    from input_rules import seed_error
 
     if seed_error(args.seed):
         p.error(seed_error(args.seed))
@@ -112,7 +114,7 @@ def _attach_adapter(model: Any, lora_weights: str) -> Any:
         )
     from peft import PeftModel
 
-    from dashdiff.validation import check_peft_weights_loaded
+    from input_rules import check_peft_weights_loaded
 
     peft_model = PeftModel.from_pretrained(model, str(path))
     # PEFT only warns when the weights name modules its target_modules did not adapt: the model
@@ -212,7 +214,7 @@ def main(args: argparse.Namespace) -> dict:
         data[name] = records[: args.limit] if args.limit else records
     if args.lora_weights:
         check_lora_weights_path(args.lora_weights)
-    from dashdiff.validation import check_output_dir_writable
+    from input_rules import check_output_dir_writable
 
     check_output_dir_writable(args.output_dir)
 

@@ -24,8 +24,8 @@ Methods (``--method``)
   each layer launches: the ``--dash_directions`` task-specific directions of the frozen weight are
   chosen and a coefficient δ per direction trains alongside A and B. Validation never advances the
   warm-up; a step the fp16 grad scaler skipped does not count.
-- ``autolora``: AutoLoRA. A bi-level search of ``--autolora_search_steps`` steps (default
-  ``--max_train_steps``) learns per-layer selection weights α = softmax(β) of an initial rank
+- ``autolora``: AutoLoRA. A bi-level search of ``--autolora_search_steps`` steps (or
+  ``--autolora_search_epochs`` epochs over its images; default ``--max_train_steps``) learns per-layer selection weights α = softmax(β) of an initial rank
   ``--rank``, the per-layer ranks are read off α (``--autolora_threshold``, default 1/k), then a
   fresh plain LoRA with those ranks retrains for ``--max_train_steps`` on all the data. In the
   search, A and B use ``--learning_rate`` and the AdamW flags (the published recipe used 3e-4);
@@ -79,7 +79,8 @@ Differences from the diffusers scripts
   ``--resume_from_checkpoint`` or ``--overwrite_output_dir`` (which removes that run's checkpoints,
   step log and run record; other files are overwritten by name).
 - Extra flags: ``--method``, ``--lora_alpha`` (default = rank), ``--lora_layers``, ``--dash_*``,
-  ``--autolora_*``, ``--num_inference_steps`` (validation and class-image sampling, default 25),
+  ``--autolora_*`` (spelled as in the commonsense script: ``train/run_flags.py``; booleans take
+  ``--x``, ``--x true|false`` or ``--no-x``), ``--num_inference_steps`` (validation and class-image sampling, default 25),
   ``--save_reference_output`` (writes the trained UNet's output on fixed inputs, to check that a
   stock load reproduces the trained model), ``--overwrite_output_dir``.
 - A NaN / inf loss stops training before that step changes any weight, keeping the last checkpoint;
@@ -97,7 +98,8 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -109,10 +111,20 @@ from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-import dashdiff
-from dashdiff import training as T
-from dashdiff import validation as V
-from dashdiff.training import TrainingError
+if __package__ in (None, ""):
+    # Run as a script: make the repository's dashdiff and this folder's modules (input rules and
+    # flags shared with the commonsense scripts) importable without installing anything.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import dashdiff  # noqa: E402
+from dashdiff import training as T  # noqa: E402
+from dashdiff.training import Run as RunBase  # noqa: E402
+from dashdiff.training import TrainingError  # noqa: E402
+
+import input_rules as V  # noqa: E402  (train/: the input rules and flags both scripts share)
+import run_flags  # noqa: E402
+from run_flags import BoolFlag, add_method_flags, add_run_flags, parse_bool  # noqa: E402
 
 logger = logging.getLogger("dreambooth_dash")
 
@@ -160,22 +172,8 @@ UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "prodigy_use_bias_correction": (None, "only --optimizer AdamW is offered (prodigy is not)"),
     "prodigy_safeguard_warmup": (None, "only --optimizer AdamW is offered (prodigy is not)"),
 }
-# Flags that belong to one method (None = not given): refused with another method (dashdiff.validation).
-METHOD_OPTIONS: dict[str, str] = {
-    **{name: "dash" for name in ("dash_warmup_steps", "dash_directions")},
-    **{name: "autolora" for name in ("autolora_search_steps", "autolora_val_fraction", "autolora_threshold",
-                                     "autolora_rank_rule", "autolora_hypergradient", "autolora_meta_lr",
-                                     "autolora_rollback", "autolora_fd_batched")},
-}
-
-
-def _bool_flag(value: str) -> bool:
-    low = value.lower()
-    if low in ("1", "true", "yes"):
-        return True
-    if low in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+# Flags that belong to one method (None = not given): refused with another method (input_rules).
+METHOD_OPTIONS: dict[str, str] = run_flags.METHOD_OPTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,67 +202,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--instance_prompt", default=None, required=True, help="Prompt with the identifier, e.g. 'a photo of sks cat'.")
     g.add_argument("--class_data_dir", default=None, help="Folder of class images (filled up by generation if short).")
     g.add_argument("--class_prompt", default=None, help="Prompt of the class images.")
-    g.add_argument("--with_prior_preservation", action="store_true", help="Add the prior-preservation loss.")
+    g.add_argument("--with_prior_preservation", action=BoolFlag, default=False, help="Add the prior-preservation loss.")
     g.add_argument("--prior_loss_weight", type=float, default=1.0)
     g.add_argument("--num_class_images", type=int, default=100, help="Class images wanted; missing ones are generated.")
     g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for generating class images.")
     g.add_argument("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"])
     g.add_argument("--resolution", type=int, default=None, help="Training resolution (default: 512 SD, 1024 SDXL).")
-    g.add_argument("--center_crop", action="store_true", help="Center crop instead of random crop.")
-    g.add_argument("--random_flip", action="store_true", help="Random horizontal flip.")
+    g.add_argument("--center_crop", action=BoolFlag, default=False, help="Center crop instead of random crop.")
+    g.add_argument("--random_flip", action=BoolFlag, default=False, help="Random horizontal flip.")
     g.add_argument("--image_interpolation_mode", default="lanczos", choices=sorted(INTERPOLATION))
     g.add_argument("--dataloader_num_workers", type=int, default=0)
-    g.add_argument("--cache_latents", action="store_true",
+    g.add_argument("--cache_latents", action=BoolFlag, default=False,
                    help="Encode the images with the VAE once (one crop/flip per image, as diffusers).")
 
     g = p.add_argument_group("text encoder")
-    g.add_argument("--train_text_encoder", action="store_true",
+    g.add_argument("--train_text_encoder", action=BoolFlag, default=False,
                    help="Also adapt the text encoder(s) (q_proj, k_proj, v_proj, out_proj) with the same method.")
     g.add_argument("--text_encoder_lr", type=float, default=None, help="Learning rate of the text encoder adapters (default: --learning_rate).")
     g.add_argument("--adam_weight_decay_text_encoder", type=float, default=None)
-    g.add_argument("--pre_compute_text_embeddings", action="store_true",
+    g.add_argument("--pre_compute_text_embeddings", action=BoolFlag, default=False,
                    help="Encode every prompt once before training (frozen text encoders are otherwise run once per "
                         "new prompt and cached; not with --train_text_encoder).")
     g.add_argument("--tokenizer_max_length", type=int, default=None)
-    g.add_argument("--text_encoder_use_attention_mask", action="store_true")
+    g.add_argument("--text_encoder_use_attention_mask", action=BoolFlag, default=False)
 
-    g = p.add_argument_group("adapter method")
-    g.add_argument("--method", default="lora", choices=["lora", "dash", "autolora"])
-    g.add_argument("--rank", type=int, default=4, help="LoRA rank r (AutoLoRA: the initial rank k).")
-    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: --rank).")
-    g.add_argument("--lora_dropout", type=float, default=0.0)
+    add_method_flags(p, method="lora", rank=4, lora_alpha=None, lora_dropout=0.0, dash_prefetch_spectra=True,
+                     prefetch_help=", ~5 GB for the SDXL UNet")
+    g = p.add_argument_group("adapter (this script)")
     g.add_argument("--lora_layers", default=DEFAULT_LORA_LAYERS, help="Comma-separated UNet nn.Linear module names.")
-    g.add_argument("--dash_warmup_steps", type=int, default=None,
-                   help="LoRA-Dash pre-launch optimizer steps (default: ceil(100 / gradient_accumulation_steps)).")
-    g.add_argument("--dash_directions", type=int, default=None, help="LoRA-Dash directions s per layer (default 8).")
-    g.add_argument("--dash_prefetch_spectra", action=argparse.BooleanOptionalAction, default=True,
-                   help="LoRA-Dash: decompose W0 on the host during the pre-launch steps so the launch is short "
-                        "(host memory 8·k² bytes per layer, ~5 GB for the SDXL UNet); --no-dash_prefetch_spectra "
-                        "computes everything at the launch.")
-    g.add_argument("--autolora_search_steps", type=int, default=None, help="Search steps (default: --max_train_steps).")
-    g.add_argument("--autolora_val_fraction", type=float, default=None,
-                   help="Fraction of instance images held out for the search (default 0.3, published 70/30).")
-    g.add_argument("--autolora_threshold", type=float, default=None, help="Keep components with α_j >= λ (default 1/k).")
-    g.add_argument("--autolora_rank_rule", default=None, choices=["softmax", "published"])
-    g.add_argument("--autolora_hypergradient", default=None, choices=["darts", "first_order", "darts_unrolled"],
-                   help="Hypergradient of the search (default darts).")
-    g.add_argument("--autolora_meta_lr", type=float, default=None, help="Adam learning rate of β (default 3e-4).")
-    g.add_argument("--autolora_rollback", action="store_true", default=None,
-                   help="Redo the inner step with the new β after each β update (published; off by default).")
-    g.add_argument("--autolora_fd_batched", action=argparse.BooleanOptionalAction, default=None,
-                   help="Run the two finite-difference passes as one pass over the micro-batch twice over (default on: "
-                        "faster where the step is bound by per-operation overhead, e.g. a GPU at small batch; that pass "
-                        "holds twice the activations). --no-autolora_fd_batched: two passes.")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--seed", type=int, default=None)
     g.add_argument("--train_batch_size", type=int, default=4)
     g.add_argument("--num_train_epochs", type=int, default=1)
     g.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--learning_rate", type=float, default=None, help="Default: 5e-4 SD, 1e-4 SDXL.")
-    g.add_argument("--scale_lr", action="store_true", help="Multiply the lr by processes x batch x accumulation.")
+    g.add_argument("--scale_lr", action=BoolFlag, default=False, help="Multiply the lr by processes x batch x accumulation.")
     g.add_argument("--lr_scheduler", default="constant",
                    choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
     g.add_argument("--lr_warmup_steps", type=int, default=500)
@@ -272,19 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr_power", type=float, default=1.0)
     g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 recommended).")
     g.add_argument("--optimizer", default="AdamW", help="AdamW (prodigy is not offered).")
-    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (needs bitsandbytes).")
+    g.add_argument("--use_8bit_adam", action=BoolFlag, default=False, help="bitsandbytes' 8-bit AdamW (needs bitsandbytes).")
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=None, help="Default: 1e-2 SD, 1e-4 SDXL.")
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-                   help="Frozen weights in this precision, trainable ones in fp32 (default: accelerate's config).")
-    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--allow_tf32", action=BoolFlag, default=False)
     for name in ("prodigy_beta3",):
         g.add_argument(f"--{name}", type=float, default=None, help=argparse.SUPPRESS)
     for name in ("prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup"):
-        g.add_argument(f"--{name}", type=_bool_flag, default=None, help=argparse.SUPPRESS)
+        g.add_argument(f"--{name}", type=parse_bool, default=None, help=argparse.SUPPRESS)
 
     g = p.add_argument_group("validation")
     g.add_argument("--validation_prompt", default=None)
@@ -293,15 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_inference_steps", type=int, default=25, help="Sampling steps for validation / class images.")
     g.add_argument("--validation_images", nargs="+", default=None, help=argparse.SUPPRESS)
 
-    g = p.add_argument_group("output and checkpoints")
-    g.add_argument("--output_dir", default="lora-dreambooth-model")
-    g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="Start over in an --output_dir that holds another run (its checkpoints are removed).")
-    g.add_argument("--output_kohya_format", action="store_true", help="Also write pytorch_lora_weights_kohya.safetensors.")
-    g.add_argument("--checkpointing_steps", type=int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=int, default=None)
-    g.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder (or its name) or 'latest'.")
-    g.add_argument("--save_reference_output", action="store_true",
+    add_run_flags(p, output_dir="lora-dreambooth-model", seed=None, checkpointing_steps=500,
+                  checkpoints_total_limit=None)
+    g = p.add_argument_group("outputs (this script)")
+    g.add_argument("--output_kohya_format", action=BoolFlag, default=False, help="Also write pytorch_lora_weights_kohya.safetensors.")
+    g.add_argument("--save_reference_output", action=BoolFlag, default=False,
                    help="Write reference_output.safetensors: the trained UNet's output on fixed inputs.")
 
     g = p.add_argument_group("logging")
@@ -313,12 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local_rank", type=int, default=-1, help="Set by launchers; accelerate reads the environment.")
 
     g = p.add_argument_group("unsupported (parse, then refused with the alternative)")
-    g.add_argument("--push_to_hub", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--push_to_hub", action=BoolFlag, default=False, help=argparse.SUPPRESS)
     g.add_argument("--hub_token", default=None, help=argparse.SUPPRESS)
     g.add_argument("--hub_model_id", default=None, help=argparse.SUPPRESS)
-    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help=argparse.SUPPRESS)
-    g.add_argument("--use_dora", action="store_true", help=argparse.SUPPRESS)
-    g.add_argument("--do_edm_style_training", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--enable_xformers_memory_efficient_attention", action=BoolFlag, default=False, help=argparse.SUPPRESS)
+    g.add_argument("--use_dora", action=BoolFlag, default=False, help=argparse.SUPPRESS)
+    g.add_argument("--do_edm_style_training", action=BoolFlag, default=False, help=argparse.SUPPRESS)
     g.add_argument("--class_labels_conditioning", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -386,7 +353,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
         errors.append(f"--autolora_threshold must be in (0, 1], got {args.autolora_threshold}")
     # Method-specific flags with another method would be silently ignored: say so instead.
     errors += V.method_option_errors(args, args.method, METHOD_OPTIONS, "--method")
-    errors += [e for e in (V.seed_error(args.seed), V.positive_finite_error("--learning_rate", args.learning_rate),
+    errors += [e for e in (V.seed_error(args.seed), run_flags.search_length_error(args),
+                           V.positive_finite_error("--learning_rate", args.learning_rate),
                            V.positive_finite_error("--text_encoder_lr", args.text_encoder_lr),
                            V.positive_finite_error("--autolora_meta_lr", args.autolora_meta_lr)) if e]
     if args.method == "dash" and args.max_train_steps is not None and args.gradient_accumulation_steps >= 1:
@@ -457,22 +425,9 @@ def resolve_defaults(args: argparse.Namespace, family: str) -> None:
             setattr(args, key, value)
     if args.resolution % 8:
         raise TrainingError(f"--resolution {args.resolution} must be a multiple of 8")
-    if args.lora_alpha is None:
-        args.lora_alpha = args.rank
-    if args.method == "dash":
-        if args.dash_warmup_steps is None:
-            args.dash_warmup_steps = T.default_dash_warmup_steps(args.gradient_accumulation_steps)
-        if args.dash_directions is None:
-            args.dash_directions = 8
-    if args.method == "autolora":
-        from dashdiff.autolora import DEFAULT_BETA_LR, DEFAULT_VAL_FRACTION
-
-        args.autolora_val_fraction = args.autolora_val_fraction or DEFAULT_VAL_FRACTION
-        args.autolora_rank_rule = args.autolora_rank_rule or "softmax"
-        args.autolora_hypergradient = args.autolora_hypergradient or "darts"
-        args.autolora_meta_lr = args.autolora_meta_lr or DEFAULT_BETA_LR
-        args.autolora_rollback = bool(args.autolora_rollback)
-        args.autolora_fd_batched = args.autolora_fd_batched is not False
+    run_flags.fill_method_defaults(args)
+    if args.dash_warmup_steps is None:
+        args.dash_warmup_steps = T.default_dash_warmup_steps(args.gradient_accumulation_steps)
     if args.text_encoder_lr is None:
         args.text_encoder_lr = args.learning_rate
     if args.adam_weight_decay_text_encoder is None:
@@ -493,7 +448,7 @@ class Item:
 
 def load_image(path: Path) -> Image.Image:
     """Open, EXIF-rotate and convert to 8-bit RGB (16-bit and transparent images as a user means them,
-    see ``dashdiff.validation.to_rgb``); a bad or oversized file raises naming it."""
+    see ``input_rules.to_rgb``); a bad or oversized file raises naming it."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -1161,11 +1116,40 @@ def save_reference_output(host: AdapterHost, models: Models, args, device, folde
     save_safetensors(tensors, folder / "reference_output.safetensors", {"prompt": args.instance_prompt})
 
 
-# =========================================================================== main
+# =========================================================================== the run
 
 
-def _mixed_precision_dtype(accelerator) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+@dataclass
+class Run(RunBase):
+    """One DreamBooth run: the shared lifecycle (``dashdiff.training.Run``: step log, run record,
+    checkpoints, loss guard, LoRA-Dash hook) plus what this script's phases share."""
+
+    args: argparse.Namespace = None
+    family: str = ""
+    model_path: str = ""
+    models: Optional[Models] = None
+    weight_dtype: torch.dtype = torch.float32  # frozen weights (mixed precision); trainable ones are float32
+    vae_dtype: torch.dtype = torch.float32
+    unet: Optional[nn.Module] = None  # as prepared (DDP under several processes)
+    encoders: list = field(default_factory=list)  # the text encoders being trained, as prepared
+    loss_fn: Optional[LossFn] = None
+    classes: list = field(default_factory=list)  # class images (prior preservation)
+    val_dataset: Optional[DreamBoothDataset] = None  # AutoLoRA: the held-out instance images
+    bar: Any = None  # the open progress bar
+    on_event: Optional[Callable[[str, dict], None]] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def host(self) -> AdapterHost:
+        """The adapted components, unwrapped: what export, state and LoRA-Dash walk."""
+        unwrap = self.accelerator.unwrap_model
+        return AdapterHost(unwrap(self.unet), [unwrap(t) for t in self.encoders])
+
+    def event(self, name: str, **info: Any) -> None:
+        if self.on_event:
+            self.on_event(name, {"host": self.host(), **info})
 
 
 def _progress(total: int, initial: int, disable: bool, desc: str):
@@ -1174,53 +1158,28 @@ def _progress(total: int, initial: int, disable: bool, desc: str):
     return tqdm(total=total, initial=initial, disable=disable, desc=desc, dynamic_ncols=True)
 
 
-def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None]] = None) -> dict:
-    """Train as the flags say; returns the run record. ``on_event(name, info)`` is called on every
-    process at 'launch' (LoRA-Dash, right after the launch), 'search_end' (AutoLoRA, ranks chosen)
-    and 'end' (after training, before export), with ``info["host"]`` the adapted components.
-    The output folder is locked for the run (released at the end, also on error)."""
-    with T.RunGuard() as guard:
-        return _main(args, on_event, guard)
-
-
-def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None]], guard: T.RunGuard) -> dict:
+def make_accelerator(args: argparse.Namespace, output_dir: Path):
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
-    started = time.time()
-    model_path = resolve_model_path(args)
-    family = detect_family(model_path, args.revision)
-    resolve_defaults(args, family)
-    if args.method == "autolora" and args.autolora_search_steps is None and args.max_train_steps is not None:
-        args.autolora_search_steps = args.max_train_steps
-    output_dir = Path(args.output_dir)
-
-    accelerator = Accelerator(
+    return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
         # Seedable sampler: the data order is a function of (seed, epoch), so a resume can skip into it.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # broadcast_buffers=False under DDP (dashdiff's buffers are equal on every process by construction)
+        kwargs_handlers=T.ddp_kwargs_handlers(),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if not accelerator.is_main_process:
-        logger.setLevel(logging.WARNING)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-    set_seed(args.seed)
 
-    # ---- everything that can refuse the run, before anything is written (but the lock)
-    guard.acquire(accelerator, output_dir)
-    fingerprint = T.args_fingerprint(args)
-    resume = T.resolve_resume(output_dir, args.resume_from_checkpoint)
-    if args.resume_from_checkpoint == "latest" and resume is None:
-        logger.info("--resume_from_checkpoint latest: no checkpoint in %s, starting a new run", output_dir)
-    restart = T.restarts_in_place(output_dir, args.resume_from_checkpoint, resume, fingerprint)
-    T.check_output_dir(output_dir, fingerprint, args.resume_from_checkpoint if resume or restart else None,
-                       args.overwrite_output_dir)
+
+def check_inputs(args: argparse.Namespace, resume: Optional[T.Checkpoint]) -> tuple[list[Item], Optional[tuple]]:
+    """Everything about the data, folders and checkpoint that can refuse the run, before anything is
+    written: (instance items, AutoLoRA's (search-train, search-validation) index split or None)."""
+    output_dir = Path(args.output_dir)
     unique_items = instance_items(args)
-    split: Optional[tuple[list[int], list[int]]] = None  # AutoLoRA: (search-train, search-validation) indices
+    split = None
     if args.method == "autolora":
         from dashdiff.autolora import split_indices
 
@@ -1240,7 +1199,381 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
         if info.get("method") != args.method:
             raise TrainingError(f"{resume.path} was written by a --method {info.get('method')} run; this run is "
                                 f"--method {args.method}")
-    weight_dtype = _mixed_precision_dtype(accelerator)
+    return unique_items, split
+
+
+def run_record(run: Run, unique_items: list[Item], split: Optional[tuple]) -> dict[str, Any]:
+    """The run record as the run starts (dashdiff_run.json)."""
+    args, resume = run.args, run.resume
+    record: dict[str, Any] = {
+        "fingerprint": run.fingerprint, "args": T.run_arguments(args), "family": run.family, "method": args.method,
+        "model_path": run.model_path, "num_processes": run.world, "status": "running",
+        "pid": os.getpid(),  # lets the command line mark this record "failed" (input_rules.mark_failed)
+        "dashdiff_version": dashdiff.__version__, "resumed_from": str(resume.path) if resume else None,
+    }
+    if split is not None:
+        record["autolora_split"] = {part: [str(unique_items[i].path) for i in idx]
+                                    for part, idx in zip(("train", "validation"), split)}
+    previous = T.read_run_record(run.out)
+    if resume is not None and previous and previous.get("fingerprint") != run.fingerprint:
+        logger.warning("resuming a run started with other arguments (hash %s, now %s)", previous.get("fingerprint"),
+                       run.fingerprint)
+        record["previous_fingerprint"] = previous.get("fingerprint")
+    return record
+
+
+def prepare_models(run: Run) -> None:
+    """Devices and precisions (frozen weights in the mixed-precision dtype, trainable ones in fp32;
+    the AutoLoRA search keeps the UNet in fp32: its finite-difference hypergradient needs it) and
+    the adapters of the phase the run starts in (a resumed retrain: the recorded ranks)."""
+    args, models, device, resume = run.args, run.models, run.device, run.resume
+    run.vae_dtype = torch.float32 if (run.family == "sdxl" and not args.pretrained_vae_model_name_or_path) \
+        else run.weight_dtype
+    models.vae.to(device, run.vae_dtype)
+    models.unet.to(device, torch.float32 if args.method == "autolora" else run.weight_dtype)
+    for te in models.text_encoders:
+        te.to(device, run.weight_dtype)
+    if args.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            for te in models.text_encoders:
+                te.gradient_checkpointing_enable()
+
+    train_encoders: list[nn.Module] = models.text_encoders if args.train_text_encoder else []
+    if args.method == "autolora" and resume is not None and resume.phase == "train":
+        run.ranks = run.recorded_ranks()
+        models.unet.add_adapter(retrain_adapter_config(args, run.ranks))
+    else:
+        models.unet.add_adapter(adapter_config(args, args.lora_layers))
+    for te in train_encoders:
+        add_text_encoder_adapter(te, adapter_config(args, TEXT_ENCODER_LAYERS))
+    if run.weight_dtype != torch.float32:
+        from diffusers.training_utils import cast_training_params
+
+        cast_training_params([models.unet, *train_encoders], dtype=torch.float32)
+    run.unet, run.encoders = models.unet, list(train_encoders)
+
+
+def dataset_for(run: Run, part: Sequence[Item], with_classes: bool = True) -> DreamBoothDataset:
+    args = run.args
+    ds = DreamBoothDataset(part, run.classes if with_classes else [], args.resolution, args.center_crop,
+                           args.random_flip, args.image_interpolation_mode, args.seed)
+    if args.cache_latents:
+        cache_latents(ds, run.models, run.device, run.vae_dtype)
+    return ds
+
+
+def betas_of(run: Run) -> list[nn.Parameter]:
+    """AutoLoRA's β: the outer variable, stepped by its own optimizer, never by the weights'."""
+    return [p for n, p in run.accelerator.unwrap_model(run.unet).named_parameters() if "lora_autolora_beta" in n]
+
+
+def setup_phase(run: Run, name: str, part: Sequence[Item], steps: Optional[int],
+                epochs: Optional[float] = None) -> Phase:
+    """Prepare model, optimizer, scheduler and data loader for one phase ('search' or 'train')."""
+    args, accelerator = run.args, run.accelerator
+    dataloader = accelerator.prepare(make_dataloader(dataset_for(run, part), args))
+    updates = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    if steps is None:
+        steps = run_flags.search_steps(args, updates, args.num_train_epochs * updates) if epochs \
+            else args.num_train_epochs * updates
+    lr_scale = accelerator.num_processes * args.train_batch_size * args.gradient_accumulation_steps if args.scale_lr else 1
+    groups = param_groups(args, accelerator.unwrap_model(run.unet), [accelerator.unwrap_model(t) for t in run.encoders])
+    betas = betas_of(run)
+    for g in groups:
+        g["lr"] *= lr_scale
+        g["params"] = [p for p in g["params"] if not any(p is b for b in betas)]
+    optimizer = make_optimizer(args, groups)
+    scheduler = make_scheduler(args, optimizer, steps, accelerator.num_processes)
+    run.unet, optimizer, scheduler, *run.encoders = accelerator.prepare(run.unet, optimizer, scheduler, *run.encoders)
+    run.loss_fn.train_encoders = list(run.encoders)  # the prepared (DDP) modules, so their gradients are reduced
+    return Phase(name, steps, dataloader, optimizer, scheduler, updates)
+
+
+# =========================================================================== steps
+
+
+def draw(run: Run, batch: dict[str, Any], stream: int, phase_tag: int, step: int, micro: int) -> dict[str, Any]:
+    """The micro-batch's random inputs, from generators derived from the position in training (so a
+    resume draws what an uninterrupted run draws); dropout, which uses the global RNG, reseeded too."""
+    rank = run.accelerator.process_index
+    gen = T.step_generator(run.args.seed, stream, phase_tag, step, micro, rank)
+    torch.manual_seed(T.step_seed(run.args.seed, _DROPOUT, phase_tag, step, micro, rank))
+    return draw_inputs(batch, run.models, gen, run.device, run.args, run.vae_dtype)
+
+
+def train_step(run: Run, phase: Phase, batch: dict[str, Any], step: int, micro: int) -> dict[str, Any]:
+    """One micro-batch of the training phase; the optimizer steps when accelerate's accumulation
+    window ends. The loss is checked on every process before ``backward``."""
+    accelerator, args = run.accelerator, run.args
+    inputs = draw(run, batch, _NOISE, 1, step, micro)
+    with accelerator.accumulate(run.unet, *run.encoders):
+        loss = run.loss_fn(run.unet, inputs)
+        mean = run.check_loss(loss, step, phase.name)  # NaN anywhere stops every process together
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm:
+            accelerator.clip_grad_norm_(trainable([run.unet, *run.encoders]), args.max_grad_norm)
+        skipped = T.optimizer_step(phase.optimizer)
+        phase.scheduler.step()
+        phase.optimizer.zero_grad(set_to_none=True)
+    return {"train_loss": float(mean), "skipped": skipped}
+
+
+def val_batch(run: Run, step: int, micro: int) -> dict[str, Any]:
+    """AutoLoRA: a batch of held-out instance images with its own noise and timesteps (no prior term)."""
+    args, rank = run.args, run.accelerator.process_index
+    gen = T.step_generator(args.seed, _VAL_PICK, step, micro, rank)
+    idx = torch.randint(0, len(run.val_dataset), (args.train_batch_size,), generator=gen).tolist()
+    batch = collate([run.val_dataset.example(i, step) for i in idx])
+    vgen = T.step_generator(args.seed, _VAL_NOISE, step, micro, rank)
+    inputs = draw_inputs(batch, run.models, vgen, run.device, args, run.vae_dtype)
+    inputs["prior"] = False
+    return inputs
+
+
+def search_loss(run: Run, step: int, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """Every loss pass of the search (inner, validation, finite differences), checked on every
+    process; BilevelStep puts w, β and the optimizers back when this raises."""
+    loss = run.loss_fn(model, inputs)
+    run.check_loss(loss, step, "search")
+    return loss
+
+
+def search_step(run: Run, bilevel: Any, batch: dict[str, Any], step: int, micro: int) -> dict[str, Any]:
+    inputs = draw(run, batch, _NOISE, 0, step, micro)
+    return bilevel.step(inputs, val_batch(run, step, micro), partial(search_loss, run, step))
+
+
+def run_loop(run: Run, phase: Phase, start: int, step_fn: Callable[..., dict], bilevel_mode: bool = False) -> None:
+    """Epochs over the phase's data from optimizer step ``start``: skip what a resume has seen."""
+    args, accelerator = run.args, run.accelerator
+    label = {"search": "search", "train": "retrain" if args.method == "autolora" else "train"}[phase.name]
+    if start >= phase.max_steps:  # resumed from the phase's last checkpoint: nothing left to train
+        logger.info("%s: all %d steps were done before the checkpoint; nothing left to train", label, phase.max_steps)
+        return
+    bar = run.bar = _progress(phase.max_steps, start, not accelerator.is_local_main_process, label)
+    step = start
+    num_epochs = math.ceil(phase.max_steps / phase.updates_per_epoch)
+    first_epoch = start // phase.updates_per_epoch
+    skip = (start % phase.updates_per_epoch) * args.gradient_accumulation_steps
+    accum = args.gradient_accumulation_steps
+    for epoch in range(first_epoch, num_epochs):
+        run.unet.train()
+        for t in run.encoders:
+            t.train()
+        phase.dataloader.set_epoch(epoch)
+        loader = phase.dataloader
+        if epoch == first_epoch and skip:
+            loader = accelerator.skip_first_batches(phase.dataloader, skip)
+            loader.set_epoch(epoch)
+        micro = 0
+        losses: list[float] = []
+        n_batches = len(phase.dataloader) - (skip if epoch == first_epoch else 0)
+        for i, batch in enumerate(loader):
+            out = step_fn(batch, step, micro)
+            losses.append(out["train_loss"])
+            micro += 1
+            # An optimizer step ends after `accum` micro-batches or at the end of the epoch
+            # (accelerate syncs at the end of the data loader too).
+            if micro < accum and i + 1 < n_batches:
+                continue
+            micro = 0
+            skipped = bool(out.get("skipped"))
+            if bilevel_mode:
+                phase.scheduler.step()
+            step += 1
+            # The phase the step's loss was computed in (a launch happens after its step).
+            if args.method == "dash":
+                label = "dash" if run.launch is not None else "pre-launch"
+            row = {"step": step, "phase": label, "phase_kind": phase.name, "loss": sum(losses) / len(losses),
+                   "lr": phase.scheduler.get_last_lr()[0], "epoch": epoch}
+            if bilevel_mode and out.get("val_loss") is not None:
+                row["val_loss"] = out["val_loss"]
+            losses = []
+            if run.after_optimizer_step(run.host(), step, skipped):  # LoRA-Dash launched after this step
+                run.launch["directions"] = args.dash_directions
+                logger.info("LoRA-Dash launched after optimizer step %d: %d directions in each of %d layers, chosen in "
+                            "%.2f s", step, args.dash_directions, run.launch["layers"], run.launch["seconds"])
+                run.event("launch", step=step)
+            run.log.write(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", phase=row["phase"])
+            if args.report_to != "none":
+                accelerator.log({"loss": row["loss"], "lr": row["lr"]}, step=step)
+            if step % args.checkpointing_steps == 0:
+                run.save_checkpoint(phase.name, step)  # with AutoLoRA's ranks in the retrain
+            if step >= phase.max_steps:
+                break
+        if (args.validation_prompt and phase.name == "train" and (epoch + 1) % args.validation_epochs == 0
+                and step < phase.max_steps):
+            validate(run, f"epoch-{epoch + 1}")
+        if step >= phase.max_steps:
+            break
+    bar.close()
+
+
+def validate(run: Run, tag: str) -> None:
+    """Render the validation prompt with the modules being trained (main process)."""
+    if not run.accelerator.is_main_process:
+        return
+    unwrap = run.accelerator.unwrap_model
+    was_training = run.unet.training
+    # --train_text_encoder adapts every text encoder, so the list is all or nothing.
+    texts = [unwrap(t) for t in run.encoders] if run.encoders else run.models.text_encoders
+    pipe = build_pipeline(run.models, unwrap(run.unet), texts, run.weight_dtype)
+    images = render(pipe, run.args.validation_prompt, run.args.num_validation_images, run.args, run.device)
+    folder = run.out / "validation"
+    folder.mkdir(exist_ok=True)
+    for i, img in enumerate(images):
+        img.save(folder / f"{tag}-{i}.png")
+    run.unet.train(was_training)
+
+
+# =========================================================================== phases
+
+
+def search(run: Run, search_items: Sequence[Item]) -> dict[str, int]:
+    """AutoLoRA's bi-level search; returns the per-layer ranks (α at the end in ``run.alphas``)."""
+    from dashdiff.autolora import BilevelStep
+
+    args, accelerator, resume = run.args, run.accelerator, run.resume
+    phase = setup_phase(run, "search", search_items, args.autolora_search_steps, args.autolora_search_epochs)
+    args.autolora_search_steps = phase.max_steps
+    beta_opt = T.prepared_beta_optimizer(accelerator, betas_of(run), args.autolora_meta_lr)  # checkpointed with it
+    bilevel = BilevelStep(run.unet, weight_optimizer=phase.optimizer, beta_optimizer=beta_opt,
+                          mode=args.autolora_hypergradient, rollback=args.autolora_rollback, accelerator=accelerator,
+                          max_grad_norm=args.max_grad_norm, fd_batched=args.autolora_fd_batched, double=double_inputs)
+    start = 0
+    if resume is not None and resume.phase == "search":
+        run.load_checkpoint(resume)
+        start = resume.step
+    run_loop(run, phase, start, partial(search_step, run, bilevel), bilevel_mode=True)
+    root = accelerator.unwrap_model(run.unet)
+    run.alphas.update({n: a.tolist() for n, a in dashdiff.selection_weights(root).items()})
+    return dashdiff.determine_ranks(root)
+
+
+def switch_to_retrain(run: Run, ranks: dict[str, int]) -> None:
+    """AutoLoRA's retrain: a fresh plain LoRA with the found ranks on the UNet, on all instance images;
+    the search's checkpoint is used up."""
+    run.start_retrain(ranks)
+    run.event("search_end", ranks=ranks)
+    logger.info("AutoLoRA search done: per-layer ranks %s", _rank_histogram(ranks))
+    root = run.accelerator.unwrap_model(run.unet)
+    run.accelerator.free_memory()
+    run.unet = root
+    root.delete_adapters("default")
+    torch.manual_seed(T.step_seed(run.args.seed, 99))  # the fresh LoRA's init does not depend on how the search ran
+    root.add_adapter(retrain_adapter_config(run.args, ranks))
+    if run.weight_dtype != torch.float32:
+        from diffusers.training_utils import cast_training_params
+
+        root.to(dtype=run.weight_dtype)
+        cast_training_params([root], dtype=torch.float32)
+
+
+def train(run: Run, items: Sequence[Item]) -> dict[str, Any]:
+    """The training phase (LoRA, LoRA-Dash, AutoLoRA's retrain) from ``run.resume`` on; returns its timing."""
+    args, accelerator, resume = run.args, run.accelerator, run.resume
+    phase = setup_phase(run, "train", items, args.max_train_steps)
+    if args.method == "dash":  # the number of steps from epochs is known only now
+        V.raise_errors([V.dash_warmup_error(args.dash_warmup_steps, phase.max_steps, "--num_train_epochs "
+                                            f"{args.num_train_epochs} x {phase.updates_per_epoch} per epoch")])
+    args.max_train_steps = phase.max_steps
+    start = 0
+    if resume is not None and resume.phase == "train":
+        run.load_checkpoint(resume)
+        start = resume.step
+        if args.method == "dash":
+            launched = [l.lora_dash_launch_step[a] for _, l, a in dashdiff.walk.iter_layers(run.host(), "dash")]
+            if launched and int(launched[0]) >= 0:
+                run.launch = {"step": int(launched[0]), "seconds": None, "directions": args.dash_directions,
+                              "layers": len(launched), "restored": True}
+    if args.method == "dash" and args.dash_prefetch_spectra:
+        # the launch's W0 spectra on the host, beside the pre-launch steps (BENCHMARKS.md: ~3 s of
+        # an SDXL run instead of ~9 s at launch); layers already launched (resume) are skipped
+        dashdiff.prefetch_spectra(run.host())
+    loop_started = time.time()
+    run_loop(run, phase, start, partial(train_step, run, phase))
+    accelerator.wait_for_everyone()
+    timing = {"steps": phase.max_steps - start, "seconds": round(time.time() - loop_started, 2)}
+    run.event("end", step=phase.max_steps)
+    return timing
+
+
+def write_outputs(run: Run, started: float, train_timing: dict[str, Any]) -> None:
+    """The stock-loadable LoRA (and kohya file), dashdiff's full state, the rank report, validation
+    images from a stock load, the model card and the final run record (main process)."""
+    args, output_dir, record = run.args, run.out, run.record
+    final_host = run.host()
+    if not run.accelerator.is_main_process:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "not launched yet" is reported in the record instead
+        dashdiff.export_lora(final_host, output_dir, format="diffusers")
+        if args.output_kohya_format:
+            # the host has no scheduler: the metadata's SD 2.x 512 / 768-v label needs the prediction type
+            dashdiff.export_lora(final_host, output_dir, format="kohya",
+                                 prediction_type=run.models.noise_scheduler.config.prediction_type)
+    dashdiff.save_adapter(final_host, output_dir / T.ADAPTER_STATE)
+    if args.save_reference_output:
+        save_reference_output(final_host, run.models, args, run.device, output_dir)
+    if run.ranks is not None:
+        _write_ranks(output_dir, run.ranks, run.alphas, args)
+    record.update(status="done", global_step=args.max_train_steps, seconds=round(time.time() - started, 2),
+                  train_loop=train_timing, dash_launch=run.launch, autolora_ranks=run.ranks,
+                  lora_weights=str(output_dir / "pytorch_lora_weights.safetensors"))
+    images = []
+    if args.validation_prompt:
+        images = final_validation(args, run.models, run.model_path, output_dir, run.weight_dtype, run.device)
+    record["validation_images"] = images
+    T.write_model_card(output_dir, model_card(args, run.family, record, images))  # spares a user's README.md
+    T.write_run_record(output_dir, record)
+    logger.info("done: %s (stock-loadable LoRA), %s (full dashdiff state)", output_dir / "pytorch_lora_weights.safetensors",
+                output_dir / T.ADAPTER_STATE)
+
+
+# =========================================================================== main
+
+
+def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None]] = None) -> dict:
+    """Train as the flags say; returns the run record. ``on_event(name, info)`` is called on every
+    process at 'launch' (LoRA-Dash, right after the launch), 'search_end' (AutoLoRA, ranks chosen)
+    and 'end' (after training, before export), with ``info["host"]`` the adapted components.
+    The output folder is locked for the run (released at the end, also on error)."""
+    with T.RunGuard() as guard:
+        return _main(args, on_event, guard)
+
+
+def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None]], guard: T.RunGuard) -> dict:
+    from accelerate.utils import set_seed
+
+    started = time.time()
+    model_path = resolve_model_path(args)
+    family = detect_family(model_path, args.revision)
+    resolve_defaults(args, family)
+    if (args.method == "autolora" and args.autolora_search_steps is None and args.autolora_search_epochs is None
+            and args.max_train_steps is not None):
+        args.autolora_search_steps = args.max_train_steps
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args, output_dir)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_main_process:
+        logger.setLevel(logging.WARNING)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(args.seed)
+
+    # ---- everything that can refuse the run, before anything is written (but the lock)
+    guard.acquire(accelerator, output_dir)
+    fingerprint = T.args_fingerprint(args)
+    resume = T.resolve_resume(output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint == "latest" and resume is None:
+        logger.info("--resume_from_checkpoint latest: no checkpoint in %s, starting a new run", output_dir)
+    restart = T.restarts_in_place(output_dir, args.resume_from_checkpoint, resume, fingerprint)
+    T.check_output_dir(output_dir, fingerprint, args.resume_from_checkpoint if resume or restart else None,
+                       args.overwrite_output_dir)
+    unique_items, split = check_inputs(args, resume)
     models = load_models(args, family, model_path, torch.float32)
     check_lora_layers(models.unet, args.lora_layers)
     accelerator.wait_for_everyone()  # every process has checked the folder before rank 0 writes to it
@@ -1250,380 +1583,51 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
             T.clear_for_overwrite(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    record: dict[str, Any] = {
-        "fingerprint": fingerprint, "args": T.run_arguments(args), "family": family, "method": args.method,
-        "model_path": model_path, "num_processes": accelerator.num_processes, "status": "running",
-        "pid": os.getpid(),  # lets the command line mark this record "failed" (dashdiff.validation.mark_failed)
-        "dashdiff_version": dashdiff.__version__, "resumed_from": str(resume.path) if resume else None,
-    }
-    if split is not None:
-        record["autolora_split"] = {part: [str(unique_items[i].path) for i in idx]
-                                    for part, idx in zip(("train", "validation"), split)}
-    previous = T.read_run_record(output_dir)
-    if resume is not None and previous and previous.get("fingerprint") != fingerprint:
-        logger.warning("resuming a run started with other arguments (hash %s, now %s)", previous.get("fingerprint"),
-                       fingerprint)
-        record["previous_fingerprint"] = previous.get("fingerprint")
-    steps_log = T.StepLog(output_dir / T.STEP_LOG, enabled=accelerator.is_main_process)
-
-    def commit_start() -> None:
-        """Record the run as running and cut the step log back to the resume point: only once the
-        resume has been loaded, so a refused or failed resume leaves the folder as it was."""
-        if resume is not None:
-            order = {"search": 0, "train": 1}
-            steps_log.truncate(lambda r: (order[r["phase_kind"]], r["step"]) <= (order[resume.phase], resume.step))
-        elif restart:
-            steps_log.truncate(lambda r: False)
-        if accelerator.is_main_process:
-            T.write_run_record(output_dir, record)
-
+    run = Run(accelerator=accelerator, out=output_dir, fingerprint=fingerprint, method=args.method,
+              log=T.StepLog(output_dir / T.STEP_LOG, enabled=accelerator.is_main_process), resume=resume,
+              restart=restart, total_limit=args.checkpoints_total_limit, advice=run_flags.nan_advice,
+              log_events=False,  # this script's step log holds optimizer steps only
+              last_checkpoint=resume.path if resume else None, args=args, family=family, model_path=model_path,
+              models=models, weight_dtype=T.mixed_precision_dtype(accelerator), on_event=on_event)
+    run.record = run_record(run, unique_items, split)
     if resume is None:
-        commit_start()
-
-    last_checkpoint: list[Optional[Path]] = [resume.path if resume else None]
-    state: dict[str, Any] = {"launch": None, "bar": None}  # the LoRA-Dash launch; the open progress bar
+        run.commit()  # else once the checkpoint has been loaded: a failed resume changes nothing
     try:
-        # ---- class images
         if args.with_prior_preservation:
             generate_class_images(args, models, accelerator)
-        classes = class_items(args)
+        run.classes = class_items(args)
+        prepare_models(run)
+        T.register_state_hooks(accelerator, run.host, dashdiff.save_adapter, dashdiff.load_adapter)
 
-        # ---- devices and precisions: frozen weights in the mixed-precision dtype, trainable in fp32.
-        # The AutoLoRA search keeps the UNet in fp32 (its finite-difference hypergradient needs it).
-        device = accelerator.device
-        vae_dtype = torch.float32 if (family == "sdxl" and not args.pretrained_vae_model_name_or_path) else weight_dtype
-        models.vae.to(device, vae_dtype)
-        unet_dtype = torch.float32 if args.method == "autolora" else weight_dtype
-        models.unet.to(device, unet_dtype)
-        for te in models.text_encoders:
-            te.to(device, weight_dtype)
-        if args.gradient_checkpointing:
-            models.unet.enable_gradient_checkpointing()
-            if args.train_text_encoder:
-                for te in models.text_encoders:
-                    te.gradient_checkpointing_enable()
-
-        # ---- adapters
-        train_encoders: list[nn.Module] = models.text_encoders if args.train_text_encoder else []
-        phase_name = resume.phase if resume is not None else ("search" if args.method == "autolora" else "train")
-        ranks: Optional[dict[str, int]] = None
-        alphas: dict[str, list[float]] = {}  # AutoLoRA: α per layer at the end of the search, for the report
-        if args.method == "autolora" and phase_name == "train":
-            info = T.read_checkpoint_info(resume.path)
-            ranks = {k: int(v) for k, v in info["autolora_ranks"].items()}
-            alphas.update(info.get("autolora_alphas", {}))
-            models.unet.add_adapter(retrain_adapter_config(args, ranks))
-        else:
-            models.unet.add_adapter(adapter_config(args, args.lora_layers))
-        for te in train_encoders:
-            add_text_encoder_adapter(te, adapter_config(args, TEXT_ENCODER_LAYERS))
-        if weight_dtype != torch.float32:
-            from diffusers.training_utils import cast_training_params
-
-            cast_training_params([models.unet, *train_encoders], dtype=torch.float32)
-
-        def host() -> AdapterHost:
-            return AdapterHost(accelerator.unwrap_model(unet), [accelerator.unwrap_model(t) for t in encoders])
-
-        T.register_state_hooks(accelerator, host, dashdiff.save_adapter, dashdiff.load_adapter)
-
-        # ---- data
-        cache = PromptCache()
-        prior = bool(classes)
+        # ---- data: AutoLoRA searches on part of the instance images, validated on the rest
         items = unique_items * args.repeats
         search_items, val_items = items, []
         if split is not None:
             search_items = [unique_items[i] for i in split[0]] * args.repeats
             val_items = [unique_items[i] for i in split[1]]
-
-        def dataset_for(part: Sequence[Item], with_classes: bool = True) -> DreamBoothDataset:
-            ds = DreamBoothDataset(part, classes if with_classes else [], args.resolution, args.center_crop,
-                                   args.random_flip, args.image_interpolation_mode, args.seed)
-            if args.cache_latents:
-                cache_latents(ds, models, device, vae_dtype)
-            return ds
-
+        cache = PromptCache()
         if args.pre_compute_text_embeddings:
-            cache.get(models, [i.prompt for i in items] + [c.prompt for c in classes] + [args.instance_prompt], args, device)
-        loss_fn = LossFn(models, args, cache, train_encoders, prior)
-        val_dataset = dataset_for(val_items, with_classes=False) if val_items else None
-
-        unet = models.unet
-        encoders: list[nn.Module] = list(train_encoders)
+            cache.get(models, [i.prompt for i in items] + [c.prompt for c in run.classes] + [args.instance_prompt],
+                      args, run.device)
+        run.loss_fn = LossFn(models, args, cache, run.encoders, bool(run.classes))
+        run.val_dataset = dataset_for(run, val_items, with_classes=False) if val_items else None
         if accelerator.is_main_process and args.report_to != "none":
             accelerator.init_trackers("dreambooth-dash", config={k: v for k, v in T.run_arguments(args).items()
                                                                   if isinstance(v, (int, float, str, bool))})
 
-        def setup_phase(name: str, part: Sequence[Item], steps: Optional[int]) -> Phase:
-            """Prepare model, optimizer, scheduler and data loader for one phase."""
-            nonlocal unet, encoders
-            dataloader = accelerator.prepare(make_dataloader(dataset_for(part), args))
-            updates = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
-            if steps is None:
-                steps = args.num_train_epochs * updates
-            lr_scale = accelerator.num_processes * args.train_batch_size * args.gradient_accumulation_steps if args.scale_lr else 1
-            groups = param_groups(args, accelerator.unwrap_model(unet), [accelerator.unwrap_model(t) for t in encoders])
-            for g in groups:
-                g["lr"] *= lr_scale
-                # AutoLoRA: β is the outer variable, stepped by its own optimizer, never by the weights'.
-                g["params"] = [p for p in g["params"] if not any(p is b for b in betas_of(unet))]
-            optimizer = make_optimizer(args, groups)
-            scheduler = make_scheduler(args, optimizer, steps, accelerator.num_processes)
-            unet, optimizer, scheduler, *encoders = accelerator.prepare(unet, optimizer, scheduler, *encoders)
-            loss_fn.train_encoders = list(encoders)  # the prepared (DDP) modules, so their gradients are reduced
-            return Phase(name, steps, dataloader, optimizer, scheduler, updates)
-
-        def betas_of(model: nn.Module) -> list[nn.Parameter]:
-            return [p for n, p in accelerator.unwrap_model(model).named_parameters() if "lora_autolora_beta" in n]
-
-        # ================================================================ AutoLoRA search
-        def run_search() -> dict[str, int]:
-            from dashdiff.autolora import BilevelStep
-
-            phase = setup_phase("search", search_items, args.autolora_search_steps)
-            args.autolora_search_steps = phase.max_steps
-            # β's optimizer is prepared too, so save_state / load_state carry its Adam moments.
-            beta_opt = accelerator.prepare_optimizer(
-                torch.optim.Adam(betas_of(unet), lr=args.autolora_meta_lr, betas=(0.5, 0.999)))
-            bilevel = BilevelStep(unet, weight_optimizer=phase.optimizer, beta_optimizer=beta_opt, mode=args.autolora_hypergradient,
-                                  rollback=args.autolora_rollback, accelerator=accelerator,
-                                  max_grad_norm=args.max_grad_norm, fd_batched=args.autolora_fd_batched,
-                                  double=double_inputs)
-            start = resume.step if resume is not None and resume.phase == "search" else 0
-            if start:
-                accelerator.load_state(str(resume.path))
-                commit_start()
-
-            def val_batch(step: int, micro: int) -> dict[str, Any]:
-                gen = T.step_generator(args.seed, _VAL_PICK, step, micro, accelerator.process_index)
-                idx = torch.randint(0, len(val_dataset), (args.train_batch_size,), generator=gen).tolist()
-                batch = collate([val_dataset.example(i, step) for i in idx])
-                vgen = T.step_generator(args.seed, _VAL_NOISE, step, micro, accelerator.process_index)
-                inputs = draw_inputs(batch, models, vgen, device, args, vae_dtype)
-                inputs["prior"] = False
-                return inputs
-
-            def guarded_loss(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-                # Every loss pass (inner, validation, finite differences) is checked on every process;
-                # BilevelStep puts w, β and the optimizers back when this raises.
-                loss = loss_fn(model, inputs)
-                T.check_finite_loss(accelerator.reduce(loss.detach().clone(), "mean"), guarded_loss.step, "search",
-                                    last_checkpoint[0])
-                return loss
-
-            def search_step(batch, step: int, micro: int) -> dict[str, Any]:
-                gen = T.step_generator(args.seed, _NOISE, 0, step, micro, accelerator.process_index)
-                torch.manual_seed(T.step_seed(args.seed, _DROPOUT, 0, step, micro, accelerator.process_index))
-                inputs = draw_inputs(batch, models, gen, device, args, vae_dtype)
-                guarded_loss.step = step
-                return bilevel.step(inputs, val_batch(step, micro), guarded_loss)
-
-            run_loop(phase, start, search_step, bilevel_mode=True)
-            root = accelerator.unwrap_model(unet)
-            alphas.update({n: a.tolist() for n, a in dashdiff.selection_weights(root).items()})
-            return dashdiff.determine_ranks(root)
-
-        # ================================================================ the step loop
-
-        def train_step(batch, step: int, micro: int):
-            gen = T.step_generator(args.seed, _NOISE, 1, step, micro, accelerator.process_index)
-            # Dropout uses the global RNG: reseed it from the position so a resume draws the same masks.
-            torch.manual_seed(T.step_seed(args.seed, _DROPOUT, 1, step, micro, accelerator.process_index))
-            inputs = draw_inputs(batch, models, gen, device, args, vae_dtype)
-            with accelerator.accumulate(unet, *encoders):
-                loss = loss_fn(unet, inputs)
-                mean = accelerator.reduce(loss.detach(), "mean")  # NaN anywhere stops every process together
-                T.check_finite_loss(mean, step, current_phase[0].name, last_checkpoint[0])
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable([unet, *encoders]), args.max_grad_norm)
-                scale = T.loss_scale(current_phase[0].optimizer)
-                current_phase[0].optimizer.step()
-                skipped = T.step_skipped(current_phase[0].optimizer, scale)
-                current_phase[0].scheduler.step()
-                current_phase[0].optimizer.zero_grad(set_to_none=True)
-            return {"train_loss": float(mean), "skipped": skipped}
-
-        current_phase: list[Optional[Phase]] = [None]
-
-        def save_checkpoint(phase: Phase, step: int, extra: dict) -> None:
-            # written aside and renamed into place complete; older ones pruned only after that
-            path = T.save_checkpoint(accelerator, output_dir, phase.name, step,
-                                     {"method": args.method, "fingerprint": fingerprint, **extra},
-                                     args.checkpoints_total_limit)
-            last_checkpoint[0] = path
-            logger.info("saved %s", path)
-
-        def run_loop(phase: Phase, start: int, step_fn, bilevel_mode: bool = False) -> None:
-            """Epochs over the phase's data from optimizer step ``start``: skip what a resume has seen."""
-            current_phase[0] = phase
-            label = {"search": "search", "train": "retrain" if args.method == "autolora" else "train"}[phase.name]
-            if start >= phase.max_steps:  # resumed from the phase's last checkpoint: nothing left to train
-                logger.info("%s: all %d steps were done before the checkpoint; nothing left to train", label,
-                            phase.max_steps)
-                return
-            bar = state["bar"] = _progress(phase.max_steps, start, not accelerator.is_local_main_process, label)
-            step = start
-            num_epochs = math.ceil(phase.max_steps / phase.updates_per_epoch)
-            first_epoch = start // phase.updates_per_epoch
-            skip = (start % phase.updates_per_epoch) * args.gradient_accumulation_steps
-            accum = args.gradient_accumulation_steps
-            for epoch in range(first_epoch, num_epochs):
-                unet.train()
-                for t in encoders:
-                    t.train()
-                phase.dataloader.set_epoch(epoch)
-                loader = phase.dataloader
-                if epoch == first_epoch and skip:
-                    loader = accelerator.skip_first_batches(phase.dataloader, skip)
-                    loader.set_epoch(epoch)
-                micro = 0
-                losses: list[float] = []
-                n_batches = len(phase.dataloader) - (skip if epoch == first_epoch else 0)
-                for i, batch in enumerate(loader):
-                    out = step_fn(batch, step, micro)
-                    losses.append(out["train_loss"])
-                    micro += 1
-                    # An optimizer step ends after `accum` micro-batches or at the end of the epoch
-                    # (accelerate syncs at the end of the data loader too).
-                    if micro < accum and i + 1 < n_batches:
-                        continue
-                    micro = 0
-                    skipped = bool(out.get("skipped"))
-                    if bilevel_mode:
-                        phase.scheduler.step()
-                    step += 1
-                    # The phase the step's loss was computed in (a launch happens after its step).
-                    if args.method == "dash":
-                        label = "dash" if state["launch"] is not None else "pre-launch"
-                    row = {"step": step, "phase": label, "phase_kind": phase.name, "loss": sum(losses) / len(losses),
-                           "lr": phase.scheduler.get_last_lr()[0], "epoch": epoch}
-                    if bilevel_mode and out.get("val_loss") is not None:
-                        row["val_loss"] = out["val_loss"]
-                    losses = []
-                    if args.method == "dash" and not skipped:
-                        if dashdiff.dash_step(host()):
-                            state["launch"] = {"step": step, "seconds": dashdiff.dash.last_launch_seconds,
-                                               "directions": args.dash_directions,
-                                               "layers": sum(1 for _ in dashdiff.walk.iter_layers(host(), "dash"))}
-                            logger.info("LoRA-Dash launched after optimizer step %d: %d directions in each of %d layers, "
-                                        "chosen in %.2f s", step, args.dash_directions, state["launch"]["layers"],
-                                        state["launch"]["seconds"])
-                            if on_event:
-                                on_event("launch", {"host": host(), "step": step})
-                    steps_log.write(row)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", phase=row["phase"])
-                    if args.report_to != "none":
-                        accelerator.log({"loss": row["loss"], "lr": row["lr"]}, step=step)
-                    if step % args.checkpointing_steps == 0:
-                        save_checkpoint(phase, step, {"autolora_ranks": ranks, "autolora_alphas": alphas} if ranks else {})
-                    if step >= phase.max_steps:
-                        break
-                if (args.validation_prompt and phase.name == "train" and (epoch + 1) % args.validation_epochs == 0
-                        and step < phase.max_steps):
-                    validate(f"epoch-{epoch + 1}")
-                if step >= phase.max_steps:
-                    break
-            bar.close()
-
-        def validate(tag: str) -> None:
-            if not accelerator.is_main_process:
-                return
-            was_training = unet.training
-            # --train_text_encoder adapts every text encoder, so the list is all or nothing.
-            texts = [accelerator.unwrap_model(t) for t in encoders] if encoders else models.text_encoders
-            pipe = build_pipeline(models, accelerator.unwrap_model(unet), texts, weight_dtype)
-            images = render(pipe, args.validation_prompt, args.num_validation_images, args, device)
-            folder = output_dir / "validation"
-            folder.mkdir(exist_ok=True)
-            for i, img in enumerate(images):
-                img.save(folder / f"{tag}-{i}.png")
-            unet.train(was_training)
-
-        # ================================================================ run the phases
-        if args.method == "autolora" and phase_name == "search":
-            ranks = run_search()
-            if on_event:
-                on_event("search_end", {"host": host(), "ranks": ranks})
-            logger.info("AutoLoRA search done: per-layer ranks %s", _rank_histogram(ranks))
-            # Retrain: a fresh plain LoRA with the found ranks, on all instance images.
-            root = accelerator.unwrap_model(unet)
-            accelerator.free_memory()
-            unet = root
-            unet.delete_adapters("default")
-            torch.manual_seed(T.step_seed(args.seed, 99))  # the fresh LoRA's init does not depend on how the search ran
-            unet.add_adapter(retrain_adapter_config(args, ranks))
-            if weight_dtype != torch.float32:
-                from diffusers.training_utils import cast_training_params
-
-                unet.to(dtype=weight_dtype)
-                cast_training_params([unet], dtype=torch.float32)
-            resume = None
-        phase = setup_phase("train", items, args.max_train_steps)
-        if args.method == "dash":  # the number of steps from epochs is known only now
-            V.raise_errors([V.dash_warmup_error(args.dash_warmup_steps, phase.max_steps, "--num_train_epochs "
-                                                f"{args.num_train_epochs} x {phase.updates_per_epoch} per epoch")])
-        args.max_train_steps = phase.max_steps
-        start = 0
-        if resume is not None and resume.phase == "train":
-            accelerator.load_state(str(resume.path))
-            commit_start()
-            start = resume.step
-            if args.method == "dash":
-                launched = [l.lora_dash_launch_step[a] for _, l, a in dashdiff.walk.iter_layers(host(), "dash")]
-                if launched and int(launched[0]) >= 0:
-                    state["launch"] = {"step": int(launched[0]), "seconds": None, "directions": args.dash_directions,
-                                       "layers": len(launched), "restored": True}
-        if args.method == "dash" and args.dash_prefetch_spectra:
-            # the launch's W0 spectra on the host, beside the pre-launch steps (BENCHMARKS.md: ~3 s of
-            # an SDXL run instead of ~9 s at launch); layers already launched (resume) are skipped
-            dashdiff.prefetch_spectra(host())
-        loop_started = time.time()
-        run_loop(phase, start, train_step)
-        accelerator.wait_for_everyone()
-        train_timing = {"steps": phase.max_steps - start, "seconds": round(time.time() - loop_started, 2)}
-        if on_event:
-            on_event("end", {"host": host(), "step": phase.max_steps})
-
-        # ================================================================ outputs
-        final_host = host()
-        if accelerator.is_main_process:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "not launched yet" is reported in the record instead
-                dashdiff.export_lora(final_host, output_dir, format="diffusers")
-                if args.output_kohya_format:
-                    # the host has no scheduler: the metadata's SD 2.x 512 / 768-v label needs the prediction type
-                    dashdiff.export_lora(final_host, output_dir, format="kohya",
-                                         prediction_type=models.noise_scheduler.config.prediction_type)
-            dashdiff.save_adapter(final_host, output_dir / T.ADAPTER_STATE)
-            if args.save_reference_output:
-                save_reference_output(final_host, models, args, device, output_dir)
-            if ranks is not None:
-                _write_ranks(output_dir, ranks, alphas, args)
-            record.update(status="done", global_step=phase.max_steps, seconds=round(time.time() - started, 2),
-                          train_loop=train_timing, dash_launch=state["launch"], autolora_ranks=ranks,
-                          lora_weights=str(output_dir / "pytorch_lora_weights.safetensors"))
-            images = []
-            if args.validation_prompt:
-                images = final_validation(args, models, model_path, output_dir, weight_dtype, device)
-            record["validation_images"] = images
-            T.write_model_card(output_dir, model_card(args, family, record, images))  # spares a user's README.md
-            T.write_run_record(output_dir, record)
-            logger.info("done: %s (stock-loadable LoRA), %s (full dashdiff state)", output_dir / "pytorch_lora_weights.safetensors",
-                        output_dir / T.ADAPTER_STATE)
+        if args.method == "autolora" and (resume is None or resume.phase == "search"):
+            switch_to_retrain(run, search(run, search_items))
+        train_timing = train(run, items)
+        write_outputs(run, started, train_timing)
         accelerator.wait_for_everyone()
     except (T.NonFiniteLossError, T.CheckpointWriteError) as err:
-        if state["bar"] is not None:
-            state["bar"].close()  # end the progress line, so the error is a line of its own
-        # Leave a record of why there are no final weights; the last good checkpoint stays as it was.
-        if accelerator.is_main_process:
-            why = "non-finite loss" if isinstance(err, T.NonFiniteLossError) else "checkpoint write failed"
-            T.mark_stopped(output_dir, why, err, last_checkpoint[0], record)
+        if run.bar is not None:
+            run.bar.close()  # end the progress line, so the error is a line of its own
+        run.stop(err)  # the record says why there are no final weights; the last good checkpoint is kept
         accelerator.end_training()
         raise
     accelerator.end_training()
-    return record
+    return run.record
 
 
 def _rank_histogram(ranks: dict[str, int]) -> str:

@@ -3,10 +3,12 @@
 Usage: ``dreambooth_runs.py [--dump DIR] ARGS... [--next ARGS...]...``: each group of arguments is
 one ``train/dreambooth_dash.py`` run. With ``--dump DIR``, every process writes, at each LoRA-Dash
 launch, AutoLoRA search end and training end, its adapter tensors (δ, U_s, V_s, β, A, B) to
-``DIR/<run>-<event>-rank<i>.safetensors``, so a test can compare the processes.
+``DIR/<run>-<event>-rank<i>.safetensors``, so a test can compare the processes, and the
+``broadcast_buffers`` setting of every DDP wrapper it made to ``DIR/ddp-rank<i>.json``.
 """
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -48,10 +50,28 @@ def dumper(folder: Path, run: int):
     return on_event
 
 
+def record_ddp(folder: Path) -> None:
+    """Note ``broadcast_buffers`` of every DistributedDataParallel this process builds."""
+    from accelerate.state import PartialState
+
+    ddp = torch.nn.parallel.DistributedDataParallel
+    real_init = ddp.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        path = folder / f"ddp-rank{PartialState().process_index}.json"
+        seen = json.loads(path.read_text()) if path.exists() else []
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(seen + [self.broadcast_buffers]))
+
+    ddp.__init__ = init
+
+
 def main(argv: list[str]) -> None:
     dump = None
     if argv[:1] == ["--dump"]:
         dump, argv = Path(argv[1]), argv[2:]
+        record_ddp(dump)
     groups, cur = [], []
     for a in argv:
         if a == "--next":

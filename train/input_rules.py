@@ -1,4 +1,4 @@
-"""Input rules shared by dashdiff's entry points (both training scripts, the eval script, the app).
+"""Input rules shared by dashdiff's entry points (both training scripts, the eval script).
 
 Each rule is one function used the same way everywhere, so the scripts cannot drift apart: a flag
 that belongs to another method, a seed or learning rate that cannot work, a LoRA-Dash warm-up longer
@@ -16,7 +16,7 @@ from pathlib import Path
 import sys
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from .training import WRITE_PROBE_PREFIX, TrainingError, read_run_record, write_run_record
+from dashdiff.training import WRITE_PROBE_PREFIX, TrainingError, read_run_record, write_run_record
 
 PathLike = Union[str, os.PathLike]
 
@@ -234,7 +234,7 @@ def mark_failed(output_dir: PathLike, reason: str) -> bool:
 def failure_line(err: BaseException) -> Optional[str]:
     """The one-line message for errors a user can fix from the command line, None for a bug
     (whose traceback should be seen)."""
-    from .training import _DISK_FULL_SIGNS, NonFiniteLossError
+    from dashdiff.training import _DISK_FULL_SIGNS, NonFiniteLossError
 
     if isinstance(err, (TrainingError, NonFiniteLossError)):  # the NaN guard's message names the fix
         return str(err)
