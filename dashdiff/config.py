@@ -105,9 +105,10 @@ class AutoLoraConfig(LoraConfig):
 
 
 def adapter_kind(config: object) -> str:
-    """'dash', 'autolora' or 'lora' for a PEFT config."""
-    if isinstance(config, LoraDashConfig):
-        return "dash"
-    if isinstance(config, AutoLoraConfig):
-        return "autolora"
+    """The method of a PEFT config: a key of ``registry.VARIANTS`` ('dash', 'autolora'), or 'lora'."""
+    from .registry import VARIANTS  # the variants import the configs: import late
+
+    for kind, variant in VARIANTS.items():
+        if isinstance(config, variant.config_class):
+            return kind
     return "lora"

@@ -6,8 +6,8 @@ from typing import Optional
 
 import torch
 
-from .layer import DashdiffLinear
-from .walk import iter_layers, resolve_adapter
+from ..layer import DashdiffLinear
+from ..walk import iter_layers, resolve_adapter
 
 
 def selection_weights(model, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
@@ -17,19 +17,28 @@ def selection_weights(model, adapter_name: Optional[str] = None) -> dict[str, to
 
 
 def outer_steps(layer: DashdiffLinear, adapter: str) -> int:
+    """β steps the search took on this layer (0: α is still its uniform initial value)."""
     return int(layer.lora_autolora_outer_steps[adapter])
+
+
+def default_threshold(k: int, threshold: Optional[float] = None) -> float:
+    """λ: ``threshold`` if given, else 1/k (the published default) for a layer of initial rank k."""
+    return 1.0 / k if threshold is None else threshold
+
+
+def layer_threshold(layer: DashdiffLinear, adapter: str, threshold: Optional[float] = None) -> float:
+    """The λ a layer's components are kept at: ``threshold``, else the config's, else 1/k."""
+    lam = threshold if threshold is not None else layer.autolora_settings[adapter]["threshold"]
+    return default_threshold(layer.lora_autolora_beta[adapter].numel(), lam)
 
 
 def keep_mask(layer: DashdiffLinear, adapter: str, threshold: Optional[float] = None,
               rule: Optional[str] = None) -> torch.Tensor:
     """Boolean (k,): components kept. ``softmax`` rule: α_j >= λ (float64, no tolerance);
     ``published`` rule: β_j / Σβ >= λ. λ defaults to the config's threshold, else 1/k."""
-    settings = layer.autolora_settings[adapter]
-    rule = rule or settings["rank_rule"]
+    rule = rule or layer.autolora_settings[adapter]["rank_rule"]
     beta = layer.lora_autolora_beta[adapter].detach().to(torch.float64).cpu()
-    k = beta.numel()
-    lam = threshold if threshold is not None else settings["threshold"]
-    lam = 1.0 / k if lam is None else lam
+    lam = layer_threshold(layer, adapter, threshold)
     if rule == "softmax":
         return torch.softmax(beta, 0) >= lam
     if rule == "published":

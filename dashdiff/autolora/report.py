@@ -1,51 +1,128 @@
-"""The AutoLoRA rank report written next to a search's outputs.
+"""AutoLoRA read-out: one record per layer (``AutoLoraLayerInfo``), one figure, and the rank report.
 
+``autolora_layers`` reads the records from a model / pipeline with an AutoLoRA adapter,
+``autolora_layers_from_report`` from a written ``autolora_ranks.json``; ``autolora_figure`` draws
+them (ranks and α per layer; matplotlib, imported only there, see ``dashdiff.plotting``).
 ``write_rank_report(model_or_ranks_and_alphas, folder)`` writes ``autolora_ranks.md`` (a markdown
 table: per layer k, rank, kept α mass and α), ``autolora_ranks.json`` (the same, machine-readable)
-and ``autolora_ranks.png`` (ranks and α per layer; matplotlib, imported only here).
+and ``autolora_ranks.png`` (the figure) next to a search's outputs.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import torch
 
-REPORT_STEM = "autolora_ranks"
+from ..files import RANK_REPORT_STEM as REPORT_STEM
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 INSTALL_HINT = "dashdiff: the rank picture needs matplotlib: pip install 'dashdiff[plots]' (or pass plot=False)"
 
 
 @dataclass
-class RankRow:
-    """One layer: ``alpha`` (k,) = softmax(β) in float64, ``kept`` (k,) the components kept."""
+class AutoLoraLayerInfo:
+    """One AutoLoRA layer: ``alpha`` (k,) = softmax(β) in float64 and ``keep`` (k,) the components
+    kept at ``threshold`` λ; ``outer_steps``: β steps taken (-1 when unknown)."""
 
     name: str
-    rank: int
-    alpha: list[float]
-    kept: list[bool]
+    alpha: torch.Tensor
+    keep: torch.Tensor
+    threshold: float
+    outer_steps: int = 0
+    rule: str = "softmax"
+
+    @property
+    def rank(self) -> int:
+        return int(self.keep.sum())
 
     @property
     def k(self) -> int:
-        return len(self.alpha)
+        return int(self.alpha.numel())
 
     @property
     def kept_mass(self) -> float:
-        return float(sum(a for a, keep in zip(self.alpha, self.kept) if keep))
+        """Σ α_j over the kept components."""
+        return float(sum(a for a, keep in zip(self.alpha.tolist(), self.keep.tolist()) if keep))
 
 
-def _top_mask(alpha: torch.Tensor, rank: int) -> list[bool]:
+# --------------------------------------------------------------------------- records
+
+
+def autolora_layers(obj, adapter_name: Optional[str] = None, threshold: Optional[float] = None
+                    ) -> list[AutoLoraLayerInfo]:
+    """α and the kept components of every layer of the AutoLoRA adapter of a model or pipeline.
+
+    Unlike ``determine_ranks`` this does not refuse an adapter with no outer step: the Inspect
+    view shows it (with ``outer_steps == 0``, α uniform) rather than failing."""
+    from ..walk import iter_layers, resolve_adapter
+    from .ranks import keep_mask, layer_threshold, outer_steps
+    from .variant import AutoLoraVariant
+
+    adapter = resolve_adapter(obj, "autolora", adapter_name)
+    out = []
+    for name, layer, a in iter_layers(obj, "autolora", adapter):
+        lam = layer_threshold(layer, a, threshold)
+        out.append(
+            AutoLoraLayerInfo(
+                name=name,
+                alpha=AutoLoraVariant.alpha(layer, a).cpu(),
+                keep=keep_mask(layer, a, lam).cpu(),
+                threshold=float(lam),
+                outer_steps=outer_steps(layer, a),
+                rule=layer.autolora_settings[a]["rank_rule"],
+            )
+        )
+    return out
+
+
+def autolora_layers_from_report(report: Union[str, os.PathLike, Mapping[str, Any]]) -> list[AutoLoraLayerInfo]:
+    """Layers from an ``autolora_ranks.json`` rank report: what remains of the search once the
+    adapter was retrained as a plain LoRA with the found ranks, where the adapter file itself no
+    longer holds β."""
+    from .ranks import default_threshold
+
+    if not isinstance(report, Mapping):
+        with open(report, encoding="utf-8") as fh:
+            report = json.load(fh)
+    rows = report.get("layers") if isinstance(report, Mapping) else None
+    if not isinstance(rows, list) or not rows:
+        raise ValueError("dashdiff: not an AutoLoRA rank report (no 'layers' list)")
+    out = []
+    for row in rows:
+        alpha = torch.tensor(row["alpha"], dtype=torch.float64)
+        lam = report.get("threshold")
+        out.append(
+            AutoLoraLayerInfo(
+                name=row["name"],
+                alpha=alpha,
+                keep=torch.tensor(row["kept"], dtype=torch.bool),
+                threshold=float(default_threshold(alpha.numel(), lam)),
+                outer_steps=int(report.get("outer_steps", row.get("outer_steps", -1))),
+            )
+        )
+    return out
+
+
+def _top_mask(alpha: torch.Tensor, rank: int) -> torch.Tensor:
     keep = torch.zeros(alpha.numel(), dtype=torch.bool)
     keep[torch.argsort(alpha, descending=True, stable=True)[:rank]] = True
-    return keep.tolist()
+    return keep
 
 
-def rank_rows(source: Any, adapter_name: Optional[str] = None, threshold: Optional[float] = None) -> list[RankRow]:
-    """Rows from a model / pipeline with an AutoLoRA adapter (ranks as ``determine_ranks``), from
-    ``(ranks, alphas)`` (two ``{name: ...}`` dicts) or from ``{name: (rank, alpha)}``; for the
-    dict forms the kept components are the ``rank`` largest α."""
+def report_layers(source: Any, adapter_name: Optional[str] = None, threshold: Optional[float] = None
+                  ) -> list[AutoLoraLayerInfo]:
+    """Records from a model / pipeline with an AutoLoRA adapter (refused before any β step, as
+    ``determine_ranks``), from ``(ranks, alphas)`` (two ``{name: ...}`` dicts) or from
+    ``{name: (rank, alpha)}``; for the dict forms the kept components are the ``rank`` largest α."""
+    from .ranks import default_threshold, determine_ranks
+
     if isinstance(source, tuple) and len(source) == 2 and all(isinstance(x, Mapping) for x in source):
         ranks, alphas = source
         if set(ranks) != set(alphas):
@@ -54,26 +131,71 @@ def rank_rows(source: Any, adapter_name: Optional[str] = None, threshold: Option
     elif isinstance(source, Mapping):
         pairs = dict(source)
     else:
-        from .ranks import determine_ranks, keep_mask
-        from .walk import iter_layers, resolve_adapter
-
-        adapter = resolve_adapter(source, "autolora", adapter_name)
-        ranks = determine_ranks(source, threshold=threshold, adapter_name=adapter)
-        rows = []
-        for name, layer, a in iter_layers(source, "autolora", adapter):
-            keep = keep_mask(layer, a, threshold)
-            rows.append(RankRow(name, ranks[name], layer.autolora_alpha(a).cpu().tolist(), keep.tolist()))
-        return rows
+        determine_ranks(source, threshold=threshold, adapter_name=adapter_name)  # refuses an unsearched adapter
+        return autolora_layers(source, adapter_name, threshold)
     rows = []
     for name, (rank, alpha) in pairs.items():
         alpha = torch.as_tensor(alpha, dtype=torch.float64).flatten().cpu()
         if not 0 <= int(rank) <= alpha.numel():
             raise ValueError(f"dashdiff: rank {rank} of {name} is outside [0, k={alpha.numel()}]")
-        rows.append(RankRow(name, int(rank), alpha.tolist(), _top_mask(alpha, int(rank))))
+        rows.append(AutoLoraLayerInfo(name, alpha, _top_mask(alpha, int(rank)),
+                                      float(default_threshold(alpha.numel(), threshold)), outer_steps=-1))
     return rows
 
 
-def _markdown(rows: Sequence[RankRow], threshold: Optional[float]) -> str:
+# --------------------------------------------------------------------------- figure
+
+
+def autolora_figure(layers: Sequence[AutoLoraLayerInfo], title: str = "AutoLoRA", hint: Optional[str] = None
+                    ) -> "Figure":
+    """Left: the rank each layer keeps out of k. Right: the selection weights α_j per layer and
+    component (heat map), kept components (α_j >= λ) outlined. ``hint``: the ImportError message
+    without matplotlib."""
+    from ..plotting import PLOT_HINT, label_rows, new_figure, rows_height
+
+    if not layers:
+        raise ValueError("dashdiff: no AutoLoRA layers to plot")
+    fig = new_figure(11, rows_height(len(layers)), hint or PLOT_HINT)
+    from matplotlib.patches import Rectangle
+
+    names = [l.name for l in layers]
+    k = max(l.k for l in layers)
+    ax_rank, ax_alpha = fig.subplots(1, 2, sharey=True, width_ratios=(2, 3))
+
+    ranks = [l.rank for l in layers]
+    ax_rank.barh(range(len(layers)), ranks, color="tab:green")
+    ax_rank.set_xlim(0, k + 0.5)
+    ax_rank.set_xlabel(f"rank kept (of k = {k})")
+    ax_rank.set_title("per-layer rank")
+    ax_rank.grid(axis="x", alpha=0.3)
+    label_rows(ax_rank, names)
+
+    grid = torch.full((len(layers), k), float("nan"), dtype=torch.float64)
+    for row, l in enumerate(layers):
+        grid[row, : l.k] = l.alpha
+    image = ax_alpha.imshow(grid.numpy(), aspect="auto", cmap="magma", interpolation="nearest")
+    if len(layers) <= 200:  # outlines become noise past that
+        for row, l in enumerate(layers):
+            for j in torch.nonzero(l.keep).flatten().tolist():
+                ax_alpha.add_patch(Rectangle((j - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=0.8))
+    ax_alpha.set_xticks(range(k))
+    ax_alpha.set_xlabel("component j (outlined: kept, α_j >= λ)")
+    ax_alpha.set_title("selection weights α = softmax(β)")
+    fig.colorbar(image, ax=ax_alpha, label="α_j")
+
+    lams = sorted({round(l.threshold, 12) for l in layers})
+    lam = f"λ = {lams[0]:.4g}" if len(lams) == 1 else f"λ = {lams[0]:.4g}..{lams[-1]:.4g}"
+    steps = min(l.outer_steps for l in layers)  # -1: unknown (read from a rank report)
+    note = {0: "  (no outer β step recorded: α is its initial value)", -1: ""}.get(steps, f", {steps} outer steps")
+    fig.suptitle(f"{title}: {len(layers)} layers, total rank {sum(ranks)} of {sum(l.k for l in layers)}, "
+                 f"{lam}{note}")
+    return fig
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _markdown(rows: Sequence[AutoLoraLayerInfo], threshold: Optional[float]) -> str:
     total = sum(r.rank for r in rows)
     full = sum(r.k for r in rows)
     lam = "1/k" if threshold is None else f"{threshold:g}"
@@ -87,56 +209,22 @@ def _markdown(rows: Sequence[RankRow], threshold: Optional[float]) -> str:
         "|---|---:|---:|---:|---|",
     ]
     for r in rows:
-        alphas = ", ".join(f"{a:.3f}" for a in sorted(r.alpha, reverse=True))
+        alphas = ", ".join(f"{a:.3f}" for a in sorted(r.alpha.tolist(), reverse=True))
         lines.append(f"| `{r.name}` | {r.k} | {r.rank} | {r.kept_mass:.3f} | {alphas} |")
     return "\n".join(lines) + "\n"
-
-
-def _figure(rows: Sequence[RankRow], path: Path) -> None:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:  # optional extra `plots` / `app`
-        raise ImportError(INSTALL_HINT) from err
-
-    n = len(rows)
-    k = max(r.k for r in rows)
-    # Object-oriented API on an Agg canvas: no pyplot, no global backend change for the caller.
-    fig = Figure(figsize=(10, 1.2 + 0.28 * n), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_rank, ax_alpha = fig.subplots(1, 2, width_ratios=(1, 1.4), sharey=True)
-    ys = list(range(n))
-    ax_rank.barh(ys, [r.k for r in rows], color="#dddddd", label="searched k")
-    ax_rank.barh(ys, [r.rank for r in rows], color="#3b75af", label="rank kept")
-    ax_rank.set_yticks(ys, [r.name for r in rows], fontsize=7)
-    ax_rank.invert_yaxis()
-    ax_rank.set_xlabel("rank")
-    ax_rank.legend(loc="lower right", fontsize=7)
-    grid = torch.full((n, k), float("nan"), dtype=torch.float64)
-    for i, r in enumerate(rows):
-        grid[i, : r.k] = torch.tensor(r.alpha)
-    im = ax_alpha.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    for i, r in enumerate(rows):  # mark the kept components
-        for j, keep in enumerate(r.kept):
-            if keep:
-                ax_alpha.plot(j, i, marker="o", ms=3, color="white")
-    ax_alpha.set_xlabel("component j (dot: kept)")
-    fig.colorbar(im, ax=ax_alpha, label="α = softmax(β)")
-    fig.suptitle(f"AutoLoRA: total rank {sum(r.rank for r in rows)} of {sum(r.k for r in rows)}")
-    fig.savefig(path)
 
 
 def write_rank_report(model_or_ranks_and_alphas: Any, folder: Union[str, Path], adapter_name: Optional[str] = None,
                       threshold: Optional[float] = None, plot: bool = True) -> dict[str, str]:
     """Write ``autolora_ranks.md``, ``autolora_ranks.json`` and (``plot``) ``autolora_ranks.png``
-    into ``folder``; returns ``{"md", "json", "png"}`` paths. Input as ``rank_rows``. Raises a
+    into ``folder``; returns ``{"md", "json", "png"}`` paths. Input as ``report_layers``. Raises a
     one-line install hint, before writing anything, when ``plot`` and matplotlib is missing."""
     if plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError as err:
             raise ImportError(INSTALL_HINT) from err
-    rows = rank_rows(model_or_ranks_and_alphas, adapter_name, threshold)
+    rows = report_layers(model_or_ranks_and_alphas, adapter_name, threshold)
     if not rows:
         raise ValueError("dashdiff: no AutoLoRA layers to report")
     folder = Path(folder)
@@ -146,10 +234,11 @@ def write_rank_report(model_or_ranks_and_alphas: Any, folder: Union[str, Path], 
     record = {
         "threshold": threshold,
         "total_rank": sum(r.rank for r in rows),
-        "layers": [{**asdict(r), "k": r.k} for r in rows],
+        "layers": [{"name": r.name, "rank": r.rank, "alpha": r.alpha.tolist(), "kept": r.keep.tolist(), "k": r.k}
+                   for r in rows],
     }
     paths["json"].write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     if plot:
         paths["png"] = folder / f"{REPORT_STEM}.png"
-        _figure(rows, paths["png"])
+        autolora_figure(rows, hint=INSTALL_HINT).savefig(paths["png"])
     return {k: str(v) for k, v in paths.items()}

@@ -30,9 +30,9 @@ from typing import Optional
 
 import torch
 
-from .dash import _distributed
-from .launch import GramEig, gram_eig
-from .walk import iter_layers
+from .lifecycle import _distributed
+from .selection import GramEig, gram_eig
+from ..walk import iter_layers
 
 
 def default_workers() -> int:
@@ -216,6 +216,6 @@ def prefetch_spectra(model, adapter_name: Optional[str] = None, device: str = "c
     layers = [(layer, a) for _, layer, a in iter_layers(model, "dash", adapter_name) if not layer.is_launched(a)]
     jobs = [job for i, job in enumerate(layers) if i % world == rank]
     handle = SpectrumPrefetcher(jobs, device, workers)
-    for layer, _ in layers:
-        layer._prefetcher = handle
+    for layer, a in layers:
+        layer.dash_prefetch[a] = handle  # the launch collects the handle's results (finish)
     return handle
