@@ -15,7 +15,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ..ops import mm_to as _mm_to
+# absolute: bench/ab_dash_function.py --old loads a copy of this file as a standalone module
+from dashdiff.ops import mm_to as _mm_to
 
 
 class OperandViews(NamedTuple):
