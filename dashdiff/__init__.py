@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from .autolora.config import AutoLoraConfig
 from .autolora.ranks import determine_ranks, selection_weights
 from .autolora.report import write_rank_report
 from .autolora.search import BilevelStep, retrain_config, split_train_val
-from .config import AutoLoraConfig, LoraDashConfig
+from .dash.config import LoraDashConfig
 from .dash.lifecycle import dash_step, launch_dash, selected_directions
 from .dash.prefetch import prefetch_spectra
 from .export import export_lora

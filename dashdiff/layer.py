@@ -110,10 +110,11 @@ class DashdiffLinear(LoraLinear):
         if variant is not None:
             variant.check(self, adapter_name, config, kwargs.get("current_key") or kwargs.get("target_name")
                           or "a target")
-        self.adapter_kind[adapter_name] = kind
+        # before PEFT's update_layer: the variant's init (called from it) fuses with this scaling
         self._base_scaling[adapter_name] = (lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r)
         # PEFT creates A, B, then calls the variant's init (resolve_lora_variant) and set_adapter
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        self.adapter_kind[adapter_name] = kind
 
     # ------------------------------------------------------------------ helpers
     def method(self, adapter: str) -> Optional[MethodVariant]:

@@ -1,5 +1,6 @@
 """AutoLoRA (Zhang et al., NAACL 2024): everything of the method in one folder.
 
+- ``config``: the adapter configuration (a ``peft.LoraConfig`` subclass)
 - ``variant``: the method on a ``DashdiffLinear`` (state, forward, plain factors, state tensors, record)
 - ``kernel``: the fused and the paired (finite-difference) autograd functions of the forward
 - ``search``: the bi-level search from the user's loop (``BilevelStep``), data split, retrain config
@@ -18,6 +19,7 @@ from .._lazy import lazy_getattr
 
 # public name -> submodule
 _EXPORTS = {
+    "AutoLoraConfig": "config",
     "BilevelStep": "search",
     "default_adam": "search",
     "double_batch": "search",

@@ -8,6 +8,7 @@ import torch
 
 from ..layer import DashdiffLinear
 from ..walk import iter_layers, resolve_adapter
+from .variant import AutoLoraVariant
 
 
 def selection_weights(model, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
@@ -16,9 +17,7 @@ def selection_weights(model, adapter_name: Optional[str] = None) -> dict[str, to
     return {n: layer.autolora_alpha(a) for n, layer, a in iter_layers(model, "autolora", adapter)}
 
 
-def outer_steps(layer: DashdiffLinear, adapter: str) -> int:
-    """β steps the search took on this layer (0: α is still its uniform initial value)."""
-    return int(layer.lora_autolora_outer_steps[adapter])
+outer_steps = AutoLoraVariant.outer_steps  # β steps taken on a layer (0: α is its uniform initial value)
 
 
 def default_threshold(k: int, threshold: Optional[float] = None) -> float:

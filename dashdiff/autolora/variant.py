@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from ..config import AutoLoraConfig
 from ..ops import compute_dtype
 from ..variant import ExportedFactors, MethodVariant, TensorSpec
+from .config import AutoLoraConfig
 from .kernel import FusedAutoLoraLinear, PairedAutoLoraLinear
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ class AutoLoraVariant(MethodVariant):
 
     @staticmethod
     def outer_steps(module: "DashdiffLinear", adapter: str) -> int:
+        """β steps the search took on this layer (0: α is still its uniform initial value)."""
         return int(module.lora_autolora_outer_steps[adapter])
 
     # ------------------------------------------------------------------ forward

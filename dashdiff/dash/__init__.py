@@ -1,5 +1,6 @@
 """LoRA-Dash (Si et al., ICLR 2025): everything of the method in one folder.
 
+- ``config``: the adapter configuration (a ``peft.LoraConfig`` subclass)
 - ``variant``: the method on a ``DashdiffLinear`` (state, forward, plain factors, state tensors, record)
 - ``kernel``: the fused rank-(r+s) autograd function of the forward
 - ``selection``: the launch math (float64 spectrum of ``W0``, change rates, top-s directions)
@@ -16,6 +17,7 @@ from .._lazy import lazy_getattr
 
 # public name -> submodule
 _EXPORTS = {
+    "LoraDashConfig": "config",
     "dash_step": "lifecycle",
     "launch_dash": "lifecycle",
     "selected_directions": "lifecycle",

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 import torch
 from torch import nn
 
-from ..config import LoraDashConfig
 from ..ops import compute_dtype
 from ..variant import ExportedFactors, MethodVariant, TensorSpec
+from .config import LoraDashConfig
 from .kernel import DashKernelArgs, FusedDashLinear, operands
 from .selection import Selection, select_directions
 
