@@ -90,15 +90,13 @@ def iter_lora_layers(obj, adapter_name: Optional[str] = None) -> Iterator[LoraLa
 def iter_layers(obj, kind: Optional[str] = None, adapter_name: Optional[str] = None) -> Iterator[AdapterLayer]:
     """Every dashdiff adapter of ``kind`` ('dash', 'autolora', 'lora' or None for all) on a
     ``DashdiffLinear``, optionally only ``adapter_name``."""
-    for prefix, comp in components(obj):
-        root = base_model(comp)
-        for name, mod in root.named_modules():
-            if not isinstance(mod, DashdiffLinear):
-                continue
-            full = full_name(prefix, name)
-            for adapter, k in mod.adapter_kind.items():
-                if (kind is None or k == kind) and (adapter_name is None or adapter == adapter_name):
-                    yield AdapterLayer(full, mod, adapter)
+    for prefix, _, name, mod in iter_lora_layers(obj):
+        if not isinstance(mod, DashdiffLinear):
+            continue
+        full = full_name(prefix, name)
+        for adapter, k in mod.adapter_kind.items():
+            if (kind is None or k == kind) and (adapter_name is None or adapter == adapter_name):
+                yield AdapterLayer(full, mod, adapter)
 
 
 def adapter_names(obj, kind: Optional[str] = None) -> list[str]:

@@ -6,6 +6,7 @@
 - ``selection``: the launch math (float64 spectrum of ``W0``, change rates, top-s directions)
 - ``lifecycle``: counting optimizer steps, launching (also across processes), reading the selection
 - ``prefetch``: the launch's eigendecompositions computed in the background before launch
+- ``report``: what a launch selected, one record per layer (drawn by ``dashdiff.inspect_plots``)
 
 Submodules load on first use (``import dashdiff`` stays light, and the layer can import the kernel
 without the lifecycle, which imports the layer).
@@ -29,6 +30,8 @@ _EXPORTS = {
     "GramEig": "selection",
     "gram_eig": "selection",
     "FusedDashLinear": "kernel",
+    "DashLayerInfo": "report",
+    "dash_layers": "report",
 }
 # Names of the former module dashdiff/dash.py (now ``lifecycle``), read as ``dashdiff.dash.<name>``
 # by the scripts and benches of other branches. Shim: removed after the branches merge.
