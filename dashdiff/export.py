@@ -58,8 +58,7 @@ from .files import (  # noqa: F401 (HEADER_KEY and the names: re-exported for ca
 )
 from .layer import DashdiffLinear
 from .registry import VARIANTS
-from .walk import base_model
-from .walk import adapter_names, components, full_name, iter_lora_layers  # noqa: F401 (iter_lora_layers: re-export)
+from .walk import adapter_names, base_model, components, full_name, iter_lora_layers
 
 FORMATS = ("diffusers", "peft", "kohya", "merged")
 

@@ -35,10 +35,7 @@ from .files import HEADER_KEY, HEADER_VERSION, STATE_FILE_NAME, header_metadata
 from .layer import DashdiffLinear
 from .registry import METHODS, VARIANTS
 from .variant import MethodVariant
-from .walk import base_model
-from .walk import components, full_name, iter_lora_layers, resolve_adapter
-
-
+from .walk import base_model, components, full_name, iter_lora_layers, resolve_adapter
 
 
 def _file_path(path: Union[str, os.PathLike]) -> Path:
@@ -172,10 +169,6 @@ def _component(obj, name: str, file: Path) -> nn.Module:
     raise ValueError(f"dashdiff: {file} holds an adapter for {label}, but the target has {have}")
 
 
-# Bounds on what a file may ask for, checked before anything is allocated: a header claiming a huge
-# rank (r = 2,000,000 in a 260 KB file) must be refused from the numbers, not by running out of memory.
-
-
 def _fit_message(file: Path, adapter: str, missing: list[str], extra: list[str]) -> str:
     msg = [f"dashdiff: {file} does not fit this model's adapter {adapter!r}."]
     if missing:
@@ -192,6 +185,8 @@ def _whole(value: Any, lo: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= lo
 
 
+# Bounds on what a file may ask for, checked before anything is allocated: a header claiming a huge
+# rank (r = 2,000,000 in a 260 KB file) must be refused from the numbers, not by running out of memory.
 def _parse_header(file: Path, header: dict) -> tuple[dict[str, Any], dict[str, dict]]:
     """(configs per component, layers) from a state header, every field type-checked."""
     configs, layers = header.get("configs"), header.get("layers")
