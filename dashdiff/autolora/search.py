@@ -5,7 +5,7 @@ AutoLoRA 2): an inner optimizer step of the LoRA weights ``w = {A, B}`` on the t
 (``w -> w'``), then an outer step of the selection logits ``β`` with a hypergradient of the
 validation loss at ``w'``. After the search, ``ranks.determine_ranks`` reads the per-layer ranks,
 ``retrain_config`` turns them into a plain ``peft.LoraConfig`` for the retrain phase and
-``rank_report.write_rank_report`` writes them next to the outputs.
+``report.write_rank_report`` writes them next to the outputs.
 
 ``loss_fn(model, batch) -> scalar`` must be deterministic given its batch (noise, timesteps and
 anything else random travel inside the batch) and must use the ``model`` it is handed: the inner

@@ -89,7 +89,7 @@ def select_directions(
     w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, s: int, eig: GramEig | None = None
 ) -> Selection:
     """Top-``s`` directions of ``w0`` by change rate ``|Δσ_i| / σ_i`` under ``ΔW = scaling·B A``;
-    ``eig`` is a precomputed ``gram_eig(w0)`` (see ``dashdiff.prefetch``)."""
+    ``eig`` is a precomputed ``gram_eig(w0)`` (see ``dashdiff.dash.prefetch``)."""
     out_f, in_f = w0.shape
     if s > min(out_f, in_f):
         raise ValueError(
