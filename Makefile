@@ -42,8 +42,8 @@ screenshot: install
 
 # Mutation testing (not part of CI; see BENCHMARKS.md "Mutation testing"): mutmut (pinned, the
 # `mutation` extra) on the core modules against the fast test subset configured in pyproject.toml.
-# MUTANTS picks the modules (mutmut name patterns); `make mutation MUTANTS='dashdiff.*'` runs all five.
-MUTANTS ?= dashdiff.functional* dashdiff.launch* dashdiff.ranks*
+# MUTANTS picks the modules (mutmut name patterns); `make mutation MUTANTS='dashdiff.*'` runs all of them.
+MUTANTS ?= dashdiff.dash.kernel* dashdiff.autolora.kernel* dashdiff.dash.selection* dashdiff.autolora.ranks*
 mutation: install
 	$(PY) -m pip install -q -e ".[mutation]"
 	.venv/bin/mutmut run --max-children 2 $(foreach m,$(MUTANTS),"$(m)")

@@ -26,7 +26,7 @@ import step_time  # noqa: E402
 from profile_step import phase_times  # noqa: E402
 from step_time import build_base, make_method  # noqa: E402
 
-import dashdiff.layer as layer_module  # noqa: E402
+import dashdiff.dash.variant as layer_module  # noqa: E402  (the module whose forward calls FusedDashLinear)
 
 
 def main(argv=None) -> None:

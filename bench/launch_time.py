@@ -173,7 +173,7 @@ def warmups_section(model, make_batch, loss_fn, device: str, dtype, warmups: lis
         for _, layer, a in layers:
             layer._dash_launched[a] = False
             layer.eig_cache.clear()
-            layer._prefetcher = None
+            layer.dash_prefetch.clear()
 
     def launch() -> float:
         _sync(device)

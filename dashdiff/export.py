@@ -37,81 +37,40 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
-from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from . import safeio
-from .config import AutoLoraConfig, LoraDashConfig
+from .files import (  # noqa: F401 (HEADER_KEY and the names: re-exported for callers)
+    DIFFUSERS_WEIGHT_NAME,
+    HEADER_KEY,
+    HEADER_VERSION,
+    KOHYA_WEIGHT_NAME,
+    MERGED_RECORD_NAME,
+    PEFT_CONFIG_NAME,
+    PEFT_WEIGHT_NAME,
+    header_metadata,
+)
 from .layer import DashdiffLinear
-from .ranks import keep_mask
-from .walk import base_model, components
+from .registry import VARIANTS
+from .walk import adapter_names, base_model, components, full_name, iter_lora_layers
 
 FORMATS = ("diffusers", "peft", "kohya", "merged")
-HEADER_KEY = "dashdiff"  # safetensors header key of dashdiff's own JSON metadata
-HEADER_VERSION = 1
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
-PEFT_WEIGHT_NAME = "adapter_model.safetensors"
-PEFT_CONFIG_NAME = "adapter_config.json"
-MERGED_RECORD_NAME = "dashdiff_export.json"  # merged folders: the header as a side file
 
-_CONFIG_CLASSES = {"LoraDashConfig": LoraDashConfig, "AutoLoraConfig": AutoLoraConfig, "LoraConfig": LoraConfig}
+_CONFIG_CLASSES = {"LoraConfig": LoraConfig, **{v.config_class.__name__: v.config_class for v in VARIANTS.values()}}
 
 
 # --------------------------------------------------------------------------- shared helpers
 
 
-def root_model(comp: nn.Module) -> nn.Module:
-    """The model under torch.compile's and PEFT's wrappers: module names are relative to it."""
-    comp = getattr(comp, "_orig_mod", comp)
-    return getattr(base_model(comp), "_orig_mod", base_model(comp))
-
-
-def iter_lora_layers(obj, adapter_name: Optional[str] = None) -> Iterator[tuple[str, nn.Module, str, LoraLayer]]:
-    """Yield ``(component, root, module_name, layer)`` for every PEFT LoRA layer holding
-    ``adapter_name`` (any adapter if None): dashdiff layers and ordinary PEFT LoRA layers.
-    ``root`` is the component's base model (under PEFT wrappers), ``module_name`` relative to it."""
-    for prefix, comp in components(obj):
-        root = root_model(comp)
-        for name, mod in root.named_modules():
-            if not isinstance(mod, LoraLayer):
-                continue
-            if adapter_name is None or adapter_name in mod.lora_A:
-                yield prefix, root, name, mod
-
-
-def adapter_names(obj) -> list[str]:
-    """Sorted names of the LoRA-type adapters anywhere in ``obj``."""
-    return sorted({a for _, _, _, layer in iter_lora_layers(obj) for a in layer.lora_A.keys()})
-
-
-def resolve_any_adapter(obj, adapter_name: Optional[str]) -> str:
-    """The given adapter (checked to exist) or the model's only adapter."""
-    names = adapter_names(obj)
-    if adapter_name is not None:
-        if adapter_name not in names:
-            raise ValueError(f"dashdiff: the model has no adapter named {adapter_name!r} (found: {names or 'none'})")
-        return adapter_name
-    if not names:
-        raise ValueError("dashdiff: the model has no LoRA / LoRA-Dash / AutoLoRA adapter")
-    if len(names) > 1:
-        raise ValueError(f"dashdiff: the model has several adapters {names}: pass adapter_name=")
-    return names[0]
-
-
-def full_name(component: str, module: str) -> str:
-    return f"{component}.{module}" if component else module
-
-
 def find_config(comp: nn.Module, adapter: str):
     """The PEFT config of ``adapter`` on a component (PeftModel, diffusers or injected model), or None."""
-    for holder in (comp, getattr(comp, "_orig_mod", comp), root_model(comp)):
+    for holder in (comp, getattr(comp, "_orig_mod", comp), base_model(comp)):
         cfgs = getattr(holder, "peft_config", None)
         if isinstance(cfgs, dict) and adapter in cfgs:
             return cfgs[adapter]
@@ -187,25 +146,19 @@ def plain_lora_factors(obj, adapter_name: str = "default", threshold: Optional[f
     the components ``ranks.keep_mask(layer, adapter, threshold)`` selects; a layer left with rank 0
     is omitted. Warns for LoRA-Dash layers not launched yet (exported as rank r, no dash term)."""
     out: list[PlainFactor] = []
-    unlaunched, scaled, unsearched = [], [], []
+    scaled: list[str] = []
+    caveats: dict[type, list[str]] = {}  # variant -> layers it flagged
     for comp, _, name, layer in iter_lora_layers(obj, adapter_name):
         where = full_name(comp, name)
         if isinstance(layer, DashdiffLinear):
-            kind = layer.adapter_kind.get(adapter_name, "lora")
-            keep = None
-            record: dict[str, Any] = {"method": kind, "r": layer.r[adapter_name]}
-            if kind == "dash":
-                launched = layer.is_launched(adapter_name)
-                record.update(s=layer.dash_directions[adapter_name] if launched else 0, launched=launched)
-                if not launched:
-                    unlaunched.append(where)
-            elif kind == "autolora":
-                keep = keep_mask(layer, adapter_name, threshold)
-                if int(layer.lora_autolora_outer_steps[adapter_name]) == 0:
-                    unsearched.append(where)
-                record.update(k=layer.r[adapter_name], rank=int(keep.sum()),
-                              kept=torch.nonzero(keep).flatten().tolist())
-            a, b = layer.plain_factors(adapter_name, keep)
+            variant = layer.method(adapter_name)
+            if variant is None:  # a plain LoRA adapter on a dashdiff layer
+                a, b = layer.plain_factors(adapter_name)
+                record: dict[str, Any] = {"method": "lora", "r": layer.r[adapter_name]}
+            else:
+                a, b, record, caveat = variant.export(layer, adapter_name, threshold)
+                if caveat:
+                    caveats.setdefault(type(variant), []).append(where)
             if abs(layer.runtime_scale(adapter_name) - 1.0) > 1e-12:
                 scaled.append(where)
         elif isinstance(layer, LoraLinear):
@@ -220,20 +173,9 @@ def plain_lora_factors(obj, adapter_name: str = "default", threshold: Optional[f
         out.append(PlainFactor(comp, name, a, b, record))
     if not out:
         raise ValueError(f"dashdiff: no layer holds an adapter named {adapter_name!r} (found: {adapter_names(obj) or 'none'})")
-    if unlaunched:
-        warnings.warn(
-            f"dashdiff: LoRA-Dash adapter {adapter_name!r} has not launched yet in {len(unlaunched)} layer(s) "
-            f"(e.g. {unlaunched[0]}): exporting them as plain rank-r LoRA with no dash term.",
-            UserWarning,
-            stacklevel=3,
-        )
-    if unsearched:
-        warnings.warn(
-            f"dashdiff: AutoLoRA adapter {adapter_name!r} has taken no outer (β) step in {len(unsearched)} layer(s) "
-            f"(e.g. {unsearched[0]}): α is still its initial value, so the ranks are not searched ones.",
-            UserWarning,
-            stacklevel=3,
-        )
+    for variant in VARIANTS.values():  # registry order: one warning per method
+        if flagged := caveats.get(variant):
+            warnings.warn(variant.caveat(adapter_name, len(flagged), flagged[0]), UserWarning, stacklevel=3)
     if scaled:
         warnings.warn(
             f"dashdiff: a runtime LoRA scale is set on {len(scaled)} layer(s) (e.g. {scaled[0]}); the export is at "
@@ -279,7 +221,7 @@ def _lone_prefix(model: nn.Module, fmt: str) -> str:
         from diffusers import ModelMixin
     except ImportError:  # pragma: no cover - diffusers is a dependency
         ModelMixin = ()
-    root = root_model(model)
+    root = base_model(model)
     if isinstance(root, ModelMixin):
         return "unet" if "UNet" in type(root).__name__ else "transformer"
     raise ValueError(
@@ -310,7 +252,7 @@ def _is_sdxl(obj) -> bool:
     if getattr(obj, "text_encoder_2", None) is not None:
         return True
     unet = getattr(obj, "unet", None)
-    return unet is not None and getattr(root_model(unet).config, "addition_embed_type", None) == "text_time"
+    return unet is not None and getattr(base_model(unet).config, "addition_embed_type", None) == "text_time"
 
 
 def _kohya_key(obj, roots: dict[str, nn.Module], f: PlainFactor) -> str:
@@ -343,7 +285,7 @@ def base_model_family(obj) -> str:
     if _is_sdxl(obj):
         return "sdxl"
     unet = getattr(obj, "unet", None) if _is_pipeline(obj) else obj
-    config = getattr(root_model(unet), "config", None) if isinstance(unet, nn.Module) else None
+    config = getattr(base_model(unet), "config", None) if isinstance(unet, nn.Module) else None
     if getattr(config, "addition_embed_type", None) == "text_time":  # a lone SDXL UNet
         return "sdxl"
     return "sd2" if getattr(config, "cross_attention_dim", None) == 1024 else "sd1"
@@ -434,19 +376,19 @@ def _active(factors: list[PlainFactor]) -> list[PlainFactor]:
 
 
 def _write_diffusers(obj, folder: Path, factors, header) -> Path:
-    roots = {c: root_model(m) for c, m in components(obj)}
+    roots = {c: base_model(m) for c, m in components(obj)}
     tensors = {}
     for f in _active(factors):
         key = _diffusers_key(obj, roots, f)
         tensors[f"{key}.lora_A.weight"] = f.a
         tensors[f"{key}.lora_B.weight"] = f.b
     path = folder / DIFFUSERS_WEIGHT_NAME
-    safeio.save_safetensors(tensors, path, {"format": "pt", HEADER_KEY: json.dumps(header)})
+    safeio.save_safetensors(tensors, path, {"format": "pt", **header_metadata(header)})
     return path
 
 
 def _write_kohya(obj, folder: Path, factors, header, prediction_type: Optional[str] = None) -> Path:
-    roots = {c: root_model(m) for c, m in components(obj)}
+    roots = {c: base_model(m) for c, m in components(obj)}
     active = _active(factors)
     family = base_model_family(obj)
     v_pred = _prediction_type(obj, prediction_type) == "v_prediction"
@@ -464,7 +406,7 @@ def _write_kohya(obj, folder: Path, factors, header, prediction_type: Optional[s
     title = f"dashdiff {header.get('method', 'lora')} ({header.get('adapter_name', 'default')})"
     meta = kohya_metadata(family, v_pred, [f.rank for f in active] or [1], alpha, title)
     path = folder / KOHYA_WEIGHT_NAME
-    safeio.save_safetensors(tensors, path, {"format": "pt", **meta, HEADER_KEY: json.dumps(header)})
+    safeio.save_safetensors(tensors, path, {"format": "pt", **meta, **header_metadata(header)})
     return path
 
 
@@ -474,7 +416,7 @@ def _write_peft(obj, folder: Path, factors, header, adapter: str) -> Path:
         mine = [f for f in _active(factors) if f.component == comp_name]
         if not mine:
             continue
-        root = root_model(comp)
+        root = base_model(comp)
         src = find_config(comp, adapter)
         if src is not None and getattr(src, "modules_to_save", None):
             warnings.warn(f"dashdiff: modules_to_save {src.modules_to_save} are not part of the LoRA export", UserWarning)
@@ -501,7 +443,7 @@ def _write_peft(obj, folder: Path, factors, header, adapter: str) -> Path:
         for f in mine:
             tensors[f"base_model.model.{f.module}.lora_A.weight"] = f.a
             tensors[f"base_model.model.{f.module}.lora_B.weight"] = f.b
-        safeio.save_safetensors(tensors, out / PEFT_WEIGHT_NAME, {"format": "pt", HEADER_KEY: json.dumps(header)})
+        safeio.save_safetensors(tensors, out / PEFT_WEIGHT_NAME, {"format": "pt", **header_metadata(header)})
         safeio.write_json(cfg_dict, out / PEFT_CONFIG_NAME)
     return folder
 
@@ -533,7 +475,7 @@ def merged_state_dict(root: nn.Module, factors: list[PlainFactor]) -> dict[str, 
 
 def _save_merged_model(comp: nn.Module, folder: Path, factors: list[PlainFactor]) -> None:
     """Save one model with the update merged, the way its own ``save_pretrained`` would."""
-    root = root_model(comp)
+    root = base_model(comp)
     sd = merged_state_dict(root, factors)
     try:
         from diffusers import ModelMixin

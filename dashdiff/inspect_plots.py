@@ -2,33 +2,34 @@
 
 Two steps, kept apart so the data can be checked without drawing anything:
 
-- ``dash_layers`` / ``autolora_layers`` read per-layer records from a model or pipeline that
-  carries dashdiff adapters (injected in memory, or restored by ``dashdiff.load_adapter``).
-  Plain exported LoRA files hold only the folded factors, so none of this can be read from them.
+- ``dash_layers`` (``dash.report``) / ``autolora_layers`` (``autolora.report``) read per-layer
+  records from a model or pipeline that carries dashdiff adapters (injected in memory, or restored
+  by ``dashdiff.load_adapter``). Plain exported LoRA files hold only the folded factors, so none of
+  this can be read from them.
 - ``plot_*`` draw those records with matplotlib into a PIL image (PNG-encoded once, so what the
   app serves is exactly what the function returns).
 
-matplotlib is an optional dependency (``pip install "dashdiff[plots]"``): it is imported inside
-the plotting functions only, and pyplot is never used. pyplot keeps global figure state, which is
-not safe in a web server that runs handlers on several threads; a bare ``Figure`` is.
+Plots are behind the ``plots`` extra (``pip install "dashdiff[plots]"``): matplotlib is imported
+inside the drawing functions only (``dashdiff.plotting``), and a missing one raises an
+ImportError naming the extra.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
-import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .walk import iter_layers, resolve_adapter
+from .autolora.report import AutoLoraLayerInfo, autolora_figure, autolora_layers, autolora_layers_from_report
+from .dash.report import DashLayerInfo, dash_layers
+from .plotting import label_rows as _label_rows
+from .plotting import new_figure as _new_figure
+from .plotting import rows_height as _rows_height
+from .plotting import short_name
+from .plotting import to_image as _to_image
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
     from PIL import Image
 
 __all__ = [
@@ -43,207 +44,8 @@ __all__ = [
     "short_name",
 ]
 
-_PLOT_HINT = 'dashdiff: plots need matplotlib: pip install "dashdiff[plots]" (or "dashdiff[app]")'
-# Past this many layers the per-layer tick labels would overlap: label every n-th row only.
-_MAX_LABELLED_ROWS = 60
-_MAX_FIG_HEIGHT_IN = 24.0
-
-
-# --------------------------------------------------------------------------- records
-
-
-@dataclass
-class DashLayerInfo:
-    """One LoRA-Dash layer after launch.
-
-    ``indices`` (s,): the selected directions, positions in the descending singular values of
-    the frozen weight, ordered by descending change rate. ``sigma`` / ``change_rate`` (k,): the
-    whole spectrum and every direction's ``|Δσ_i| / σ_i`` at launch (NaN where σ is numerically
-    zero). ``delta`` (s,): the learned coefficients on the directions, when known.
-    """
-
-    name: str
-    indices: torch.Tensor
-    sigma: torch.Tensor
-    change_rate: torch.Tensor
-    launch_step: int
-    delta: Optional[torch.Tensor] = None
-
-    @property
-    def k(self) -> int:
-        return int(self.sigma.numel())
-
-    @property
-    def selected_rates(self) -> torch.Tensor:
-        return self.change_rate[self.indices]
-
-    @property
-    def median_rate(self) -> float:
-        """Median change rate over the eligible directions: how far the selected ones stand out."""
-        ok = self.change_rate[~torch.isnan(self.change_rate)]
-        return float(ok.median()) if ok.numel() else float("nan")
-
-
-@dataclass
-class AutoLoraLayerInfo:
-    """One AutoLoRA layer: ``alpha`` (k,) = softmax(β) and the components kept at ``threshold``."""
-
-    name: str
-    alpha: torch.Tensor
-    keep: torch.Tensor
-    threshold: float
-    outer_steps: int = 0  # -1 when unknown
-    rule: str = "softmax"
-
-    @property
-    def rank(self) -> int:
-        return int(self.keep.sum())
-
-    @property
-    def k(self) -> int:
-        return int(self.alpha.numel())
-
-
-def dash_layers(obj, adapter_name: Optional[str] = None) -> list[DashLayerInfo]:
-    """Records of every launched layer of the LoRA-Dash adapter of a model or pipeline.
-
-    Raises ValueError if the adapter has not launched (nothing was selected yet)."""
-    adapter = resolve_adapter(obj, "dash", adapter_name)
-    out: list[DashLayerInfo] = []
-    for name, layer, a in iter_layers(obj, "dash", adapter):
-        rec = layer.dash_record.get(a)
-        if not layer.is_launched(a) or rec is None:
-            continue
-        out.append(
-            DashLayerInfo(
-                name=name,
-                indices=rec["indices"].long().cpu(),
-                sigma=rec["sigma"].double().cpu(),
-                change_rate=rec["change_rate"].double().cpu(),
-                launch_step=int(layer.lora_dash_launch_step[a]),
-                # only the filled slots: unfilled ones (fewer eligible directions than s) stay 0
-                delta=layer.lora_dash_delta[a].detach().double().cpu()[: rec["indices"].numel()],
-            )
-        )
-    if not out:
-        raise ValueError(
-            f"dashdiff: LoRA-Dash adapter {adapter!r} has not launched yet (no directions selected): "
-            "train past dash_warmup_steps, or call dashdiff.launch_dash(model)"
-        )
-    return out
-
-
-def autolora_layers(obj, adapter_name: Optional[str] = None, threshold: Optional[float] = None
-                    ) -> list[AutoLoraLayerInfo]:
-    """α and the kept components of every layer of the AutoLoRA adapter of a model or pipeline.
-
-    Unlike ``determine_ranks`` this does not refuse an adapter with no outer step: the Inspect
-    view shows it (with ``outer_steps == 0``, α uniform) rather than failing."""
-    from .ranks import keep_mask, outer_steps
-
-    adapter = resolve_adapter(obj, "autolora", adapter_name)
-    out = []
-    for name, layer, a in iter_layers(obj, "autolora", adapter):
-        settings = layer.autolora_settings[a]
-        k = layer.lora_autolora_beta[a].numel()
-        lam = threshold if threshold is not None else settings["threshold"]
-        out.append(
-            AutoLoraLayerInfo(
-                name=name,
-                alpha=layer.autolora_alpha(a).cpu(),
-                keep=keep_mask(layer, a, lam).cpu(),
-                threshold=1.0 / k if lam is None else float(lam),
-                outer_steps=outer_steps(layer, a),
-                rule=settings["rank_rule"],
-            )
-        )
-    return out
-
-
-def autolora_layers_from_report(report: Union[str, os.PathLike, Mapping[str, Any]]) -> list[AutoLoraLayerInfo]:
-    """Layers from an ``autolora_ranks.json`` rank report (``dashdiff.rank_report``): what remains
-    of the search once the adapter was retrained as a plain LoRA with the found ranks, where the
-    adapter file itself no longer holds β."""
-    if not isinstance(report, Mapping):
-        with open(report, encoding="utf-8") as fh:
-            report = json.load(fh)
-    rows = report.get("layers") if isinstance(report, Mapping) else None
-    if not isinstance(rows, list) or not rows:
-        raise ValueError("dashdiff: not an AutoLoRA rank report (no 'layers' list)")
-    out = []
-    for row in rows:
-        alpha = torch.tensor(row["alpha"], dtype=torch.float64)
-        keep = torch.tensor(row["kept"], dtype=torch.bool)
-        lam = report.get("threshold")
-        out.append(
-            AutoLoraLayerInfo(
-                name=row["name"],
-                alpha=alpha,
-                keep=keep,
-                threshold=1.0 / alpha.numel() if lam is None else float(lam),
-                outer_steps=int(report.get("outer_steps", row.get("outer_steps", -1))),
-            )
-        )
-    return out
-
-
-# --------------------------------------------------------------------------- names
-
-# Diffusers' module paths are long; these abbreviations keep plot labels readable.
-_ABBREVIATIONS = (
-    (r"^unet\.", ""),
-    (r"^transformer\.", ""),
-    (r"down_blocks\.", "down"),
-    (r"up_blocks\.", "up"),
-    (r"mid_block\.", "mid."),
-    (r"attentions\.", "att"),
-    (r"transformer_blocks\.", "tb"),
-    (r"text_model\.encoder\.layers\.", "L"),
-    (r"^text_encoder_2\.", "te2."),
-    (r"^text_encoder\.", "te."),
-    (r"self_attn\.", ""),
-)
-
-
-def short_name(name: str) -> str:
-    """``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` -> ``down1.att0.tb0.attn1.to_q``."""
-    for pattern, repl in _ABBREVIATIONS:
-        name = re.sub(pattern, repl, name)
-    return name
-
 
 # --------------------------------------------------------------------------- drawing
-
-
-def _new_figure(width: float, height: float) -> "Figure":
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as e:  # optional dependency
-        raise ImportError(_PLOT_HINT) from e
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def _to_image(fig: "Figure") -> "Image.Image":
-    from PIL import Image
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    buf.seek(0)
-    img = Image.open(buf)
-    img.load()
-    return img
-
-
-def _rows_height(n: int, per_row: float = 0.22, base: float = 1.6) -> float:
-    return min(max(3.2, base + per_row * n), _MAX_FIG_HEIGHT_IN)
-
-
-def _label_rows(ax, names: Sequence[str]) -> None:
-    n = len(names)
-    every = max(1, math.ceil(n / _MAX_LABELLED_ROWS))
-    ticks = list(range(0, n, every))
-    ax.set_yticks(ticks, [short_name(names[i]) for i in ticks], fontsize=7)
-    ax.set_ylim(n - 0.5, -0.5)  # first layer on top, as in the model
 
 
 def plot_dash_overview(layers: Sequence[DashLayerInfo], title: str = "LoRA-Dash") -> "Image.Image":
@@ -334,42 +136,5 @@ def plot_dash_layer(layer: DashLayerInfo) -> "Image.Image":
 
 
 def plot_autolora(layers: Sequence[AutoLoraLayerInfo], title: str = "AutoLoRA") -> "Image.Image":
-    """Left: the rank each layer keeps out of k. Right: the selection weights α_j per layer and
-    component (heat map), kept components (α_j >= λ) outlined."""
-    if not layers:
-        raise ValueError("dashdiff: no AutoLoRA layers to plot")
-    from matplotlib.patches import Rectangle
-
-    names = [l.name for l in layers]
-    k = max(l.k for l in layers)
-    fig = _new_figure(11, _rows_height(len(layers)))
-    ax_rank, ax_alpha = fig.subplots(1, 2, sharey=True, width_ratios=(2, 3))
-
-    ranks = [l.rank for l in layers]
-    ax_rank.barh(range(len(layers)), ranks, color="tab:green")
-    ax_rank.set_xlim(0, k + 0.5)
-    ax_rank.set_xlabel(f"rank kept (of k = {k})")
-    ax_rank.set_title("per-layer rank")
-    ax_rank.grid(axis="x", alpha=0.3)
-    _label_rows(ax_rank, names)
-
-    grid = torch.full((len(layers), k), float("nan"), dtype=torch.float64)
-    for row, l in enumerate(layers):
-        grid[row, : l.k] = l.alpha
-    image = ax_alpha.imshow(grid.numpy(), aspect="auto", cmap="magma", interpolation="nearest")
-    if len(layers) <= 200:  # outlines become noise past that
-        for row, l in enumerate(layers):
-            for j in torch.nonzero(l.keep).flatten().tolist():
-                ax_alpha.add_patch(Rectangle((j - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=0.8))
-    ax_alpha.set_xticks(range(k))
-    ax_alpha.set_xlabel("component j (outlined: kept, α_j >= λ)")
-    ax_alpha.set_title("selection weights α = softmax(β)")
-    fig.colorbar(image, ax=ax_alpha, label="α_j")
-
-    lams = sorted({round(l.threshold, 12) for l in layers})
-    lam = f"λ = {lams[0]:.4g}" if len(lams) == 1 else f"λ = {lams[0]:.4g}..{lams[-1]:.4g}"
-    steps = min(l.outer_steps for l in layers)  # -1: unknown (read from a rank report)
-    note = {0: "  (no outer β step recorded: α is its initial value)", -1: ""}.get(steps, f", {steps} outer steps")
-    fig.suptitle(f"{title}: {len(layers)} layers, total rank {sum(ranks)} of {sum(l.k for l in layers)}, "
-                 f"{lam}{note}")
-    return _to_image(fig)
+    """``autolora.report.autolora_figure`` as an image: per-layer ranks and the α heat map."""
+    return _to_image(autolora_figure(layers, title))

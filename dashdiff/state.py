@@ -30,26 +30,12 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from . import safeio
-from .config import AutoLoraConfig, LoraDashConfig
-from .export import (
-    HEADER_KEY,
-    HEADER_VERSION,
-    config_from_dict,
-    config_to_dict,
-    find_config,
-    full_name,
-    iter_lora_layers,
-    resolve_any_adapter,
-    root_model,
-)
+from .export import config_from_dict, config_to_dict, find_config
+from .files import HEADER_KEY, HEADER_VERSION, STATE_FILE_NAME, header_metadata
 from .layer import DashdiffLinear
-from .walk import components
-
-STATE_FILE_NAME = "dashdiff_adapter.safetensors"  # used when a folder is given as the path
-
-_DASH_TENSORS = ("lora_dash_delta", "lora_dash_U", "lora_dash_V", "lora_dash_step", "lora_dash_launch_step")
-_AUTOLORA_TENSORS = ("lora_autolora_beta", "lora_autolora_outer_steps")
-_RECORD_FIELDS = ("indices", "sigma", "change_rate")
+from .registry import METHODS, VARIANTS
+from .variant import MethodVariant
+from .walk import base_model, components, full_name, iter_lora_layers, resolve_adapter
 
 
 def _file_path(path: Union[str, os.PathLike]) -> Path:
@@ -60,34 +46,34 @@ def _file_path(path: Union[str, os.PathLike]) -> Path:
 def _layer_tensors(layer: LoraLayer, adapter: str) -> dict[str, torch.Tensor]:
     """Suffix -> tensor for one layer's adapter (the model's own tensors, not copies)."""
     out = {"lora_A.weight": layer.lora_A[adapter].weight, "lora_B.weight": layer.lora_B[adapter].weight}
-    kind = _kind(layer, adapter)
-    if kind == "dash":
-        out.update({name: getattr(layer, name)[adapter] for name in _DASH_TENSORS})
-    elif kind == "autolora":
-        out.update({name: getattr(layer, name)[adapter] for name in _AUTOLORA_TENSORS})
+    variant = _variant(layer, adapter)
+    if variant is not None:
+        out.update(variant.state_tensors(layer, adapter))
     return out
 
 
+def _variant(layer: LoraLayer, adapter: str) -> Optional[MethodVariant]:
+    """The dashdiff method of ``adapter`` on ``layer``; None for plain LoRA (and PEFT's own layers)."""
+    return layer.method(adapter) if isinstance(layer, DashdiffLinear) else None
+
+
 def _kind(layer: LoraLayer, adapter: str) -> str:
-    return layer.adapter_kind.get(adapter, "lora") if isinstance(layer, DashdiffLinear) else "lora"
+    variant = _variant(layer, adapter)
+    return "lora" if variant is None else variant.kind
 
 
 def _layers_config(layers: list[tuple[str, LoraLayer]], adapter: str):
     """A config rebuilt from the layers, for models whose PEFT config was not kept."""
     name0, layer = layers[0]
-    kind = _kind(layer, adapter)
+    variant = _variant(layer, adapter)
     common = dict(
         r=layer.r[adapter],
         lora_alpha=layer.lora_alpha[adapter],
         target_modules=sorted(n for n, _ in layers),
         use_rslora=bool(layer.use_rslora.get(adapter, False)),
     )
-    if kind == "dash":
-        return LoraDashConfig(**common, dash_directions=layer.dash_directions[adapter],
-                              dash_warmup_steps=layer.dash_warmup_steps[adapter])
-    if kind == "autolora":
-        s = layer.autolora_settings[adapter]
-        return AutoLoraConfig(**common, autolora_threshold=s["threshold"], autolora_rank_rule=s["rank_rule"])
+    if variant is not None:
+        return variant.layer_config(layer, adapter, common)
     from peft import LoraConfig
 
     ranks = {n: l.r[adapter] for n, l in layers}
@@ -100,7 +86,7 @@ def save_adapter(model_or_pipeline, path: Union[str, os.PathLike], adapter_name:
     one safetensors file (``path``, or ``path/dashdiff_adapter.safetensors`` for a folder).
     Written to a temporary name and renamed: an interrupted save leaves an old file intact.
     Returns the file path."""
-    adapter = resolve_any_adapter(model_or_pipeline, adapter_name)
+    adapter = resolve_adapter(model_or_pipeline, None, adapter_name)
     tensors: dict[str, torch.Tensor] = {}
     layers_meta: dict[str, dict[str, Any]] = {}
     by_comp: dict[str, list[tuple[str, LoraLayer]]] = {}
@@ -109,15 +95,12 @@ def save_adapter(model_or_pipeline, path: Union[str, os.PathLike], adapter_name:
         by_comp.setdefault(comp, []).append((name, layer))
         for suffix, t in _layer_tensors(layer, adapter).items():
             tensors[f"{key}.{suffix}"] = t
-        kind = _kind(layer, adapter)
-        meta: dict[str, Any] = {"method": kind, "r": layer.r[adapter]}
-        if kind == "dash":
-            launched = layer.is_launched(adapter)
-            meta.update(s=layer.dash_directions[adapter], launched=launched)
-            record = layer.dash_record.get(adapter)
-            if launched and record is not None:
-                for field_name in _RECORD_FIELDS:
-                    tensors[f"{key}.dash_record.{field_name}"] = record[field_name]
+        variant = _variant(layer, adapter)
+        meta: dict[str, Any] = {"method": _kind(layer, adapter), "r": layer.r[adapter]}
+        if variant is not None:
+            meta.update(variant.header(layer, adapter))
+            for suffix, t in variant.record_tensors(layer, adapter).items():
+                tensors[f"{key}.{suffix}"] = t
         layers_meta[key] = meta
     configs = {}
     for comp_name, comp in components(model_or_pipeline):
@@ -135,7 +118,7 @@ def save_adapter(model_or_pipeline, path: Union[str, os.PathLike], adapter_name:
         "layers": layers_meta,
     }
     file = _file_path(path)
-    safeio.save_safetensors(tensors, file, {"format": "pt", HEADER_KEY: json.dumps(header)})
+    safeio.save_safetensors(tensors, file, {"format": "pt", **header_metadata(header)})
     return str(file)
 
 
@@ -186,11 +169,6 @@ def _component(obj, name: str, file: Path) -> nn.Module:
     raise ValueError(f"dashdiff: {file} holds an adapter for {label}, but the target has {have}")
 
 
-# Bounds on what a file may ask for, checked before anything is allocated: a header claiming a huge
-# rank (r = 2,000,000 in a 260 KB file) must be refused from the numbers, not by running out of memory.
-_METHODS = ("lora", "dash", "autolora")
-
-
 def _fit_message(file: Path, adapter: str, missing: list[str], extra: list[str]) -> str:
     msg = [f"dashdiff: {file} does not fit this model's adapter {adapter!r}."]
     if missing:
@@ -207,6 +185,8 @@ def _whole(value: Any, lo: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= lo
 
 
+# Bounds on what a file may ask for, checked before anything is allocated: a header claiming a huge
+# rank (r = 2,000,000 in a 260 KB file) must be refused from the numbers, not by running out of memory.
 def _parse_header(file: Path, header: dict) -> tuple[dict[str, Any], dict[str, dict]]:
     """(configs per component, layers) from a state header, every field type-checked."""
     configs, layers = header.get("configs"), header.get("layers")
@@ -222,8 +202,8 @@ def _parse_header(file: Path, header: dict) -> tuple[dict[str, Any], dict[str, d
             raise ValueError(f"dashdiff: {file}: the stored config of {comp_name or 'the model'!r} is invalid "
                              f"({type(err).__name__}: {err})") from None
     for name, meta in layers.items():
-        if not isinstance(meta, dict) or meta.get("method") not in _METHODS or not _whole(meta.get("r"), 1) \
-                or (meta["method"] == "dash" and not _whole(meta.get("s"), 1)):
+        if not isinstance(meta, dict) or meta.get("method") not in METHODS or not _whole(meta.get("r"), 1) \
+                or (meta["method"] in VARIANTS and not VARIANTS[meta["method"]].check_header(meta)):
             raise ValueError(f"dashdiff: {file}: layer {name!r} in the header has no valid method / r / s ({meta!r})")
     return parsed, layers
 
@@ -249,13 +229,8 @@ def _expected(meta: dict, n_in: int, n_out: int) -> dict[str, tuple[tuple[int, .
     """Suffix -> (shape, is floating point) of one layer's tensors, from its header entry."""
     r = meta["r"]
     out = {"lora_A.weight": ((r, n_in), True), "lora_B.weight": ((n_out, r), True)}
-    if meta["method"] == "dash":
-        s = meta["s"]
-        out.update({"lora_dash_delta": ((s,), True), "lora_dash_U": ((n_out, s), True),
-                    "lora_dash_V": ((s, n_in), True), "lora_dash_step": ((), False),
-                    "lora_dash_launch_step": ((), False)})
-    elif meta["method"] == "autolora":
-        out.update({"lora_autolora_beta": ((r,), True), "lora_autolora_outer_steps": ((), False)})
+    if meta["method"] in VARIANTS:
+        out.update(VARIANTS[meta["method"]].expected_tensors(meta, n_in, n_out))
     return out
 
 
@@ -293,7 +268,7 @@ def _validate(obj, file: Path, tensors: dict[str, torch.Tensor], header: dict, a
     # config's target_modules would adapt (PEFT's own matching)
     covered: dict[str, tuple[nn.Module, Optional[Any]]] = {k: (v, None) for k, v in present.items()}
     for comp_name, cfg in to_inject.items():
-        root = root_model(comps[comp_name])
+        root = base_model(comps[comp_name])
         if isinstance(cfg.target_modules, str) and cfg.target_modules == "all-linear":
             raise ValueError(f"dashdiff: {file}: target_modules 'all-linear' cannot be checked before injection; "
                              "save the adapter with an explicit list")
@@ -336,17 +311,8 @@ def _validate(obj, file: Path, tensors: dict[str, torch.Tensor], header: dict, a
             _check_tensor(file, key, tensors[key], tuple(dst.shape) if dst is not None else shape, floating,
                           tuple(dst.shape) if dst is not None else None)
             known.add(key)
-        if meta["method"] == "dash" and f"{name}.dash_record.indices" in tensors:
-            idx = tensors[f"{name}.dash_record.indices"]
-            _check_tensor(file, f"{name}.dash_record.indices", idx, (min(idx.numel(), meta["s"]),), False)
-            if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < k):
-                raise ValueError(f"dashdiff: {file}: {name}.dash_record.indices out of range 0..{k - 1}")
-            for field_name in ("sigma", "change_rate"):
-                key = f"{name}.dash_record.{field_name}"
-                if key not in tensors:
-                    raise ValueError(f"dashdiff: {file} lacks tensor {key} (a damaged or hand-edited file)")
-                _check_tensor(file, key, tensors[key], (k,), True)
-            known.update(f"{name}.dash_record.{f}" for f in _RECORD_FIELDS)
+        if meta["method"] in VARIANTS:
+            known |= VARIANTS[meta["method"]].check_record(file, name, meta, tensors, k, _check_tensor)
     stray = sorted(set(tensors) - known)
     if stray:
         raise ValueError(f"dashdiff: {file} holds {len(stray)} tensor(s) that belong to no layer of its header "
@@ -371,7 +337,7 @@ class _Undo:
                 self.saved.append((module, dict(module._modules), dict(module._parameters), dict(module._buffers),
                                    extra))
             # attributes injection may add or fill: PEFT's config dict, diffusers' "loaded" flag
-            for holder in {id(h): h for h in (comp, root_model(comp))}.values():
+            for holder in {id(h): h for h in (comp, base_model(comp))}.values():
                 for attr in ("peft_config", "_hf_peft_config_loaded"):
                     value = vars(holder).get(attr, _ABSENT)
                     self.configs.append((holder, attr, dict(value) if isinstance(value, dict) else value, value))
@@ -436,12 +402,7 @@ def load_adapter(model_or_pipeline, path: Union[str, os.PathLike], adapter_name:
         for name, layer, targets in plan:
             for suffix, dst in targets.items():
                 dst.copy_(tensors[f"{name}.{suffix}"])
-            if isinstance(layer, DashdiffLinear) and _kind(layer, adapter) == "dash":
-                if f"{name}.dash_record.indices" in tensors:
-                    layer.dash_record[adapter] = {
-                        f: tensors[f"{name}.dash_record.{f}"].clone() for f in _RECORD_FIELDS
-                    }
-                else:
-                    layer.dash_record.pop(adapter, None)
-                layer._refresh_mirrors()
+            variant = _variant(layer, adapter)
+            if variant is not None:
+                variant.load_record(layer, adapter, name, tensors)
     return model_or_pipeline

@@ -143,7 +143,7 @@ def test_launch_refuses_more_directions_than_the_layer_has():
 def test_launch_path_follows_the_decompositions_device(monkeypatch):
     """A prefetched decomposition on W0's own device goes through ``spectrum`` (the host path is for a
     decomposition left on another device than W0's, e.g. a GPU launch after a host prefetch)."""
-    from dashdiff import launch
+    from dashdiff.dash import selection as launch
 
     w0 = decaying_weight(12, 8, seed=5).float()
     eig = launch.gram_eig(w0)
@@ -156,7 +156,7 @@ def test_launch_path_follows_the_decompositions_device(monkeypatch):
 def test_precomputed_gram_eig_is_used(monkeypatch):
     """select_directions with a prefetched eigendecomposition does not decompose W0 again (the point of
     the prefetch) and gives the same selection."""
-    from dashdiff import launch
+    from dashdiff.dash import selection as launch
 
     w0 = decaying_weight(24, 16, seed=4).float()
     a, b = torch.randn(2, 16), torch.randn(24, 2)

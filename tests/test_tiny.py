@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dashdiff import tiny
-from dashdiff.tiny import (
+from dashdiff.testing import models as tiny
+from dashdiff.testing import (
     CLIP_VOCAB_SIZE,
     LLAMA_VOCAB_SIZE,
     RESERVED_MODELS,

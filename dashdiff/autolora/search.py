@@ -5,7 +5,7 @@ AutoLoRA 2): an inner optimizer step of the LoRA weights ``w = {A, B}`` on the t
 (``w -> w'``), then an outer step of the selection logits ``β`` with a hypergradient of the
 validation loss at ``w'``. After the search, ``ranks.determine_ranks`` reads the per-layer ranks,
 ``retrain_config`` turns them into a plain ``peft.LoraConfig`` for the retrain phase and
-``rank_report.write_rank_report`` writes them next to the outputs.
+``report.write_rank_report`` writes them next to the outputs.
 
 ``loss_fn(model, batch) -> scalar`` must be deterministic given its batch (noise, timesteps and
 anything else random travel inside the batch) and must use the ``model`` it is handed: the inner
@@ -25,11 +25,11 @@ import torch
 import torch.distributed as dist
 from peft import LoraConfig
 from torch import nn
-from torch.nn.parallel import DataParallel, DistributedDataParallel
+from torch.nn.parallel import DistributedDataParallel
 
-from .layer import DashdiffLinear
 from .ranks import determine_ranks
-from .walk import base_model, iter_layers, resolve_adapter
+from .variant import AutoLoraVariant
+from ..walk import AdapterLayer, base_model, iter_layers, resolve_adapter, unwrap_parallel
 
 __all__ = ["BilevelStep", "default_adam", "double_batch", "retrain_config", "split_train_val", "split_indices"]
 
@@ -46,15 +46,6 @@ DEFAULT_VAL_FRACTION = 0.3  # published code: 70/30 (the paper says 1:1)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _unwrap(model: nn.Module, accelerator) -> nn.Module:
-    """The module under DDP / DataParallel (accelerate's autocast wrapper, if any, stays on)."""
-    if accelerator is not None:
-        model = accelerator.unwrap_model(model)
-    while isinstance(model, (DistributedDataParallel, DataParallel)):
-        model = model.module
-    return model
 
 
 def _inner_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -140,7 +131,7 @@ def default_adam(params: list[torch.Tensor], lr: float, betas: tuple[float, floa
     """Adam as published, run as PyTorch's fused kernel where it can be (float parameters on the CPU or
     one CUDA device), else foreach: the per-tensor Python loop of the default CPU Adam costs more than
     a forward pass on a model with hundreds of adapted layers."""
-    from .training import fused_adamw_ok
+    from ..training import fused_adamw_ok
 
     kind = {"fused": True} if fused_adamw_ok(params) else {"foreach": True}
     return torch.optim.Adam(params, lr=lr, betas=betas, **kind)
@@ -326,9 +317,9 @@ class BilevelStep:
         self.fd_batched = fd_batched
         self.double = double
         self._fd_checked = False
-        self.root = _unwrap(model, accelerator)
+        self.root = unwrap_parallel(model)  # accelerate's autocast wrapper, if any, stays on
         self.adapter = resolve_adapter(self.root, "autolora", adapter_name)
-        self.layers: list[tuple[str, DashdiffLinear, str]] = list(iter_layers(self.root, "autolora", self.adapter))
+        self.layers: list[AdapterLayer] = list(iter_layers(self.root, "autolora", self.adapter))
         self.names = [n for n, _, _ in self.layers]
         self.betas = [layer.lora_autolora_beta[a] for _, layer, a in self.layers]
         lora_w = [p for _, layer, a in self.layers for p in (layer.lora_A[a].weight, layer.lora_B[a].weight)]
@@ -695,14 +686,8 @@ class BilevelStep:
             torch._foreach_copy_(views, c)
             torch._foreach_add_(views, d, alpha=sign * eps)
         out = [torch.zeros_like(p) for p in self.betas]
-        try:
-            for (_, layer, a), pair in zip(self.layers, self._pair_bufs):
-                layer._fd_pairs[a] = pair
-            with self._fd_mode():
-                self._add_beta_grads(out, trains, loss_fn, net, 1.0, prepare=self.double)
-        finally:
-            for _, layer, a in self.layers:
-                layer._fd_pairs.pop(a, None)
+        with AutoLoraVariant.paired([(layer, a) for _, layer, a in self.layers], self._pair_bufs), self._fd_mode():
+            self._add_beta_grads(out, trains, loss_fn, net, 1.0, prepare=self.double)
         return torch._foreach_div(out, eps)  # 2·½(∂β L+ − ∂β L−) / 2ε
 
     def _reduce_g(self, g: list[torch.Tensor], val_loss: torch.Tensor, train_loss: torch.Tensor

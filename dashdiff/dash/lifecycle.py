@@ -2,23 +2,42 @@
 
 ``dash_step`` is called once per *optimizer* step (in accelerate: when
 ``accelerator.sync_gradients`` is true and the fp16 scaler did not skip the step); evaluation,
-validation and generation never call it, so they never advance the warm-up (METHODS.md).
+validation and generation never call it, so they never advance the warm-up (METHODS.md). It
+returns a ``LaunchReport`` (true on the call that launched) for the caller's log line.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
-from .launch import Selection
-from .layer import DashdiffLinear
-from .walk import iter_layers, resolve_adapter
+from ..walk import AdapterLayer, iter_layers, resolve_adapter
+from .selection import Selection
 
-last_launch_seconds: float = 0.0  # wall-clock of the latest launch, for the scripts' log line
-last_prefetch_report = None  # prefetch.FinishReport of the latest launch that had a prefetch, else None
+if TYPE_CHECKING:
+    from .prefetch import FinishReport
+
+
+class LaunchReport(NamedTuple):
+    """What one ``dash_step`` / launch did: the module names launched (in launch order), its
+    wall-clock seconds and what a spectrum prefetch contributed (None without one). True when it
+    launched anything, so ``if dash_step(model):`` reads as before."""
+
+    layers: tuple[str, ...] = ()
+    seconds: float = 0.0
+    prefetch: Optional["FinishReport"] = None
+
+    def __bool__(self) -> bool:
+        return bool(self.layers)
+
+
+# Shims for the scripts and the Trainer callback of other branches, which read these after
+# ``dash_step``: they mirror the latest LaunchReport. Removed after the branches merge.
+last_launch_seconds: float = 0.0
+last_prefetch_report = None
 
 
 def _distributed() -> tuple[int, int]:
@@ -41,15 +60,16 @@ def _unpack(buf: torch.Tensor, out_f: int, in_f: int, s: int) -> Selection:
     return Selection(indices=idx, u_s=u.view(out_f, s), v_s_t=v.view(s, in_f), sigma=sigma, change_rate=rate)
 
 
-def _launch(targets: list[tuple[str, DashdiffLinear, str]]) -> None:
+def _launch(targets: list[AdapterLayer]) -> LaunchReport:
     """Launch the given layers. Under torch.distributed the SVD work is split round-robin over
     the processes and each result is broadcast from its owner, so every process installs the
     same directions before the next forward (METHODS.md, distributed)."""
     global last_launch_seconds, last_prefetch_report
     t0 = time.perf_counter()
-    last_prefetch_report = None
-    for handle in {id(h): h for h in (getattr(layer, "_prefetcher", None) for _, layer, _ in targets) if h}.values():
-        last_prefetch_report = handle.finish()  # never waits on the slower path (dashdiff.prefetch)
+    prefetch = None
+    handles = (layer.dash_prefetch.get(adapter) for _, layer, adapter in targets)
+    for handle in {id(h): h for h in handles if h is not None}.values():
+        prefetch = handle.finish()  # never waits on the slower path (dashdiff.dash.prefetch)
     rank, world = _distributed()
     if world == 1:
         for _, layer, adapter in targets:
@@ -73,23 +93,24 @@ def _launch(targets: list[tuple[str, DashdiffLinear, str]]) -> None:
                 buf = torch.empty(n, dtype=torch.float64, device=layer.lora_A[adapter].weight.device)
             dist.broadcast(buf, src=i % world)
             layer.apply_launch(adapter, _unpack(buf, layer.out_features, layer.in_features, s))
-    last_launch_seconds = time.perf_counter() - t0
+    report = LaunchReport(tuple(name for name, _, _ in targets), time.perf_counter() - t0, prefetch)
+    last_launch_seconds, last_prefetch_report = report.seconds, report.prefetch
+    return report
 
 
-def dash_step(model, adapter_name: Optional[str] = None) -> bool:
+def dash_step(model, adapter_name: Optional[str] = None) -> LaunchReport:
     """Advance every LoRA-Dash adapter (or only ``adapter_name``) by one optimizer step and launch
-    the layers that reach their ``dash_warmup_steps``. Returns True on the call that launched."""
-    due = [(n, layer, a) for n, layer, a in iter_layers(model, "dash", adapter_name) if layer.advance(a)]
-    if due:
-        _launch(due)
-    return bool(due)
+    the layers that reach their ``dash_warmup_steps``. Returns the ``LaunchReport`` (false when
+    nothing launched)."""
+    due = [t for t in iter_layers(model, "dash", adapter_name) if t.layer.advance(t.adapter)]
+    return _launch(due) if due else LaunchReport()
 
 
 def launch_dash(model, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
     """Launch now every not-yet-launched layer of the LoRA-Dash adapter; returns the selection
     (see ``selected_directions``)."""
     adapter = resolve_adapter(model, "dash", adapter_name)
-    _launch([(n, layer, a) for n, layer, a in iter_layers(model, "dash", adapter) if not layer.is_launched(a)])
+    _launch([t for t in iter_layers(model, "dash", adapter) if not t.layer.is_launched(t.adapter)])
     return selected_directions(model, adapter)
 
 
