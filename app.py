@@ -237,7 +237,7 @@ class Renderer:
         import torch
         from diffusers import DiffusionPipeline
 
-        from dashdiff.tiny import resolve_model
+        from dashdiff.testing import resolve_model
 
         self.base = base
         self.device = device or _default_device()

@@ -2,7 +2,8 @@
 
 Four models share one frozen base: stock PEFT LoRA rank r and r+s, and dashdiff LoRA-Dash run with
 this checkout's ``FusedDashLinear`` and with the one in ``--old`` (a copy of an earlier
-``dashdiff/functional.py``, e.g. ``git show <commit>:dashdiff/functional.py > /tmp/old.py``). Steps
+``dashdiff/dash/kernel.py``, e.g. ``git show <commit>:dashdiff/dash/kernel.py > /tmp/old.py``; before
+issue 15 the function lived in ``dashdiff/functional.py``), loaded as a standalone module. Steps
 are interleaved (rotating order) with each phase synchronised; prints forward / backward /
 optimizer medians and the median paired step ratio to lora_r. Host-bound GPU steps spread ±10-20 %
 step to step: use >= 100 steps to resolve a few percent.
@@ -34,7 +35,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="tiny-unet", choices=["tiny-unet", "sdxl", "sd15", "tiny-llama", "llama7b"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--old", required=True, help="path of the earlier functional.py to compare against")
+    p.add_argument("--old", required=True, help="path of the earlier dash/kernel.py (or functional.py) to compare against")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--warmup", type=int, default=8)
     args = p.parse_args(argv)

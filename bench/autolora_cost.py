@@ -25,8 +25,9 @@ import torch
 from peft import LoraConfig
 
 from dashdiff import AutoLoraConfig
-from dashdiff.autolora import BilevelStep, _grads, default_adam
-from dashdiff.tiny import tiny_sd_pipeline
+from dashdiff.autolora import BilevelStep, default_adam
+from dashdiff.autolora.search import _grads
+from dashdiff.testing import tiny_sd_pipeline
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -149,7 +150,7 @@ def _autocast_step(search, train, val, loss_fn, autocast):
 
 def markdown(result: dict, args: argparse.Namespace) -> str:
     model = ("SDXL UNet (random weights, float32 parameters, bf16 autocast where noted)" if args.model == "sdxl"
-             else "Tiny SD UNet (`dashdiff.tiny`, ~2 M parameters)")
+             else "Tiny SD UNet (`dashdiff.testing`, ~2 M parameters)")
     precision = ("plain step, inner step and validation pass under bf16 autocast, finite-difference passes float32"
                  if args.bf16 else "float32")
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{args.threads} CPU thread(s)"

@@ -1,7 +1,7 @@
 """Real-size end-to-end suite: the training scripts run as a user runs them, on a GPU machine.
 
 Builds random-weight models from the real configurations once (SD 1.5, SDXL base with the fp16-fix
-VAE, LLaMA-7B; tokenizers from ``dashdiff.tiny``), then runs each case through ``accelerate launch``
+VAE, LLaMA-7B; tokenizers from ``dashdiff.testing``), then runs each case through ``accelerate launch``
 and prints one Markdown table: case, status, wall time, training steps/s, peak GPU memory, LoRA-Dash
 launch seconds. Every export is reloaded with stock diffusers / PEFT in a process that never
 imports dashdiff (``bench/stock_reload.py``). Random weights: this checks that everything runs at
@@ -60,7 +60,7 @@ def build_sd(folder: Path, configs: Path, family: str) -> None:
     from diffusers import (AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
 
-    from dashdiff.tiny import tiny_clip_tokenizer
+    from dashdiff.testing import tiny_clip_tokenizer
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -94,7 +94,7 @@ def build_llama(folder: Path, configs: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dashdiff.tiny import tiny_llama_tokenizer
+    from dashdiff.testing import tiny_llama_tokenizer
 
     tok = tiny_llama_tokenizer()
     cfg = LlamaConfig(**_json(configs / "llama_7b.json"), bos_token_id=tok.bos_token_id,
@@ -109,7 +109,7 @@ def build_llama(folder: Path, configs: Path) -> None:
 
 def model_paths(args) -> dict[str, str]:
     if args.tiny:
-        from dashdiff.tiny import resolve_model
+        from dashdiff.testing import resolve_model
 
         sdxl = resolve_model("tiny-sdxl")
         return {"sd15": resolve_model("tiny-sd"), "sdxl": sdxl, "sdxl_vae_fix": str(Path(sdxl) / "vae"),

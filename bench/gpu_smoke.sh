@@ -6,9 +6,9 @@ set -uo pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 python3 -c "import accelerate, diffusers, peft, transformers, torch; print('accelerate', accelerate.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)" || exit 3
 L="python3 -m accelerate.commands.launch --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision bf16"
-P=$(python3 -c "from dashdiff.tiny import resolve_model; print(resolve_model('tiny-llama', cache_dir='/tmp/cache'))" 2>/dev/null | tail -1)
+P=$(python3 -c "from dashdiff.testing import resolve_model; print(resolve_model('tiny-llama', cache_dir='/tmp/cache'))" 2>/dev/null | tail -1)
 COMMON="--val_set_size 2 --batch_size 4 --micro_batch_size 2 --num_epochs 2 --lora_r 4 --lora_alpha 8 --learning_rate 1e-2 --warmup_steps 2 --eval_step 4 --save_step 100 --logging_steps 100"
-# each method's own options only: another method's are refused (dashdiff.validation)
+# each method's own options only: another method's are refused (train/input_rules.py)
 declare -A OWN=([autolora]="--autolora_beta_lr 0.05" [dash]="--dash_warmup_steps 3")
 for kind in autolora dash; do
   $L train/commonsense_dash.py --base_model "$P" --data_path tests/fixtures/commonsense/train.json --output_dir /tmp/cs_$kind --adapter_name $kind $COMMON ${OWN[$kind]} 2>&1 | grep -E "AutoLoRA search|launched|Error|error|status" | tail -4

@@ -1,6 +1,6 @@
 """LoRA-Dash launch split across processes: wall-clock of ``dashdiff.launch_dash`` when the layers'
 decompositions are shared round-robin over the processes and each result is broadcast
-(``dashdiff.dash._launch``), against the same launch in one process.
+(``dashdiff.dash.lifecycle._launch``), against the same launch in one process.
 
     torchrun --nproc_per_node 1 bench/launch_split.py --model llama7b
     torchrun --nproc_per_node 2 bench/launch_split.py --model llama7b
@@ -24,7 +24,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dashdiff  # noqa: E402
-from dashdiff.launch import gram_eig  # noqa: E402
+from dashdiff.dash.selection import gram_eig  # noqa: E402
 from step_time import build_base, device_name  # noqa: E402
 
 

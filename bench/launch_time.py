@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dashdiff  # noqa: E402
-from dashdiff.launch import gram_eig, select_directions  # noqa: E402
+from dashdiff.dash.lifecycle import _launch  # noqa: E402
+from dashdiff.dash.selection import gram_eig, select_directions  # noqa: E402
 from step_time import build_base, command_line, device_name, emit  # noqa: E402
 
 
@@ -178,7 +179,7 @@ def warmups_section(model, make_batch, loss_fn, device: str, dtype, warmups: lis
     def launch() -> float:
         _sync(device)
         t0 = time.perf_counter()
-        dashdiff.dash._launch(layers)
+        _launch(layers)
         _sync(device)
         return time.perf_counter() - t0
 
@@ -227,7 +228,7 @@ def main(argv=None) -> str:
     p.add_argument("--overlap_steps", type=int, default=10)
     p.add_argument("--warmups", default="5,15,25,100", help="warm-up lengths for the warmups section")
     p.add_argument("--prefetch_device", default="cpu", choices=["cpu", "cuda"],
-                   help="where prefetch_spectra decomposes (dashdiff.prefetch)")
+                   help="where prefetch_spectra decomposes (dashdiff.dash.prefetch)")
     p.add_argument("--prefetch_workers", type=int, default=None, help="host decompositions side by side")
     p.add_argument("--write", action="store_true")
     args = p.parse_args(argv)

@@ -17,7 +17,7 @@ Four sections (``--sections``, default all):
     seed) samples, as the DreamBooth protocol's are over (prompt, seed).
 ``tsd``
     Where LoRA-Dash's launch puts its directions, computed here independently of
-    ``dashdiff.launch`` (float64 ``torch.linalg.svd`` of each frozen weight, the launch's chosen
+    ``dashdiff.dash.selection`` (float64 ``torch.linalg.svd`` of each frozen weight, the launch's chosen
     ``u`` matched to the singular vectors): their relative position in the spectrum (0 = largest
     σ, 1 = smallest), and the overlap of the s chosen directions with the s directions whose
     change rate ``|u_iᵀ ΔW v_i| / σ_i`` is largest after a long plain-LoRA run (the paper's
@@ -117,9 +117,9 @@ def DE():  # noqa: N802 - the evaluation module
 
 
 def resolve(name: str, flag: str) -> str:
-    """A model path: a reserved name (``tiny-*`` through ``dashdiff.tiny.resolve_model``; ``mini-*``
+    """A model path: a reserved name (``tiny-*`` through ``dashdiff.testing.resolve_model``; ``mini-*``
     from its reserved folder once it exists) or a folder."""
-    from dashdiff.tiny import resolve_model
+    from dashdiff.testing import resolve_model
 
     path = resolve_model(name)
     if Path(path).is_dir():

@@ -59,7 +59,7 @@ def build_base(model: str, device: str, dtype: torch.dtype):
         from diffusers import UNet2DConditionModel
 
         if model == "tiny-unet":
-            from dashdiff.tiny import tiny_sd_pipeline
+            from dashdiff.testing import tiny_sd_pipeline
 
             unet = tiny_sd_pipeline().unet
             latent, ctx_len, batch = 32, 77, 2
@@ -97,7 +97,7 @@ def build_base(model: str, device: str, dtype: torch.dtype):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         if model == "tiny-llama":
-            from dashdiff.tiny import tiny_llama
+            from dashdiff.testing import tiny_llama
 
             lm, seq, batch = tiny_llama(), 64, 2
         else:

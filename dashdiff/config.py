@@ -68,17 +68,3 @@ def adapter_kind(config: object) -> str:
         if isinstance(config, variant.config_class):
             return kind
     return "lora"
-
-
-def __getattr__(name: str) -> Any:
-    # The configs' former home: ``from dashdiff.config import LoraDashConfig`` keeps working (loaded
-    # lazily: the method folders import this module's helpers).
-    if name == "LoraDashConfig":
-        from .dash.config import LoraDashConfig
-
-        return LoraDashConfig
-    if name == "AutoLoraConfig":
-        from .autolora.config import AutoLoraConfig
-
-        return AutoLoraConfig
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -46,7 +46,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from . import safeio
-from .files import (  # noqa: F401 (HEADER_KEY and the names: re-exported for callers)
+from .files import (
     DIFFUSERS_WEIGHT_NAME,
     HEADER_KEY,
     HEADER_VERSION,

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import dashdiff
-from dashdiff.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+from dashdiff.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -65,7 +65,7 @@ def _dash_config():
 
 def _reference_change_rates(layer) -> torch.Tensor:
     """|Δσ_i| / σ_i with Δσ_i = u_iᵀ (α/r · B A) v_i from a float64 SVD of W0 (METHODS.md), NaN where
-    σ_i <= max(out, in)·eps32·σ_max; written out here, independent of dashdiff.launch."""
+    σ_i <= max(out, in)·eps32·σ_max; written out here, independent of dashdiff.dash.selection."""
     w0 = layer.get_base_layer().weight.detach().double()
     u, sig, vh = torch.linalg.svd(w0, full_matrices=False)
     dw = (layer.lora_alpha["default"] / layer.r["default"]) * (
@@ -120,7 +120,7 @@ def files(tmp_path_factory) -> dict[str, Any]:
     out["rates"] = rates
     # A retrained AutoLoRA, as the training script leaves it: a plain LoRA (full state and export)
     # plus the search's rank report beside it.
-    from dashdiff.rank_report import write_rank_report
+    from dashdiff.autolora.report import write_rank_report
 
     retrained = root / "retrained"
     dashdiff.export_lora(lora, retrained)
@@ -311,7 +311,7 @@ def test_upload_sized_by_its_header_is_refused_quickly(renderer, files, tmp_path
     from safetensors.torch import save_file
 
     from dashdiff import safeio
-    from dashdiff.export import HEADER_KEY
+    from dashdiff.files import HEADER_KEY
 
     tensors, meta = safeio.read_safetensors(files["dash"] / app.STATE_FILE)
     header = json.loads(meta[HEADER_KEY])

@@ -15,8 +15,8 @@ from torch import nn
 
 from dashdiff import AutoLoraConfig, determine_ranks
 from dashdiff.autolora import BilevelStep, retrain_config, split_indices, split_train_val
-from dashdiff.rank_report import INSTALL_HINT, write_rank_report
-from dashdiff.ranks import outer_steps
+from dashdiff.autolora.ranks import outer_steps
+from dashdiff.autolora.report import INSTALL_HINT, write_rank_report
 
 F64 = torch.float64
 
@@ -365,7 +365,7 @@ def test_paired_function_on_token_batches_and_mixed_dtypes(x_dtype):
     """PairedAutoLoraLinear on a (2n, tokens, in) batch: copy i goes through scaling·B_i diag(softmax β) A_i,
     x gets its gradient and β the gradient of copy + minus that of copy − (written out here); with
     float32 activations and float64 factors the output is float32 (the factors are cast)."""
-    from dashdiff.functional import PairedAutoLoraLinear
+    from dashdiff.autolora.kernel import PairedAutoLoraLinear
 
     g = torch.Generator().manual_seed(0)
     k, n_in, n_out, scaling = 4, 6, 5, 1.5
@@ -397,7 +397,7 @@ def test_paired_function_on_token_batches_and_mixed_dtypes(x_dtype):
 def test_autolora_reference_casts_to_the_activations_dtype():
     """The plain-ops reference (double backward) with float32 activations and float64 factors: computed
     in float32, equal to the float64 product to float32 rounding."""
-    from dashdiff.functional import autolora_reference
+    from dashdiff.autolora.kernel import autolora_reference
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 6, generator=g, dtype=F64)
@@ -503,7 +503,7 @@ def test_split_train_val():
 def test_rank_threshold_within_float32_rounding_of_alpha():
     """keep_mask's softmax rule is α_j >= λ in float64 (METHODS.md). λ is put strictly between α_0's
     float64 and float32 values, over a grid of β: α_0 must land on its float64 side every time."""
-    from dashdiff.ranks import keep_mask
+    from dashdiff.autolora.ranks import keep_mask
 
     for dtype in (F64, torch.float32):  # a float32 β (the usual case) too: softmax of it taken in float64
         layer = make_net(dtype).fc1
@@ -527,7 +527,7 @@ def test_selection_weights_pick_the_named_adapter():
     """Two AutoLoRA adapters and a LoRA-Dash one on the same layers: selection_weights(model, name) is
     softmax(β) of that adapter, float64, per layer; a LoRA-Dash name or no name (ambiguous) is refused."""
     import dashdiff
-    from dashdiff.ranks import selection_weights
+    from dashdiff.autolora.ranks import selection_weights
 
     model = make_net()
     inject_adapter_in_model(AutoLoraConfig(r=3, lora_alpha=3, target_modules=["fc1", "fc2", "fc3"]), model,
@@ -655,7 +655,7 @@ def _export_available() -> bool:
 
 
 def test_end_to_end_tiny_unet(tmp_path):
-    from dashdiff.tiny import tiny_sd_pipeline
+    from dashdiff.testing import tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline()
     sched = pipe.scheduler
@@ -703,7 +703,7 @@ def test_end_to_end_tiny_unet(tmp_path):
 def test_end_to_end_tiny_llama(tmp_path):
     from peft import PeftModel
 
-    from dashdiff.tiny import tiny_llama
+    from dashdiff.testing import tiny_llama
 
     target = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -760,7 +760,7 @@ def test_keep_mask_rules_boundaries_and_threshold_sources():
     α_j >= λ; λ is the argument, else the config's autolora_threshold, else 1/k."""
     import math
 
-    from dashdiff.ranks import keep_mask
+    from dashdiff.autolora.ranks import keep_mask
 
     layer = make_net().fc1  # k = 4: 1/k = 0.25
 

@@ -71,8 +71,8 @@ def test_autolora_cost_variants():
 def test_ab_dash_function_table(tmp_path, capsys):
     import ab_dash_function
 
-    old = tmp_path / "functional_old.py"  # the A/B against the same function still runs both paths
-    old.write_text((Path(__file__).resolve().parents[1] / "dashdiff" / "functional.py").read_text())
+    old = tmp_path / "kernel_old.py"  # the A/B against the same function still runs both paths
+    old.write_text((Path(__file__).resolve().parents[1] / "dashdiff" / "dash" / "kernel.py").read_text())
     ab_dash_function.main(["--model", "tiny-unet", "--device", "cpu", "--dtype", "float32", "--old", str(old),
                            "--steps", "1", "--warmup", "0"])
     out = capsys.readouterr().out

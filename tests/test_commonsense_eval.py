@@ -341,7 +341,7 @@ def test_dashdiff_adapter_file_branch(tmp_path: Path, monkeypatch: pytest.Monkey
     import peft
     import torch
 
-    from dashdiff.tiny import tiny_llama
+    from dashdiff.testing import tiny_llama
 
     trained = peft.get_peft_model(tiny_llama(0), dashdiff.LoraDashConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], dash_directions=2, init_lora_weights="gaussian"))

@@ -98,7 +98,7 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dashdiff.tiny import resolve_model
+    from dashdiff.testing import resolve_model
 
     return Path(resolve_model("tiny-llama", cache_dir=str(tmp_path_factory.mktemp("cache"))))
 
@@ -426,7 +426,7 @@ def test_output_dir_holding_another_run(runs: dict[str, Path], base: Path, tmp_p
 def test_quantized_base_is_refused_for_dash(base: Path, tmp_path: Path) -> None:
     from torch import nn
 
-    from dashdiff.tiny import tiny_llama
+    from dashdiff.testing import tiny_llama
 
     # A pre-quantized checkpoint: refused from its config, before the weights are loaded.
     quant = tmp_path / "quantized"

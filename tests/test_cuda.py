@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from dashdiff.functional import FusedAutoLoraLinear, FusedDashLinear, autolora_reference, operands
+from dashdiff.autolora.kernel import FusedAutoLoraLinear, autolora_reference
+from dashdiff.dash.kernel import FusedDashLinear, operands
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -88,7 +89,7 @@ def _load(name: str, path: Path):
 def _step_loss(db, model: str, device: str, latents: bool) -> list[float]:
     """One DreamBooth micro-batch (prior preservation, Min-SNR) on ``device``, batch tensors there as
     accelerate's loader leaves them; inputs drawn from a CPU generator as the script does."""
-    from dashdiff.tiny import resolve_model
+    from dashdiff.testing import resolve_model
 
     path = resolve_model(model)
     family = db.detect_family(path)
@@ -161,7 +162,7 @@ def test_dreambooth_sdxl_every_method_runs_on_cuda(tmp_path):
 def test_app_renders_every_method_on_cuda(tmp_path):
     """The app's load (full-state files converted on the GPU) and render path, fp16 on cuda."""
     import dashdiff
-    from dashdiff.tiny import tiny_sdxl_pipeline
+    from dashdiff.testing import tiny_sdxl_pipeline
 
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
     folders = {}
@@ -195,8 +196,10 @@ def test_app_renders_every_method_on_cuda(tmp_path):
 def test_commonsense_eval_generates_on_cuda(tmp_path):
     """commonsense_eval.py on the GPU (fp16, beam search), with a launched LoRA-Dash adapter file."""
     import dashdiff
-    from dashdiff.commonsense import DATASETS
-    from dashdiff.tiny import resolve_model
+    from launch_utils import load_script
+
+    DATASETS = load_script("train/commonsense_data.py", reuse=True).DATASETS
+    from dashdiff.testing import resolve_model
     from transformers import AutoModelForCausalLM
 
     base = resolve_model("tiny-llama")
@@ -229,7 +232,7 @@ def test_checkpoints_written_on_cuda_pass_the_checks_and_resume(tmp_path):
 
     import test_commonsense_train as ct
     from dashdiff import training as T
-    from dashdiff.tiny import resolve_model
+    from dashdiff.testing import resolve_model
 
     base = Path(resolve_model("tiny-llama", cache_dir=str(tmp_path / "cache")))
     full, resumed = tmp_path / "full", tmp_path / "resumed"

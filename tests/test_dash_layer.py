@@ -9,8 +9,8 @@ from torch import nn
 
 import dashdiff
 from dashdiff import AutoLoraConfig, LoraDashConfig
-from dashdiff.functional import FusedDashLinear, operands
-from dashdiff.launch import select_directions
+from dashdiff.dash.kernel import FusedDashLinear, operands
+from dashdiff.dash.selection import select_directions
 
 
 def decaying_weight(out_f: int, in_f: int, seed: int = 0, decades: float = 4.0) -> torch.Tensor:
@@ -105,7 +105,7 @@ def test_numerically_zero_threshold_boundary_non_square(shape):
     w0 = (u * sigma) @ v.t()  # rank 6; the other min(shape) - 6 singular values are 0
     a = torch.randn(2, shape[1], generator=g, dtype=torch.float64)
     b = torch.randn(shape[0], 2, generator=g, dtype=torch.float64)
-    from dashdiff.launch import _select_from_host_eig, gram_eig
+    from dashdiff.dash.selection import _select_from_host_eig, gram_eig
 
     # both launch paths: W0's own spectrum, and a spectrum prefetched to the host (its own threshold code)
     for sel in (select_directions(w0, a, b, 1.0, min(shape)),
@@ -113,7 +113,7 @@ def test_numerically_zero_threshold_boundary_non_square(shape):
         assert sorted(sel.indices.tolist()) == [0, 1, 2, 3]  # 1.01·threshold is eligible, the rest not
         assert torch.isfinite(sel.change_rate[:4]).all() and torch.isnan(sel.change_rate[4:]).all()
         torch.testing.assert_close(sel.sigma[:6], sigma, rtol=1e-5, atol=0)
-    from dashdiff.launch import spectrum
+    from dashdiff.dash.selection import spectrum
 
     spec = spectrum(w0)  # its contract: the columns of numerically-zero singular values are zero
     assert spec.eligible.tolist() == [True] * 4 + [False] * (min(shape) - 4)
@@ -123,7 +123,7 @@ def test_numerically_zero_threshold_boundary_non_square(shape):
 def test_zero_weight_has_no_eligible_direction():
     """An all-zero W0 (zero-initialised layers exist): σ_max = 0, so nothing is eligible and nothing is
     selected (no 0/0 change rates)."""
-    from dashdiff.launch import _select_from_host_eig, gram_eig
+    from dashdiff.dash.selection import _select_from_host_eig, gram_eig
 
     w0, a, b = torch.zeros(6, 4), torch.randn(2, 4), torch.randn(6, 2)
     for sel in (select_directions(w0, a, b, 1.0, 2), _select_from_host_eig(w0, a, b, 1.0, 2, gram_eig(w0))):
@@ -454,7 +454,7 @@ def test_launch_does_not_wait_for_a_slow_prefetch(monkeypatch):
     # prefetch selects. The workers are released 20 s later, so a launch that waits for them fails.
     import threading
     import time
-    from dashdiff import prefetch
+    from dashdiff.dash import prefetch
 
     release = threading.Event()
     original = prefetch.SpectrumPrefetcher._host
@@ -468,12 +468,13 @@ def test_launch_does_not_wait_for_a_slow_prefetch(monkeypatch):
     handle = dashdiff.prefetch_spectra(pre, workers=1)
     n = len(layers(pre))
     t0 = time.perf_counter()
-    assert dashdiff.dash_step(pre)
+    report = dashdiff.dash_step(pre)
+    assert report
     elapsed = time.perf_counter() - t0
     release.set()
     assert elapsed < 10, f"the launch waited {elapsed:.1f} s for the workers"
     assert handle.report.in_line == n and handle.report.prefetched == 0
-    assert dashdiff.dash.last_prefetch_report is handle.report
+    assert report.prefetch is handle.report
     dashdiff.dash_step(plain)
     a, b = dashdiff.selected_directions(plain), dashdiff.selected_directions(pre)
     assert {k: v.tolist() for k, v in a.items()} == {k: v.tolist() for k, v in b.items()}
@@ -540,7 +541,7 @@ def test_autocast_forward_follows_every_weight_update():
 def test_host_spectrum_launch_matches_float64_svd(shape):
     # The launch from a spectrum prefetched to the host (weights on a GPU in real runs) takes a
     # different arrangement of the products; reference: float64 SVD of W0 and the explicit ΔW.
-    from dashdiff.launch import _select_from_host_eig, gram_eig
+    from dashdiff.dash.selection import _select_from_host_eig, gram_eig
 
     torch.manual_seed(0)
     w = torch.randn(*shape, dtype=torch.float64) * torch.logspace(0, -2, shape[1], dtype=torch.float64)
@@ -561,7 +562,7 @@ def test_host_spectrum_launch_matches_float64_svd(shape):
 _EXIT_SCRIPT = """
 import time, peft, torch, dashdiff
 from torch import nn
-from dashdiff import prefetch
+from dashdiff.dash import prefetch
 class M(nn.Module):
     def __init__(self):
         super().__init__(); self.q_proj = nn.Linear(200, 200)
@@ -598,7 +599,7 @@ def test_script_exits_cleanly_while_a_prefetch_worker_is_busy():
 def test_tied_change_rates_keep_the_larger_singular_values(shape):
     """B = 0 (ΔW = 0): every change rate is 0, so the order among them is the tie-break: the launch
     keeps the directions of the largest σ, in order (a stable sort), on both launch paths."""
-    from dashdiff.launch import _select_from_host_eig, gram_eig
+    from dashdiff.dash.selection import _select_from_host_eig, gram_eig
 
     w0 = decaying_weight(*shape, seed=6, decades=2).float()
     a, b = torch.randn(2, shape[1]), torch.zeros(shape[0], 2)

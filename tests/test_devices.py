@@ -11,7 +11,7 @@ versions of these checks are in ``test_cuda.py``."""
 import pytest
 import torch
 
-from dashdiff.tiny import resolve_model
+from dashdiff.testing import resolve_model
 from launch_utils import ROOT, load_script
 
 SCRIPT = ROOT / "train" / "dreambooth_dash.py"

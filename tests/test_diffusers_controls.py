@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dashdiff
-from dashdiff.tiny import tiny_sd_pipeline
+from dashdiff.testing import tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from dashdiff import training as T
-from dashdiff.tiny import resolve_model
+from dashdiff.testing import resolve_model
 from launch_utils import ROOT, accelerate_launch, load_script, one_torch_thread, reset_accelerate
 
 SUBJECT = str(ROOT / "assets" / "subject")

@@ -30,7 +30,7 @@ def encoders(tmp_path_factory):
     and tokenizer, saved with save_pretrained like a downloaded model."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, ViTConfig, ViTModel
 
-    from dashdiff.tiny import tiny_clip_tokenizer
+    from dashdiff.testing import tiny_clip_tokenizer
 
     root = tmp_path_factory.mktemp("encoders")
     torch.manual_seed(0)

@@ -18,17 +18,10 @@ from safetensors.torch import load_file, save_file
 
 import dashdiff
 from dashdiff import safeio
-from dashdiff.export import (
-    DIFFUSERS_WEIGHT_NAME,
-    HEADER_KEY,
-    KOHYA_WEIGHT_NAME,
-    PEFT_CONFIG_NAME,
-    PEFT_WEIGHT_NAME,
-    iter_lora_layers,
-)
-from dashdiff.ranks import keep_mask
-from dashdiff.tiny import tiny_llama, tiny_sd_pipeline, tiny_sdxl_pipeline
-from dashdiff.walk import iter_layers
+from dashdiff.autolora.ranks import keep_mask
+from dashdiff.files import DIFFUSERS_WEIGHT_NAME, HEADER_KEY, KOHYA_WEIGHT_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME
+from dashdiff.testing import tiny_llama, tiny_sd_pipeline, tiny_sdxl_pipeline
+from dashdiff.walk import iter_layers, iter_lora_layers
 
 STOCK = Path(__file__).with_name("stock_load.py")
 # The references are computed by the very functions the stock-load subprocess uses.

@@ -53,7 +53,7 @@ def parse_error(parse, argv, capsys) -> str:
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> str:
-    from dashdiff.tiny import resolve_model
+    from dashdiff.testing import resolve_model
 
     return resolve_model("tiny-llama", cache_dir=str(tmp_path_factory.mktemp("cache")))
 
@@ -391,7 +391,7 @@ def _dash_state(tmp_path) -> Path:
     """A LoRA-Dash state file of a tiny Llama, launched (it carries the launch record)."""
     import dashdiff
     from peft import get_peft_model
-    from dashdiff.tiny import tiny_llama
+    from dashdiff.testing import tiny_llama
 
     model = get_peft_model(tiny_llama(0), dashdiff.LoraDashConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], dash_directions=2, dash_warmup_steps=1,
@@ -406,7 +406,7 @@ def _dash_state(tmp_path) -> Path:
 
 def _tamper(src: Path, dst: Path, edit) -> Path:
     from dashdiff import safeio
-    from dashdiff.export import HEADER_KEY
+    from dashdiff.files import HEADER_KEY
     from safetensors.torch import save_file
 
     tensors, meta = safeio.read_safetensors(src)
@@ -462,7 +462,7 @@ def test_load_adapter_refuses_a_bad_file_and_leaves_the_model_as_it_was(case, tm
 
     import dashdiff
     from peft import get_peft_model
-    from dashdiff.tiny import tiny_llama
+    from dashdiff.testing import tiny_llama
 
     edit, message = BAD_FILES[case]
     bad = _tamper(_dash_state(tmp_path), tmp_path / f"{case}.safetensors", edit)
@@ -483,7 +483,7 @@ def test_load_adapter_refuses_a_bad_file_and_leaves_the_model_as_it_was(case, tm
 def test_a_failure_during_injection_is_undone(tmp_path, monkeypatch):
     import dashdiff
     from dashdiff import state
-    from dashdiff.tiny import tiny_llama
+    from dashdiff.testing import tiny_llama
 
     good = _dash_state(tmp_path)
     model = tiny_llama(0)

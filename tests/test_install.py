@@ -49,7 +49,7 @@ def test_text_encoder_adapter_is_what_add_adapter_gives(db, method):
     tensors under the same names, the same config (base model recorded), the same trainable set."""
     from transformers import CLIPTextModel
 
-    from dashdiff.tiny import resolve_model
+    from dashdiff.testing import resolve_model
 
     path = resolve_model("tiny-sd")
     args = db.parse_args(["--pretrained_model_name_or_path", path, "--instance_data_dir", str(ROOT / "assets" / "subject"),

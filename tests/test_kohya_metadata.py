@@ -26,8 +26,9 @@ from safetensors.torch import load_file, save_file
 
 import dashdiff
 from dashdiff import safeio
-from dashdiff.export import HEADER_KEY, KOHYA_WEIGHT_NAME, iter_lora_layers
-from dashdiff.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+from dashdiff.files import HEADER_KEY, KOHYA_WEIGHT_NAME
+from dashdiff.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+from dashdiff.walk import iter_lora_layers
 
 STOCK = Path(__file__).with_name("stock_load.py")
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -58,7 +59,7 @@ def a1111_skipped_mha_layers(keys, prefix: str) -> list[str]:
 def _randomize(obj, seed: int) -> None:
     """Non-zero B (and β) so every adapted layer changes the model; AutoLoRA components the export
     prunes are masked in A too (so the export equals the model, as after a search: METHODS.md)."""
-    from dashdiff.ranks import keep_mask
+    from dashdiff.autolora.ranks import keep_mask
 
     g = torch.Generator().manual_seed(seed)
     for _, _, _, layer in iter_lora_layers(obj):

@@ -154,7 +154,7 @@ def test_llama_resume_is_exact(llama_runs):
 def test_llama_reloads_tokenizes_and_answers(llama_runs):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from dashdiff.commonsense import evaluate
+    evaluate = load_script("train/commonsense_data.py", reuse=True).evaluate
 
     _, b, _ = llama_runs
     folder = b / "model"

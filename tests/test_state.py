@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 
 import dashdiff
 from dashdiff import safeio
-from dashdiff.export import HEADER_KEY, iter_lora_layers
-from dashdiff.tiny import tiny_llama, tiny_sd_pipeline
-from dashdiff.walk import iter_layers
+from dashdiff.files import HEADER_KEY
+from dashdiff.testing import tiny_llama, tiny_sd_pipeline
+from dashdiff.walk import iter_layers, iter_lora_layers
 from te_adapters import add_te_adapter
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

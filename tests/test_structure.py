@@ -14,6 +14,7 @@ from torch import nn
 
 import dashdiff
 from dashdiff.autolora.variant import AutoLoraVariant
+from dashdiff.dash import lifecycle
 from dashdiff.dash.lifecycle import LaunchReport
 from dashdiff.dash.variant import LoraDashVariant
 from dashdiff.layer import DashdiffLinear
@@ -68,7 +69,8 @@ def test_dash_step_returns_a_launch_report():
     assert first == LaunchReport() and not first and first.layers == () and first.prefetch is None
     second = dashdiff.dash_step(model)
     assert second and second.layers == ("q_proj", "o_proj") and second.seconds > 0 and second.prefetch is None
-    assert dashdiff.dash.last_launch_seconds == second.seconds  # the shim mirrors the report
+    # the report is the one channel: no module globals mirror it
+    assert not hasattr(lifecycle, "last_launch_seconds") and not hasattr(lifecycle, "last_prefetch_report")
     assert not dashdiff.dash_step(model)  # launched once
     assert all(isinstance(t, AdapterLayer) for t in iter_layers(model, "dash"))
 
@@ -83,6 +85,20 @@ def test_launch_report_carries_the_prefetch():
     assert all(layer.dash_prefetch[a] is handle for _, layer, a in iter_layers(model, "dash"))
     report = dashdiff.dash_step(model)
     assert report.prefetch is handle.report and report.prefetch.prefetched == 2
+
+
+def test_former_module_paths_are_gone():
+    from pathlib import Path
+
+    from dashdiff import autolora, config, dash
+
+    # the former modules' files (not find_spec: an editable install of another checkout would answer)
+    package = Path(dashdiff.__file__).parent
+    for old in ("launch", "prefetch", "functional", "ranks", "rank_report", "tiny", "commonsense"):
+        assert not (package / f"{old}.py").exists(), old
+    for package, name in ((dash, "_launch"), (dash, "last_launch_seconds"), (autolora, "_grads"),
+                          (autolora, "DEFAULT_BETA_LR"), (config, "LoraDashConfig"), (config, "AutoLoraConfig")):
+        assert not hasattr(package, name), (package.__name__, name)
 
 
 def test_paired_context_sets_and_always_clears_the_pairs():

@@ -11,8 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dashdiff.commonsense import DATASETS, extract_answer, generate_prompt, load_records, tokenize_example
 from launch_utils import load_script
+
+# train/commonsense_data.py: the LLM-Adapters data code, next to its scripts
+_data = load_script("train/commonsense_data.py", reuse=True)
+DATASETS, extract_answer, generate_prompt = _data.DATASETS, _data.extract_answer, _data.generate_prompt
+load_records, tokenize_example = _data.load_records, _data.tokenize_example
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,7 +147,7 @@ def test_text_world_is_deterministic(world_data):
 
 
 def test_records_pass_the_repository_commonsense_code(world_data, tmp_path):
-    from dashdiff.tiny import tiny_llama_tokenizer
+    from dashdiff.testing import tiny_llama_tokenizer
 
     _, _, tasks = world_data
     tok = tiny_llama_tokenizer()

@@ -305,7 +305,7 @@ class BatchPlan:
 def resolve_base_model(name: str) -> str:
     if Path(name).exists():
         return name
-    from dashdiff.tiny import resolve_model  # reserved tiny names; imported lazily (pulls in diffusers)
+    from dashdiff.testing import resolve_model  # reserved tiny names; imported lazily (pulls in diffusers)
 
     return resolve_model(name)
 
@@ -712,7 +712,7 @@ def write_rank_report(run: Run, model: Any) -> dict[str, int]:
     import importlib.util
 
     import dashdiff
-    from dashdiff.rank_report import write_rank_report as write_report
+    from dashdiff.autolora.report import write_rank_report as write_report
 
     net = run.accelerator.unwrap_model(model)
     ranks = dashdiff.determine_ranks(net, threshold=run.args.autolora_threshold)

@@ -6,7 +6,7 @@ tokens, a per-dataset regular expression on the generated text, exact match with
 This module reproduces those rules as plain functions so that published adapters can be
 evaluated and published numbers reproduced; ``train/commonsense_dash.py`` (training) and
 ``train/commonsense_eval.py`` (evaluation) are the command lines. It is task data code, not
-library: it lives next to its scripts (``dashdiff.commonsense`` re-exports it).
+library: it lives next to its scripts.
 
 Prompt strings (template ``"llm_adapters"``), checked character by character against the
 stored public sources:

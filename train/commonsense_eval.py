@@ -83,10 +83,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _resolve_base_model(name: str) -> str:
-    """Map reserved names (e.g. ``tiny-llama``) to a local model folder via ``dashdiff.tiny``."""
+    """Map reserved names (e.g. ``tiny-llama``) to a local model folder via ``dashdiff.testing``."""
     if Path(name).exists():
-        return name  # a local folder: skip importing dashdiff.tiny (it pulls in diffusers)
-    from dashdiff.tiny import resolve_model
+        return name  # a local folder: skip importing dashdiff.testing (it pulls in diffusers)
+    from dashdiff.testing import resolve_model
 
     return resolve_model(name)
 

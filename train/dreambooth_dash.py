@@ -14,7 +14,7 @@ resolution 512 and ``--adam_weight_decay`` 1e-2; SDXL gets 1e-4, 1024 and 1e-4.
         --mixed_precision fp16 --output_dir ./sdxl-dash
 
 ``tiny-sd`` / ``tiny-sdxl`` are reserved model names: small random-weight pipelines built locally
-(``dashdiff.tiny``), for trying the script with no download.
+(``dashdiff.testing``), for trying the script with no download.
 
 Methods (``--method``)
 ----------------------
@@ -397,7 +397,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def resolve_model_path(args: argparse.Namespace) -> str:
-    from dashdiff.tiny import resolve_model
+    from dashdiff.testing import resolve_model
 
     return resolve_model(args.pretrained_model_name_or_path)
 
@@ -1063,7 +1063,7 @@ def model_card(args, family: str, record: dict, images: list[str]) -> str:
         "```python",
         "import torch",
         f"from diffusers import {'StableDiffusionXLPipeline' if family == 'sdxl' else 'StableDiffusionPipeline'} as Pipeline",
-        *(["from dashdiff.tiny import resolve_model  # tiny-sd / tiny-sdxl are dashdiff's local test models",
+        *(["from dashdiff.testing import resolve_model  # tiny-sd / tiny-sdxl are dashdiff's local test models",
             f"pipe = Pipeline.from_pretrained(resolve_model({base!r}))"]
           if base in ("tiny-sd", "tiny-sdxl") else
           [f"pipe = Pipeline.from_pretrained({base!r}, torch_dtype=torch.float16).to('cuda')"]),
@@ -1639,7 +1639,7 @@ def _rank_histogram(ranks: dict[str, int]) -> str:
 
 def _write_ranks(output_dir: Path, ranks: dict[str, int], alphas: dict[str, list[float]], args) -> None:
     """autolora_ranks.md / .json (+ .png with matplotlib): per layer the rank found and α."""
-    from dashdiff.rank_report import write_rank_report
+    from dashdiff.autolora.report import write_rank_report
 
     plot = importlib.util.find_spec("matplotlib") is not None
     write_rank_report((ranks, alphas), output_dir, threshold=args.autolora_threshold, plot=plot)

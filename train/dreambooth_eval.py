@@ -345,7 +345,7 @@ def load_pipeline(model: str, lora_weights: Optional[str] = None, dashdiff_adapt
     resolve to local folders), with a stock LoRA (``load_lora_weights``) or a dashdiff adapter."""
     from diffusers import DiffusionPipeline
 
-    from dashdiff.tiny import resolve_model
+    from dashdiff.testing import resolve_model
 
     path = resolve_model(model)
     if Path(path).exists() and not (Path(path) / "model_index.json").is_file():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Optional, Sequence
 
-from dashdiff.autolora import DEFAULT_BETA_LR, DEFAULT_VAL_FRACTION
+from dashdiff.autolora.search import DEFAULT_BETA_LR, DEFAULT_VAL_FRACTION
 
 METHODS = ("lora", "dash", "autolora")
 HYPERGRADIENTS = ("darts", "first_order", "darts_unrolled")

@@ -3,7 +3,7 @@
 
 Next-token prediction on the corpus of :mod:`text_world` (documents joined with EOS, random
 windows of ``--block_size`` tokens). The tokenizer is byte-level BPE built as
-``dashdiff.tiny.tiny_llama_tokenizer`` builds its own (same specials ``<unk> <s> </s> <pad>``,
+``dashdiff.testing.tiny_llama_tokenizer`` builds its own (same specials ``<unk> <s> </s> <pad>``,
 same byte alphabet, same deterministic merge learner), with merges learned on the world's corpus
 and the LLM-Adapters prompt text, so facts and prompts take few tokens.
 
@@ -36,6 +36,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 if str(HERE.parents[1]) not in sys.path:
     sys.path.insert(0, str(HERE.parents[1]))  # the repository's dashdiff, without installing it
+if str(HERE.parents[1] / "train") not in sys.path:
+    sys.path.append(str(HERE.parents[1] / "train"))  # train/commonsense_data.py: the LLM-Adapters prompt and scoring
 
 import _common as C  # noqa: E402
 import text_world as T  # noqa: E402
@@ -49,12 +51,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "num_attention_heads": 2, "num_key_value_heads": 1},
              "merges": 60, "block_size": 32, "batch_size": 4, "steps": 20, "lr": 3e-3, "copies": 1},
 }
-SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as dashdiff.tiny
+SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as dashdiff.testing
 
 
 def tokenizer_text(world: T.World) -> str:
     """The text the merges are learned on: the corpus once, and one prompt of each task."""
-    from dashdiff.commonsense import generate_prompt
+    from commonsense_data import generate_prompt
 
     tasks = T.tasks(world)
     prompts = [generate_prompt(split["train"][0]["instruction"], "", split["train"][0]["output"])
@@ -68,8 +70,8 @@ def build_tokenizer(world: T.World, merges: int) -> PreTrainedTokenizerFast:
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
-    # dashdiff.tiny's deterministic helpers (private: kept in step with its own tokenizers).
-    from dashdiff.tiny import _byte_alphabet, _learn_merges
+    # dashdiff.testing's deterministic helpers (private: kept in step with its own tokenizers).
+    from dashdiff.testing.models import _byte_alphabet, _learn_merges
 
     pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
     words = [list(w) for w, _ in pre.pre_tokenize_str(tokenizer_text(world))]
@@ -107,7 +109,7 @@ def count_parameters(preset: dict[str, Any]) -> int:
 
 def token_stream(world: T.World, tok: Any, copies: int, task_fraction: float, seed: int) -> torch.Tensor:
     """All training tokens: corpus documents (and optionally task prompts), EOS-separated."""
-    from dashdiff.commonsense import generate_prompt
+    from commonsense_data import generate_prompt
 
     docs = T.corpus(world, copies=copies)
     if task_fraction > 0:

@@ -13,7 +13,7 @@ Two stages, each run as one or more chunks (``--resume`` continues exactly; see 
    ``StableDiffusionPipeline.from_pretrained``), with ``pretrain_info.json`` (device time and
    final losses of both stages, sizes, settings) and ``samples.png``.
 
-The tokenizer is ``dashdiff.tiny.tiny_clip_tokenizer()`` (byte-level BPE, 674 tokens): any
+The tokenizer is ``dashdiff.testing.tiny_clip_tokenizer()`` (byte-level BPE, 674 tokens): any
 caption encodes, and the same tokenizer is used by the repository's tests.
 
 Scenes are rendered once into ``OUT/data/scenes-<seed>-<n>.npz`` (uint8) with all CPU cores.
@@ -121,14 +121,14 @@ def build_text_encoder(preset: dict[str, Any], tok: Any) -> CLIPTextModel:
 def noise_scheduler() -> DDIMScheduler:
     from diffusers import DDIMScheduler
 
-    # SD's schedule, as dashdiff.tiny uses; DDPMScheduler.from_pretrained(..., "scheduler") reads it too.
+    # SD's schedule, as dashdiff.testing uses; DDPMScheduler.from_pretrained(..., "scheduler") reads it too.
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
 def count_parameters(preset: dict[str, Any]) -> dict[str, int]:
     """Parameters of each component of ``preset`` (built on the meta device: no memory, no time)."""
-    from dashdiff.tiny import tiny_clip_tokenizer
+    from dashdiff.testing import tiny_clip_tokenizer
 
     with torch.device("meta"):
         parts = {"vae": build_vae(preset), "unet": build_unet(preset),
@@ -247,7 +247,7 @@ def run_vae(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 def run_unet(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from diffusers import AutoencoderKL
 
-    from dashdiff.tiny import tiny_clip_tokenizer
+    from dashdiff.testing import tiny_clip_tokenizer
 
     preset = PRESETS[args.preset]
     vae_dir = args.vae_dir or args.output_dir / "vae" / "final"

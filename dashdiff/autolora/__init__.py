@@ -13,8 +13,6 @@ without the search, which imports the layer).
 
 from __future__ import annotations
 
-import importlib
-
 from .._lazy import lazy_getattr
 
 # public name -> submodule
@@ -35,12 +33,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def _search_compat(name: str) -> str | None:
-    # Shim for the former module dashdiff/autolora.py (now ``search``): its other names, private
-    # ones and constants included, still read as ``dashdiff.autolora.<name>``. Removed after the merge.
-    if name.startswith("__"):
-        return None
-    return "search" if hasattr(importlib.import_module(f"{__name__}.search"), name) else None
-
-
-__getattr__ = lazy_getattr(__name__, _EXPORTS, _search_compat)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -33,11 +33,8 @@ _EXPORTS = {
     "DashLayerInfo": "report",
     "dash_layers": "report",
 }
-# Names of the former module dashdiff/dash.py (now ``lifecycle``), read as ``dashdiff.dash.<name>``
-# by the scripts and benches of other branches. Shim: removed after the branches merge.
-_LIFECYCLE_COMPAT = ("_launch", "_distributed", "_pack", "_unpack", "last_launch_seconds", "last_prefetch_report")
 
 __all__ = sorted(_EXPORTS)
 
 
-__getattr__ = lazy_getattr(__name__, _EXPORTS, lambda name: "lifecycle" if name in _LIFECYCLE_COMPAT else None)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -34,12 +34,6 @@ class LaunchReport(NamedTuple):
         return bool(self.layers)
 
 
-# Shims for the scripts and the Trainer callback of other branches, which read these after
-# ``dash_step``: they mirror the latest LaunchReport. Removed after the branches merge.
-last_launch_seconds: float = 0.0
-last_prefetch_report = None
-
-
 def _distributed() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -64,7 +58,6 @@ def _launch(targets: list[AdapterLayer]) -> LaunchReport:
     """Launch the given layers. Under torch.distributed the SVD work is split round-robin over
     the processes and each result is broadcast from its owner, so every process installs the
     same directions before the next forward (METHODS.md, distributed)."""
-    global last_launch_seconds, last_prefetch_report
     t0 = time.perf_counter()
     prefetch = None
     handles = (layer.dash_prefetch.get(adapter) for _, layer, adapter in targets)
@@ -93,9 +86,7 @@ def _launch(targets: list[AdapterLayer]) -> LaunchReport:
                 buf = torch.empty(n, dtype=torch.float64, device=layer.lora_A[adapter].weight.device)
             dist.broadcast(buf, src=i % world)
             layer.apply_launch(adapter, _unpack(buf, layer.out_features, layer.in_features, s))
-    report = LaunchReport(tuple(name for name, _, _ in targets), time.perf_counter() - t0, prefetch)
-    last_launch_seconds, last_prefetch_report = report.seconds, report.prefetch
-    return report
+    return LaunchReport(tuple(name for name, _, _ in targets), time.perf_counter() - t0, prefetch)
 
 
 def dash_step(model, adapter_name: Optional[str] = None) -> LaunchReport:

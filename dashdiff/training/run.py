@@ -56,7 +56,7 @@ def prepared_beta_optimizer(accelerator: Any, betas: list, lr: float) -> Any:
     that ``save_state`` / ``load_state`` carry its moments with the weight optimizer's (prepare it
     after that one: the checkpoint's optimizer files are numbered in preparation order).
     ``BilevelStep`` steps the torch optimizer under it: β's gradient is never loss-scaled."""
-    from ..autolora import DEFAULT_BETA_BETAS
+    from ..autolora.search import DEFAULT_BETA_BETAS
 
     return accelerator.prepare_optimizer(torch.optim.Adam(betas, lr=lr, betas=DEFAULT_BETA_BETAS))
 
@@ -87,18 +87,15 @@ def dash_optimizer_step(host: Any, step: int, skipped: bool, adapter_name: Optio
     launch a report ``{step, seconds, layers, num_processes, direction_digests}``. With several
     processes (``check_processes``, a collective: call on all) every process's directions digest is
     gathered, and a difference raises: the processes would otherwise train different models."""
-    from .. import dash as dash_module
+    from ..dash.lifecycle import dash_step
     from ..walk import iter_layers
 
     if skipped:
         return None
-    launched = dash_module.dash_step(host, adapter_name)
+    launched = dash_step(host, adapter_name)
     if not launched:
         return None
-    # dash_step returns a launch report on the lib branch (issue 15); before it, a bool and a global
-    seconds = getattr(launched, "seconds", None)
-    if seconds is None:
-        seconds = dash_module.last_launch_seconds
+    seconds = launched.seconds
     digests = [directions_digest(host)]
     world = 1
     if check_processes:
