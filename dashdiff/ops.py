@@ -21,3 +21,9 @@ def compute_dtype(x: torch.Tensor, param_dtype: torch.dtype) -> torch.dtype:
     parameters'."""
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else param_dtype
+
+
+def fused_adamw_ok(params: list[torch.Tensor]) -> bool:
+    """PyTorch's fused AdamW takes floating-point parameters on one CPU or CUDA device type."""
+    kinds = {p.device.type for p in params}
+    return len(kinds) == 1 and kinds <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)

@@ -137,6 +137,15 @@ def test_import_dashdiff_is_light():
     assert sorted(dashdiff.__all__) == dashdiff.__all__ and all(hasattr(dashdiff, n) for n in dashdiff.__all__)
 
 
+def test_the_search_optimizer_does_not_pull_in_script_support():
+    """BilevelStep's default Adam chooses fused / foreach through dashdiff.ops, not the run lifecycle."""
+    code = ("import sys, torch; from dashdiff.autolora.search import default_adam; "
+            "opt = default_adam([torch.nn.Parameter(torch.zeros(2))], 1e-3); "
+            "print(opt.defaults['fused'], 'dashdiff.training' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "False"]
+
+
 def test_plots_need_the_plots_extra(monkeypatch):
     from dashdiff import inspect_plots
     from dashdiff.autolora.report import AutoLoraLayerInfo

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .ranks import determine_ranks
 from .variant import AutoLoraVariant
+from ..ops import fused_adamw_ok
 from ..walk import AdapterLayer, base_model, iter_layers, resolve_adapter, unwrap_parallel
 
 __all__ = ["BilevelStep", "default_adam", "double_batch", "retrain_config", "split_train_val", "split_indices"]
@@ -131,8 +132,6 @@ def default_adam(params: list[torch.Tensor], lr: float, betas: tuple[float, floa
     """Adam as published, run as PyTorch's fused kernel where it can be (float parameters on the CPU or
     one CUDA device), else foreach: the per-tensor Python loop of the default CPU Adam costs more than
     a forward pass on a model with hundreds of adapted layers."""
-    from ..training import fused_adamw_ok
-
     kind = {"fused": True} if fused_adamw_ok(params) else {"foreach": True}
     return torch.optim.Adam(params, lr=lr, betas=betas, **kind)
 

@@ -13,9 +13,10 @@ subtly wrong, with no command-line wording of its own:
   per-step random generators that make a resumed run draw what an uninterrupted one draws.
 """
 
+from ..ops import fused_adamw_ok  # noqa: F401  (the optimizer choice of both scripts and of BilevelStep)
 from .records import (  # noqa: F401
     ADAPTER_STATE, args_fingerprint, CHECKPOINT_STATE, CheckpointWriteError, default_dash_warmup_steps,
-    FINGERPRINT_IGNORES, fused_adamw_ok, LOCK_FILE, mark_stopped, NonFiniteLossError, PathLike,
+    FINGERPRINT_IGNORES, LOCK_FILE, mark_stopped, NonFiniteLossError, PathLike,
     read_run_record, run_arguments, RUN_RECORD, step_generator, STEP_LOG, step_seed, StepLog, TrainingError,
     WRITE_PROBE_PREFIX, write_run_record,
 )

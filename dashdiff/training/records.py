@@ -188,9 +188,3 @@ class StepLog:
         return rows
 
 
-def fused_adamw_ok(params: list[torch.Tensor]) -> bool:
-    """PyTorch's fused AdamW takes floating-point parameters on one CPU or CUDA device type."""
-    kinds = {p.device.type for p in params}
-    return len(kinds) == 1 and kinds <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
-
-
