@@ -215,7 +215,7 @@ def test_commonsense_mistyped_or_empty_inputs_are_one_line(llama, tmp_path, caps
     empty.write_text("[]")
     cases = {
         ("--data_path", str(empty)): "holds no records",
-        ("--data_path", str(tmp_path / "typo.json")): "typo.json",
+        ("--data_path", str(tmp_path / "typo.json")): f"--data_path {tmp_path / 'typo.json'}: No such file",
         ("--base_model", str(tmp_path / "no-model")): "no-model",
     }
     for (flag, value), msg in cases.items():

@@ -767,7 +767,9 @@ def _main(args: argparse.Namespace, guard: Any) -> dict[str, Any]:
         if not records:
             raise ValueError(f"--data_path {args.data_path} holds no records (an empty JSON list)")
         train_records, val_records = split_records(records, args.val_set_size, args.seed)
-    except (OSError, ValueError) as err:
+    except OSError as err:  # a mistyped path: name the flag as well as the file
+        raise T.TrainingError(f"--data_path {args.data_path}: {err.strerror or err}") from err
+    except ValueError as err:
         raise T.TrainingError(str(err)) from err
     if args.method == "dash":  # a run shorter than the warm-up would never launch
         plan = BatchPlan(len(train_records), args.micro_batch_size, micro_per_step(args), args.seed)
