@@ -115,6 +115,62 @@ def test_sd_refuses_bad_resumes(sd_runs, tmp_path):
         SD.main(["--output_dir", str(tmp_path), "--stage", "unet", *_SD_ARGS])
 
 
+def test_attribute_dropout_shortens_captions_as_written_by_hand():
+    W = SD.W
+    cap = "a photo of two small purple trees on the street, on the left"
+    assert W.drop_attribute_words(cap, colour=True) == "a photo of two small trees on the street, on the left"
+    assert W.drop_attribute_words(cap, background=True) == "a photo of two small purple trees, on the left"
+    assert W.drop_attribute_words(cap, True, True) == "a photo of two small trees, on the left"
+    assert W.drop_attribute_words("a photo of a red cup at night", True, True) == "a photo of a cup"
+    assert W.drop_attribute_words(cap) == cap
+
+
+def test_caption_rows_drop_each_attribute_at_its_rate():
+    import random
+
+    n, idx = 1000, list(range(1000)) * 20
+    # Off: the scenes' own rows (or the empty caption), and no extra draws (the first stage's batches).
+    rng_a, rng_b = random.Random(0), random.Random(0)
+    rows = SD.caption_rows(rng_a, idx, n, 0.0)
+    assert rows == [4 * n if rng_b.random() < SD.CAPTION_DROPOUT else i for i in idx]
+    assert rng_a.random() == rng_b.random()
+    rows = SD.caption_rows(random.Random(1), idx, n, 0.3)
+    kept = [r for r in rows if r != 4 * n]
+    assert all(r % n == i for r, i in zip(rows, idx) if r != 4 * n)
+    share = [sum(r // n == v for r in kept) / len(kept) for v in range(4)]
+    # Independent drops at 0.3: 0.49 / 0.21 / 0.21 / 0.09 (binomial sd <= 0.004 here).
+    assert share == pytest.approx([0.49, 0.21, 0.21, 0.09], abs=0.02)
+    assert len(kept) / len(rows) == pytest.approx(1 - SD.CAPTION_DROPOUT, abs=0.01)
+
+
+def test_sd_init_from_continues_a_finished_pipeline(sd_runs, tmp_path):
+    a, _ = sd_runs
+    args = ["--stage", "unet", "--vae_dir", str(a / "vae" / "final"), "--preset", "test", "--max_steps", "2",
+            "--checkpoint_every", "100", "--no-samples", "--init_from", str(a / "pipeline"),
+            "--attribute_dropout", "0.3"]
+    # A learning rate too small to move fp16 weights: the result is the pipeline it started from.
+    SD.main(["--output_dir", str(tmp_path / "still"), *args, "--learning_rate", "1e-12"])
+    before = _weights(a / "pipeline")
+    still = _weights(tmp_path / "still" / "pipeline")
+    trained = [k for k in before if k.startswith(("unet", "text_encoder"))]
+    assert trained and all(torch.equal(before[k], still[k]) for k in trained)
+    info = json.loads((tmp_path / "still" / "pipeline" / "pretrain_info.json").read_text())
+    assert list(info["stages"]) == ["vae", "unet_1", "unet"]
+    assert info["stages"]["unet"]["config"]["init_from"] == "pipeline"
+    assert info["stages"]["unet"]["config"]["attribute_dropout"] == 0.3
+    SD.main(["--output_dir", str(tmp_path / "moved"), *args, "--learning_rate", "1e-2"])
+    moved = _weights(tmp_path / "moved" / "pipeline")
+    assert any(not torch.equal(before[k], moved[k]) for k in trained)
+
+
+def test_sd_init_from_and_dropout_are_checked(capsys, tmp_path):
+    for argv, message in ((["--attribute_dropout", "1"], "--attribute_dropout must be in [0, 1)"),
+                          (["--init_from", str(tmp_path)], "is not a pipeline folder")):
+        with pytest.raises(SystemExit):
+            SD.parse_args(["--output_dir", "x", "--stage", "unet", *argv])
+        assert message in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- mini-llama
 
 _LL_ARGS = ["--preset", "test", "--n_people", "6", "--max_steps", "4", "--checkpoint_every", "2", "--log_every", "1"]

@@ -258,6 +258,22 @@ def caption(attrs: dict[str, Any]) -> str:
     return text
 
 
+def drop_attribute_words(text: str, colour: bool = False, background: bool = False) -> str:
+    """``text`` (a :func:`caption`) without its colour word and / or its background phrase.
+
+    Pretraining on such shortened captions teaches the model what a prompt that leaves a property
+    open should draw (any colour, some background), as DreamBooth's "a photo of sks toy" does.
+    """
+    words = text.split(" ")
+    if colour:
+        words = [w for w in words if w not in COLOURS]
+    out = " ".join(words)
+    if background:
+        for phrase in BACKGROUNDS.values():
+            out = out.replace(" " + phrase, "", 1)
+    return out
+
+
 def render(attrs: dict[str, Any], index: int = 0, seed: int = 0, size: int = SIZE) -> Image.Image:
     """Draw a ``size`` px RGB scene with ``attrs``; layout jitter comes from (index, seed)."""
     rng = _rng(index, seed, "layout")

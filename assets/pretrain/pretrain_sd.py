@@ -79,6 +79,8 @@ SAMPLE_PROMPTS = (
     "a photo of three yellow cars on the street", "a photo of a blue house at night",
     "a photo of a pink flower indoors", "a photo of four small white boxes on the grass",
     "a photo of a purple toy on the beach, on the left", "a photo of an orange boat at night",
+    # Properties left open (what --attribute_dropout teaches): some colour, some background.
+    "a photo of a toy on the beach", "a photo of two cups",
 )
 
 
@@ -244,6 +246,21 @@ def run_vae(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return info
 
 
+def caption_rows(rng: Any, idx: list[int], n: int, attribute_dropout: float) -> list[int]:
+    """Rows of the caption-id table for scenes ``idx`` (of ``n``): ``4 * n`` (the empty caption) with
+    probability CAPTION_DROPOUT, else ``v * n + i`` where bit 0 of ``v`` drops the colour word and bit 1
+    the background phrase, each with probability ``attribute_dropout``."""
+    rows = []
+    for i in idx:
+        if rng.random() < CAPTION_DROPOUT:
+            rows.append(4 * n)
+            continue
+        # No draws at 0: the first mini-sd stage's trajectory is unchanged by this option.
+        v = (rng.random() < attribute_dropout) + 2 * (rng.random() < attribute_dropout) if attribute_dropout else 0
+        rows.append(v * n + i)
+    return rows
+
+
 def run_unet(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from diffusers import AutoencoderKL
 
@@ -259,16 +276,29 @@ def run_unet(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     cfg = _config(args, "unet", preset, steps, lr)
     vae_info = json.loads((vae_dir / "pretrain_info.json").read_text())
     cfg["vae_scaling_factor"] = vae_info["scaling_factor"]
+    cfg["attribute_dropout"] = args.attribute_dropout
+    cfg["init_from"] = None if args.init_from is None else args.init_from.name
     images, captions = scene_cache(args.output_dir / "data", cfg["n_scenes"], args.world_seed)
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).to(device).eval().requires_grad_(False)
     tok = tiny_clip_tokenizer()
-    ids = tok(captions + [""], padding="max_length", max_length=tok.model_max_length, truncation=True,
+    # Token ids of every caption in four forms: whole, without the colour word, without the
+    # background phrase, without both (rows v * n + i); the last row is the empty caption.
+    variants = [W.drop_attribute_words(c, colour=bool(v & 1), background=bool(v & 2))
+                for v in range(4) for c in captions]
+    ids = tok(variants + [""], padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids
-    empty = len(captions)  # the index of the dropped (empty) caption
+    n = len(captions)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         unet = build_unet(preset)
         text_encoder = build_text_encoder(preset, tok)
+    if args.init_from is not None:  # continue from a finished pipeline (e.g. with --attribute_dropout)
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(args.init_from, subfolder="unet", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder",
+                                                     torch_dtype=torch.float32)
     unet.to(device)
     text_encoder.to(device)
     sched_noise = noise_scheduler()
@@ -282,7 +312,7 @@ def run_unet(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         data_step = 0 if args.fixed_batch else step
         idx = _batch_indices(args.seed, data_step, len(images), cfg["batch_size"])
         rng = C.step_rng(args.seed, data_step, "drop")
-        cap_idx = [empty if rng.random() < CAPTION_DROPOUT else i for i in idx]
+        cap_idx = caption_rows(rng, idx, n, cfg["attribute_dropout"])
         g = C.step_generator(args.seed, data_step, "unet", device)
         x = _pixels(images, idx, device)
         with torch.no_grad():
@@ -302,9 +332,20 @@ def run_unet(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
                                   max_steps=steps, device=device)
     info = {"steps": state.step, "seconds": round(state.seconds, 3), "chunks": state.chunks,
             "final_loss": C.mean_tail(state.losses), "device": C.device_info(device), "config": cfg}
+    stages = {"vae": vae_info, "unet": info}
+    if args.init_from is not None:  # the stage this one continued, so the record adds up
+        stages = {"vae": vae_info, **{f"unet_{k}": v for k, v in _first_unet_stages(args.init_from).items()},
+                  "unet": info}
     if done:
-        save_pipeline(args, preset, vae, unet, text_encoder, tok, {"vae": vae_info, "unet": info}, device)
+        save_pipeline(args, preset, vae, unet, text_encoder, tok, stages, device)
     return info
+
+
+def _first_unet_stages(pipeline: Path) -> dict[str, Any]:
+    """The UNet stages recorded in ``pipeline``'s pretrain_info.json, numbered from 1."""
+    stages = json.loads((pipeline / "pretrain_info.json").read_text())["stages"]
+    unet = [v for k, v in stages.items() if k.startswith("unet")]
+    return {str(k + 1): v for k, v in enumerate(unet)}
 
 
 def save_pipeline(args: argparse.Namespace, preset: dict[str, Any], vae: Any, unet: Any, text_encoder: Any,
@@ -360,6 +401,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning_rate", type=float, default=None)
     p.add_argument("--mixed_precision", choices=("no", "bf16"), default="bf16", help="bf16 autocast on CUDA")
     p.add_argument("--device", default=None)
+    p.add_argument("--attribute_dropout", type=float, default=0.0,
+                   help="unet stage: probability of leaving the colour word out of a caption, and, "
+                        "independently, the background phrase (0 = whole captions, as mini-sd's first stage)")
+    p.add_argument("--init_from", type=Path, default=None,
+                   help="unet stage: start the UNet and text encoder from this pipeline folder, not from scratch")
     p.add_argument("--fixed_batch", action="store_true", help="train on one batch (a check that the loss falls)")
     p.add_argument("--samples", action=argparse.BooleanOptionalAction, default=True,
                    help="render samples.png at the end of the unet stage")
@@ -367,6 +413,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     C.check_chunk_args(p, args)
     C.check_positive(p, args, ("max_steps", "chunk_steps", "n_scenes", "batch_size"))
+    if not 0.0 <= args.attribute_dropout < 1.0:
+        p.error(f"--attribute_dropout must be in [0, 1), got {args.attribute_dropout}")
+    if args.init_from is not None and not (args.init_from / "unet" / "config.json").is_file():
+        p.error(f"--init_from {args.init_from} is not a pipeline folder (no unet/config.json): pass the "
+                "folder a finished unet stage saved (OUTPUT_DIR/pipeline), e.g. assets/models/mini-sd")
     return args
 
 
