@@ -866,7 +866,7 @@ def build_demo(state: AppState) -> "gr.Blocks":
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", default="tiny-sd", help="base model: a diffusers id or folder, or tiny-sd / tiny-sdxl (default: tiny-sd)")
+    p.add_argument("--base", default="mini-sd", help="base model: a diffusers id or folder, the pretrained miniature mini-sd (default), or the random tiny-sd / tiny-sdxl")
     p.add_argument("--lora", help=f"plain LoRA: {PLAIN_FILE} or {STATE_FILE}, or a folder holding one")
     p.add_argument("--dash", help="LoRA-Dash adapter (file or folder, as --lora)")
     p.add_argument("--autolora", help="AutoLoRA adapter (file or folder, as --lora)")

@@ -66,8 +66,6 @@ import world_encoders as WE  # noqa: E402
 
 SECTIONS = ("subject", "tsd", "autolora", "commonsense")
 INSTANCE_SHOTS = 5
-# Where the pretrained miniature is expected (assets/pretrain/README.md, "Next step: shipping them").
-RESERVED = {"mini-sd": ROOT / "assets" / "models" / "mini-sd", "mini-llama": ROOT / "assets" / "models" / "mini-llama"}
 WORLD_ENCODER = ROOT / "assets" / "models" / "world-encoder"
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -117,19 +115,16 @@ def DE():  # noqa: N802 - the evaluation module
 
 
 def resolve(name: str, flag: str) -> str:
-    """A model path: a reserved name (``tiny-*`` through ``dashdiff.testing.resolve_model``; ``mini-*``
-    from its reserved folder once it exists) or a folder."""
+    """A model path: a reserved name (``tiny-*`` / ``mini-*`` through ``dashdiff.testing.resolve_model``)
+    or a folder."""
     from dashdiff.testing import resolve_model
 
-    path = resolve_model(name)
+    try:
+        path = resolve_model(name)
+    except FileNotFoundError as err:  # a mini-* folder missing (not a checkout)
+        raise SystemExit(f"quality.py: error: {flag} {err}") from None
     if Path(path).is_dir():
         return path
-    if name in RESERVED:
-        if RESERVED[name].is_dir():
-            return str(RESERVED[name])
-        raise SystemExit(f"quality.py: error: {flag} {name}: the pretrained miniature is not in {RESERVED[name]} yet "
-                         "(issue 14: trained on the GPU machine); pass a pipeline folder, or tiny-sd / tiny-llama "
-                         "for a plumbing run")
     raise SystemExit(f"quality.py: error: {flag} {name}: no such folder")
 
 
@@ -213,7 +208,9 @@ def evaluate_run(model: str, run_dir: Optional[Path], prompts: Sequence[dict], s
     if images_dir.is_dir() and (images_dir / de.METADATA).is_file():
         samples = de.read_samples(images_dir)
     else:
-        pipe = de.load_pipeline(model, lora_weights=str(run_dir) if run_dir else None)
+        # On the GPU machine generation must run there too (load_pipeline's default is the CPU).
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        pipe = de.load_pipeline(model, lora_weights=str(run_dir) if run_dir else None, device=device)
         samples = de.generate_images(pipe, texts, seeds, images_dir, steps=size["inference_steps"], resolution=64)
         del pipe
     images = de.load_images([s.file for s in samples])
@@ -583,6 +580,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     o.add_argument("--learning_rate", type=float, default=None, help="DreamBooth learning rate")
     o.add_argument("--train_seeds", type=int, nargs="+", default=None)
     o.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=None)
+    o.add_argument("--subjects", nargs="+", choices=W.SUBJECTS, default=None,
+                   help="DreamBooth subjects (a full run can go as one process per subject, merged afterwards "
+                        "by rerunning without this flag on a folder holding all their runs)")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be >= 1")
@@ -601,7 +601,8 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[s
     # Prior preservation's class images ("a photo of a toy" from the base model): one set for all runs.
     size = {**SIZES[args.size], "class_dir": out / "class_images"}
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.learning_rate),
-                                   ("train_seeds", args.train_seeds), ("methods", args.methods)) if v is not None}
+                                   ("train_seeds", args.train_seeds), ("methods", args.methods),
+                                   ("subjects", args.subjects)) if v is not None}
     size.update(overrides)
     if args.steps is not None:
         size["long_steps"] = 4 * args.steps
@@ -612,7 +613,8 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[s
     out.mkdir(parents=True, exist_ok=True)
     # Finished runs are reused by path: a folder holds the runs of one size only.
     marker = out / "quality_size.txt"
-    setting = " ".join([args.size, *(f"{k}={v}" for k, v in sorted(overrides.items()))])
+    # Which subjects run is not a setting of the runs: folders of single-subject runs merge into one.
+    setting = " ".join([args.size, *(f"{k}={v}" for k, v in sorted(overrides.items()) if k != "subjects")])
     if marker.is_file() and marker.read_text().strip() != setting:
         raise SystemExit(f"quality.py: error: {out} holds a --size {marker.read_text().strip()} run; "
                          "use another --output_dir for --size " + setting)

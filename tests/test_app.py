@@ -438,13 +438,15 @@ def test_missing_gradio_gives_a_one_line_hint(monkeypatch, capsys):
 
 def test_defaults_and_demo_banner(tmp_path, files):
     args = app.parse_args([])
-    assert (args.base, args.host, args.port, args.lora) == ("tiny-sd", "127.0.0.1", 7860, None)
+    assert (args.base, args.host, args.port, args.lora) == ("mini-sd", "127.0.0.1", 7860, None)
     state = app.build_state(args, demo_dir=tmp_path / "nothing")
     try:
         assert "make demo" in state.banner and state.renderer.available() == ["base"]
     finally:
         state.renderer.close()
     # a demo folder as make demo writes it: plain files render, their full-state siblings inspect
+    # (the fixture's adapters were trained on tiny-sd)
+    args = app.parse_args(["--base", "tiny-sd"])
     demo = tmp_path / "demo"
     for slot in ("lora", "dash"):
         (demo / slot).mkdir(parents=True)

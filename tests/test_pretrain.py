@@ -258,3 +258,61 @@ def test_max_minutes_ends_a_chunk_with_a_checkpoint(tmp_path):
     assert [p.name for p in LL.C.checkpoints(tmp_path / "llama")] == ["checkpoint-1"]
     assert LL.main(["--output_dir", str(tmp_path), *_LL_ARGS, "--resume"])["steps"] == 4
     assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- the shipped miniature
+
+
+def test_shipped_mini_sd_loads_by_name_and_draws_what_is_asked():
+    """The reserved name resolves to the shipped folder, the ordinary from_pretrained loads it, and
+    what it draws is what the prompt asks for, judged by the world encoder (an independent model
+    trained on rendered scenes, never on mini-sd's output): the background and the colour asked for
+    beat the others, and a prompt that leaves the colour open (attribute dropout) still gets its
+    background."""
+    from diffusers import StableDiffusionPipeline
+
+    from dashdiff.testing import resolve_model
+
+    WE = _load("world_encoders")
+    path = resolve_model("mini-sd")
+    assert Path(path) == ROOT / "assets" / "models" / "mini-sd"
+    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a photo of a red ball on the beach", "a photo of a blue car in the snow",
+               "a photo of a yellow house at night", "a photo of a toy on the grass"]
+    images = pipe(prompts, num_inference_steps=15, guidance_scale=4.0, height=64, width=64,
+                  generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
+    enc = WE.load_world_encoder(ROOT / "assets" / "models" / "world-encoder")
+    fidelity = WE.prompt_fidelity(enc, images, prompts)
+    # Measured 2026-11-27 (CPU): every image >= 0.996; the same images scored against the prompts in
+    # reverse order (each judged by another prompt) <= 6e-7.
+    assert bool((fidelity > 0.6).all()), fidelity
+
+
+def test_shipped_mini_llama_loads_by_name_and_recalls_a_fact():
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from dashdiff.testing import resolve_model
+
+    path = resolve_model("mini-llama")
+    info = json.loads((Path(path) / "pretrain_info.json").read_text())
+    assert min(info["fact_recall"].values()) >= 0.9
+    tok = AutoTokenizer.from_pretrained(path)
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    T = _load("text_world")
+    world = T.World(info["config"]["world_seed"], info["config"]["n_people"])
+    # Towns of the world's people, completed greedily from the reloaded fp16 file (upcast here).
+    right = 0
+    for person in list(world.people.values())[:8]:
+        ids = tok(f"{person.name} lives in", return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+        right += tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).startswith(f" {person.town}")
+    assert right >= 7, right
+
+
+def test_pretrained_names_fail_clearly_outside_a_checkout(monkeypatch, tmp_path):
+    from dashdiff.testing import models
+
+    monkeypatch.setitem(models.PRETRAINED_MODELS, "mini-sd", tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="not in the installed package: run from a clone, or pass the model"):
+        models.resolve_model("mini-sd")

@@ -186,7 +186,9 @@ def test_harness_end_to_end_on_the_tiny_pipeline(encoder, tmp_path, monkeypatch)
     with pytest.raises(SystemExit, match="holds a --size test run"):
         Q.main(Q.parse_args([*argv[:1], "cpu", *argv[2:]]), log=lambda s: None)
     # Before a reserved model's folder exists, the default stops with a line naming it (nothing written).
-    monkeypatch.setitem(Q.RESERVED, "mini-sd", tmp_path / "models" / "mini-sd")
-    with pytest.raises(SystemExit, match="mini-sd: the pretrained miniature is not in .*models/mini-sd yet"):
+    from dashdiff.testing import models
+
+    monkeypatch.setitem(models.PRETRAINED_MODELS, "mini-sd", tmp_path / "models" / "mini-sd")
+    with pytest.raises(SystemExit, match="--sd_model mini-sd: the pretrained miniature is not at .*models/mini-sd"):
         Q.main(Q.parse_args(["--size", "test", "--output_dir", str(tmp_path / "q2"), "--sections", "tsd"]))
     assert not (tmp_path / "q2").exists()

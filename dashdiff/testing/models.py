@@ -39,6 +39,10 @@ __all__ = [
 ]
 
 RESERVED_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sdxl", "tiny-llama")
+# The pretrained miniature (issue 14): folders shipped in a checkout of the repository, not in the wheel.
+PRETRAINED_MODELS: dict[str, Path] = {
+    name: Path(__file__).resolve().parents[2] / "assets" / "models" / name for name in ("mini-sd", "mini-llama")
+}
 # Bump when a builder changes, so stale cached folders are not reused.
 CACHE_VERSION = "v1"
 
@@ -380,13 +384,24 @@ def _save_reserved(name: str, folder: Path) -> None:
 
 
 def resolve_model(name_or_path: str, cache_dir: str | None = None) -> str:
-    """Map a reserved tiny-model name to a local folder; return anything else unchanged.
+    """Map a reserved model name to a local folder; return anything else unchanged.
+
+    ``mini-sd`` / ``mini-llama`` are the pretrained miniature's folders in the repository
+    (``assets/models/``).
 
     ``tiny-sd`` / ``tiny-sdxl`` / ``tiny-llama`` are saved once (seed 0) to
     ``<cache_dir or default_cache_root()>/<name>-v1`` and that path is returned, for the
     caller's ordinary ``from_pretrained``. The folder is written to a temporary sibling and
     renamed into place, so a concurrent or interrupted build never leaves a partial model.
     """
+    if name_or_path in PRETRAINED_MODELS:
+        folder = PRETRAINED_MODELS[name_or_path]
+        if not (folder / "config.json").is_file() and not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"{name_or_path}: the pretrained miniature is not at {folder}. It ships in a checkout of the "
+                "dashdiff repository (assets/models/), not in the installed package: run from a clone, or "
+                "pass the model folder's path instead of its name.")
+        return str(folder)
     if name_or_path not in RESERVED_MODELS:
         return name_or_path
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_root()
