@@ -1,9 +1,15 @@
 import os
+import sys
+from pathlib import Path
 
 # Must be set before anything imports huggingface_hub: a hub miss otherwise retries for tens of seconds.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Helper modules the tests import by name (launch_utils, dash_models, ...) live in tests/scripts/, beside
+# the scripts the tests launch; tests/ itself holds only the test files (test_structure.py checks it).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
