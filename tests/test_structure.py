@@ -160,6 +160,21 @@ def test_plots_need_the_plots_extra(monkeypatch):
 
 
 
+def test_the_library_names_no_command_line_flag():
+    """CLI wording lives in train/: the library's strings (messages, docstrings) name settings, not
+    ``--flags`` (dashdiff.training takes the scripts' spellings as a FlagNames)."""
+    import ast
+    import re
+
+    found = []
+    for path in sorted(Path(dashdiff.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if re.search(r"(?<![\w-])--[a-z]", node.value):
+                    found.append(f"{path.name}:{node.lineno}")
+    assert found == []
+
+
 # --------------------------------------------------------------------------- tests mirror the modules
 
 ROOT = Path(__file__).resolve().parents[1]

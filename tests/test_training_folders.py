@@ -58,3 +58,21 @@ def test_another_processs_write_probe_is_not_content(tmp_path):
     (out / "model.bin").write_bytes(b"x")
     with pytest.raises(T.TrainingError, match="not empty"):
         T.check_output_dir(out, "f" * 16, None, False)
+
+
+def test_messages_name_the_settings_as_the_caller_spells_them(tmp_path):
+    """The library names no command-line flag of its own: neutral setting names by default, the
+    caller's spellings when given (the scripts pass theirs: test_run_flags.py)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("x")
+    with pytest.raises(T.TrainingError) as neutral:
+        T.check_output_dir(out, "f" * 16, None, False)
+    assert str(neutral.value).startswith(f"output_dir {out} is not empty (mine.txt)")
+    assert str(neutral.value).endswith("or pass overwrite_output_dir to write over it.")
+    flags = T.FlagNames(output_dir="-o", resume="--resume", overwrite="--force", total_limit="-k")
+    with pytest.raises(T.TrainingError) as worded:
+        T.check_output_dir(out, "f" * 16, None, False, flags)
+    assert str(worded.value).startswith(f"-o {out} is not empty") and "pass --force to write" in str(worded.value)
+    with pytest.raises(T.TrainingError, match=r"^--resume checkpoint-9: no such checkpoint"):
+        T.resolve_resume(out, "checkpoint-9", flags)
