@@ -208,7 +208,7 @@ TESTED_ELSEWHERE = {
     "callbacks.py": "test_commonsense_train.py: the callback in a real Trainer run on that file's tiny Llama",
     "dash/config.py": "test_config.py: the checks both method configs share live in config.py",
     "autolora/config.py": "test_config.py: the checks both method configs share live in config.py",
-    "dash/report.py": "test_app.py: the inspect tab reads a trained adapter's records",
+    "dash/report.py": "test_app.py: the inspect tab reads a trained adapter's records and draws its figures",
     "inspect_plots.py": "test_app.py: the inspect tab draws the records",
     "plotting.py": "test_app.py: the inspect tab draws the records",
 }
