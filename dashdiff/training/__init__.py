@@ -41,7 +41,8 @@ from .run import (  # noqa: F401
 __all__ = [
     "ADAPTER_STATE", "Advice", "CHECKPOINT_STATE", "Checkpoint", "CheckpointWriteError", "EXTRA_STATE",
     "FINGERPRINT_IGNORES", "FlagNames", "LOCK_FILE", "MODEL_CARD_TAG", "NEUTRAL_FLAGS", "NonFiniteLossError",
-    "OutputLock", "PathLike", "RUN_RECORD", "Run", "RunGuard", "STEP_LOG", "StepLog", "TrainingError", "WRITE_PROBE_PREFIX",
+    "OutputLock", "PathLike", "RUN_RECORD", "Run", "RunGuard", "STEP_LOG", "StepLog", "TrainingError",
+    "WRITE_PROBE_PREFIX",
     "args_fingerprint", "check_finite_loss", "check_output_dir", "checkpoint_name", "checkpoint_problem",
     "clean_stale_temporaries", "clear_for_overwrite", "dash_optimizer_step", "ddp_kwargs_handlers",
     "default_dash_warmup_steps", "directions_digest", "fused_adamw_ok", "list_checkpoints", "log_position",

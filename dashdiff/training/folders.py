@@ -195,8 +195,8 @@ class OutputLock:
                                 f"{self.flags.output_dir} {self.root}, delete that file") from None
         if host != socket.gethostname():
             raise TrainingError(
-                f"{self.flags.output_dir} {self.root} is in use by a run on host {host} (pid {pid}, since {owner.get('since')}); "
-                f"pick another folder, or if that run is over, delete {self.path}")
+                f"{self.flags.output_dir} {self.root} is in use by a run on host {host} (pid {pid}, since "
+                f"{owner.get('since')}); pick another folder, or if that run is over, delete {self.path}")
         if _pid_alive(pid, owner.get("start")):
             raise TrainingError(
                 f"{self.flags.output_dir} {self.root} is in use by another run (pid {pid} on this host, since "
