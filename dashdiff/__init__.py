@@ -1,47 +1,42 @@
-"""dashdiff: LoRA-Dash and AutoLoRA adapters for diffusers and transformers, built on PEFT."""
+"""dashdiff: LoRA-Dash and AutoLoRA adapters for diffusers and transformers, built on PEFT.
+
+Every public name loads its module on first use (PEP 562), and so does a submodule named as an
+attribute (``dashdiff.export``): ``import dashdiff`` itself imports neither torch nor PEFT, so a
+script's help text, a version check or a tool that only inspects the package stays fast.
+"""
 
 from __future__ import annotations
 
-from typing import Any
 
-from .autolora.config import AutoLoraConfig
-from .autolora.ranks import determine_ranks, selection_weights
-from .autolora.report import write_rank_report
-from .autolora.search import BilevelStep, retrain_config, split_train_val
-from .dash.config import LoraDashConfig
-from .dash.lifecycle import dash_step, launch_dash, selected_directions
-from .dash.prefetch import prefetch_spectra
-from .export import export_lora
-from .layer import DashdiffLinear
-from .state import load_adapter, save_adapter
+from ._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AutoLoraConfig",
-    "BilevelStep",
-    "DashdiffLinear",
-    "LoraDashCallback",
-    "LoraDashConfig",
-    "dash_step",
-    "determine_ranks",
-    "export_lora",
-    "launch_dash",
-    "load_adapter",
-    "prefetch_spectra",
-    "retrain_config",
-    "save_adapter",
-    "selected_directions",
-    "selection_weights",
-    "split_train_val",
-    "write_rank_report",
-]
+# public name -> the module that holds it
+_EXPORTS = {
+    "AutoLoraConfig": "autolora.config",
+    "BilevelStep": "autolora.search",
+    "DashdiffLinear": "layer",
+    "LoraDashCallback": "callbacks",  # transformers' Trainer machinery
+    "LoraDashConfig": "dash.config",
+    "dash_step": "dash.lifecycle",
+    "determine_ranks": "autolora.ranks",
+    "export_lora": "export",
+    "launch_dash": "dash.lifecycle",
+    "load_adapter": "state",
+    "prefetch_spectra": "dash.prefetch",
+    "retrain_config": "autolora.search",
+    "save_adapter": "state",
+    "selected_directions": "dash.lifecycle",
+    "selection_weights": "autolora.ranks",
+    "split_train_val": "autolora.search",
+    "write_rank_report": "autolora.report",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_getattr(__name__, _EXPORTS, bind=True)
 
 
-def __getattr__(name: str) -> Any:
-    # The Trainer callback pulls in transformers' training machinery: loaded on first use only.
-    if name == "LoraDashCallback":
-        from .callbacks import LoraDashCallback
-
-        return LoraDashCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,9 +1,15 @@
 import os
+import sys
+from pathlib import Path
 
 # Must be set before anything imports huggingface_hub: a hub miss otherwise retries for tens of seconds.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Helper modules the tests import by name (launch_utils, dash_models, ...) live in tests/scripts/, beside
+# the scripts the tests launch; tests/ itself holds only the test files (test_structure.py checks it).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -13,3 +19,23 @@ import torch  # noqa: E402
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def db():
+    """train/dreambooth_dash.py, imported afresh for each test module that asks for it."""
+    from launch_utils import load_script
+
+    return load_script("train/dreambooth_dash.py")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one intra-op thread for a module of tiny-model tests (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): the numerics of the OMP_NUM_THREADS=1 subprocesses, and on
+    a busy 2-core machine OpenMP's waiting threads made each 4-step app render take seconds instead of
+    ~0.1 s (measured)."""
+    from launch_utils import one_torch_thread
+
+    with one_torch_thread():
+        yield

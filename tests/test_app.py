@@ -40,14 +40,7 @@ def _load_module(name: str, path: Path):
 app = _load_module("dashdiff_app", REPO / "app.py")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model gains nothing from intra-op threads, and on a busy 2-core machine OpenMP's
-    waiting threads made each 4-step render take seconds instead of ~0.1 s (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
 
 def _fill(pipe, pattern: str, std: float, seed: int, mean: float = 0.0) -> None:

@@ -5,6 +5,8 @@ disk, a crafted pickle, a second run into the same folder, a stale lock, foreign
 The DreamBooth script on tiny-sd, in-process through ``main(args)`` except the killed runs, which
 are real subprocesses (3, plain ``python train/dreambooth_dash.py``: SIGKILL needs a process of its
 own). The commonsense script's cases are in test_commonsense_train.py (they reuse its runs).
+The checkpoint and lock rules on their own are in test_training_checkpoints.py and
+test_training_folders.py.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from safetensors.torch import load_file
 
 from dashdiff import safeio
 from dashdiff import training as T
-from launch_utils import ROOT, load_script, one_torch_thread, reset_accelerate
+from launch_utils import ROOT, reset_accelerate
 
 SUBJECT = str(ROOT / "assets" / "subject")
 SCRIPT = ROOT / "train" / "dreambooth_dash.py"
@@ -36,15 +38,7 @@ STEPS = ["--max_train_steps", "6", "--checkpointing_steps", "2", "--lora_dropout
          "--seed", "5"]
 
 
-@pytest.fixture(scope="module")
-def db():
-    return load_script("train/dreambooth_dash.py")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_torch_thread():  # tiny models: the same numerics as the OMP_NUM_THREADS=1 subprocesses
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
 
 def argv(out: Path, *extra: str) -> list[str]:
@@ -112,78 +106,6 @@ def fix_manifest(ckpt: Path) -> None:
     info = json.loads((ckpt / T.CHECKPOINT_STATE).read_text())
     info["files"] = {k: (ckpt / k).stat().st_size for k in info["files"]}
     (ckpt / T.CHECKPOINT_STATE).write_text(json.dumps(info))
-
-
-# =========================================================================== helpers alone
-
-
-def test_latest_skips_incomplete_and_an_explicit_incomplete_one_is_refused(tmp_path, caplog):
-    out = tmp_path / "out"
-    for step in (2, 4, 6):
-        (out / f"checkpoint-{step}").mkdir(parents=True)
-        (out / f"checkpoint-{step}" / "optimizer.bin").write_bytes(b"x" * 10)
-    T.write_checkpoint_info(out / "checkpoint-2", {"step": 2, "files": {"optimizer.bin": 10}})
-    T.write_checkpoint_info(out / "checkpoint-4", {"step": 4, "files": {"optimizer.bin": 11}})  # truncated file
-    # checkpoint-6: no marker (a save killed by an older version, or not dashdiff's)
-    with caplog.at_level(logging.WARNING, logger="dashdiff.training"):
-        assert T.resolve_resume(out, "latest").path.name == "checkpoint-2"
-    lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and "skipping incomplete checkpoint-4, checkpoint-6" in lines[0], lines
-    with pytest.raises(T.TrainingError, match=r"checkpoint-4 is not a complete dashdiff checkpoint: optimizer.bin "
-                                              r"has 10 bytes, the checkpoint recorded 11.*checkpoint-2"):
-        T.resolve_resume(out, str(out / "checkpoint-4"))
-    with pytest.raises(T.TrainingError, match="checkpoint-6 is not a complete.*no dashdiff_checkpoint.json"):
-        T.resolve_resume(out, "checkpoint-6")
-    # pruning only ever removes complete checkpoints
-    assert T.prune_checkpoints(out, 1, keep_free=1) == [out / "checkpoint-2"]
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4", "checkpoint-6"]
-
-
-def test_only_unfinished_checkpoint_folders_are_cleaned(tmp_path):
-    out = tmp_path / "out"
-    keep = ["checkpoint-3", ".checkpoint-x.tmp", "checkpoint-4.tmp", ".checkpoint-4.tmp.bak", "notes.tmp"]
-    gone = [".checkpoint-4.tmp", ".checkpoint-search-2.tmp", ".checkpoint-6.tmp-old"]
-    for name in keep + gone:
-        (out / name).mkdir(parents=True)
-        (out / name / "f").write_text("x")
-    (out / ".checkpoint-8.tmp").write_text("a file, not a folder")
-    assert sorted(p.name for p in T.clean_stale_temporaries(out)) == sorted(gone)
-    assert sorted(p.name for p in out.iterdir()) == sorted(keep + [".checkpoint-8.tmp"])
-
-
-def test_lock_refuses_a_second_run_and_replaces_a_stale_one(tmp_path, caplog):
-    out = tmp_path / "new"
-    first = T.OutputLock(out).acquire()
-    assert json.loads((out / T.LOCK_FILE).read_text())["pid"] == os.getpid()
-    with pytest.raises(T.TrainingError, match=r"in use by another run \(pid %d on this host" % os.getpid()):
-        T.OutputLock(out).acquire()
-    first.release()
-    assert not out.exists()  # the lock made the folder, nothing else was written: it is gone again
-
-    out.mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        lock = {"pid": sleeper.pid, "host": socket.gethostname(), "start": T._process_start(sleeper.pid)}
-        (out / T.LOCK_FILE).write_text(json.dumps(lock))
-        with pytest.raises(T.TrainingError, match=f"pid {sleeper.pid} on this host"):
-            T.OutputLock(out).acquire()
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-    # the same lock is stale now that its process is gone: reported and replaced
-    with caplog.at_level(logging.WARNING, logger="dashdiff.training"):
-        held = T.OutputLock(out).acquire()
-    assert any(f"stale lock in {out}: its run (pid {sleeper.pid}" in r.getMessage() for r in caplog.records)
-    assert json.loads((out / T.LOCK_FILE).read_text())["pid"] == os.getpid()
-    held.release()
-    assert out.is_dir() and not (out / T.LOCK_FILE).exists()  # a folder it did not make stays
-    # a pid that was reused by another process since (other start time) is stale too
-    (out / T.LOCK_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": "1"}))
-    T.OutputLock(out).acquire().release()
-    # another host: cannot be checked from here, so refused with the way out
-    (out / T.LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "x"}))
-    with pytest.raises(T.TrainingError, match=r"run on host elsewhere .*delete .*\.dashdiff\.lock"):
-        T.OutputLock(out).acquire()
 
 
 # =========================================================================== DreamBooth runs

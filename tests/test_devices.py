@@ -12,15 +12,10 @@ import pytest
 import torch
 
 from dashdiff.testing import resolve_model
-from launch_utils import ROOT, load_script
+from launch_utils import ROOT
 
 SCRIPT = ROOT / "train" / "dreambooth_dash.py"
 META = torch.device("meta")
-
-
-@pytest.fixture(scope="module")
-def db():
-    return load_script("train/dreambooth_dash.py")
 
 
 def _meta_models(db, model: str, prediction_type: str):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from dashdiff import training as T
 from dashdiff.testing import resolve_model
-from launch_utils import ROOT, accelerate_launch, load_script, one_torch_thread, reset_accelerate
+from launch_utils import ROOT, accelerate_launch, reset_accelerate
 
 SUBJECT = str(ROOT / "assets" / "subject")
 SCRIPT = ROOT / "train" / "dreambooth_dash.py"
@@ -46,15 +46,7 @@ lora_alpha lora_layers cache_latents
 """.split()
 
 
-@pytest.fixture(scope="module")
-def db():
-    return load_script("train/dreambooth_dash.py")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_torch_thread():  # tiny models: the same numerics as the OMP_NUM_THREADS=1 subprocesses
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
 
 def run(db, argv, **kw):

@@ -12,16 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from launch_utils import ROOT, load_script, one_torch_thread
+from launch_utils import ROOT, load_script
 
 DE = load_script("train/dreambooth_eval.py", reuse=True)
 SUBJECT = ROOT / "assets" / "subject"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_torch_thread():  # tiny models on a shared 2-core machine: threads only contend
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from launch_utils import ROOT, load_script
+from launch_utils import ROOT
 
 
 def _lock() -> dict[str, str]:
@@ -36,11 +36,6 @@ def test_lock_pins_every_declared_dependency_within_its_range():
         assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} is outside {req}"
     # The Makefile installs torch==2.13.0 from whichever index serves it (+cpu here): no local tag.
     assert pins["torch"] == "2.13.0"
-
-
-@pytest.fixture(scope="module")
-def db():
-    return load_script("train/dreambooth_dash.py")
 
 
 @pytest.mark.parametrize("method", ["lora", "dash", "autolora"])

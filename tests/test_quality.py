@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch_utils import ROOT, load_script, one_torch_thread
+from launch_utils import ROOT, load_script
 
 WE = load_script("assets/pretrain/world_encoders.py", reuse=True)
 W = load_script("assets/pretrain/image_world.py", reuse=True)
@@ -21,10 +21,7 @@ Q = load_script("bench/quality.py", reuse=True)
 DE = load_script("train/dreambooth_eval.py", reuse=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_torch_thread():  # tiny models on a shared 2-core machine: threads only contend
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
 
 SHIPPED = ROOT / "assets" / "models" / "world-encoder"

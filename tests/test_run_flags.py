@@ -76,3 +76,16 @@ def test_search_length_is_steps_or_epochs_never_both(script, tmp_path, capsys):
     assert flags.search_steps(args, 10, 99) == 5 and args.autolora_search_steps is None
     args = mod.parse_args(required + ["--method", "autolora", "--autolora_search_steps", "3"])
     assert flags.search_steps(args, 10, 99) == 3
+
+
+def test_the_run_lifecycle_messages_name_flags_both_scripts_have(parsers):
+    """dashdiff.training words its refusals with the spellings the scripts pass in (CLI_FLAGS): each is
+    a flag of both parsers, with the destination the library's neutral name says."""
+    from dataclasses import asdict
+
+    from dashdiff.training import NEUTRAL_FLAGS
+
+    cli = asdict(load_script("train/run_flags.py", reuse=True).CLI_FLAGS)
+    for name, parser in parsers.items():
+        have = parser._option_string_actions
+        assert {role: have[flag].dest for role, flag in cli.items()} == asdict(NEUTRAL_FLAGS), name

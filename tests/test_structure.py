@@ -1,11 +1,13 @@
 """The package's structure and explicit interfaces (issue 15): the method registry and the layer's
 single dispatch, dash_step's launch report, AutoLoRA's paired finite-difference context, one home
-for file names and the header, a light ``import dashdiff``, plots behind the ``plots`` extra."""
+for file names and the header, a light ``import dashdiff``, plots behind the ``plots`` extra, and
+tests that mirror the modules."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import peft
 import pytest
@@ -137,6 +139,21 @@ def test_import_dashdiff_is_light():
     assert sorted(dashdiff.__all__) == dashdiff.__all__ and all(hasattr(dashdiff, n) for n in dashdiff.__all__)
 
 
+def test_import_dashdiff_loads_no_framework():
+    """Every public name loads on first use: ``import dashdiff`` imports neither torch nor PEFT,
+    transformers, diffusers or accelerate (2,793 modules before, the interpreter's ~75 now), and a
+    name or a submodule (``dashdiff.walk``) then loads what it needs."""
+    code = ("import sys, dashdiff; "
+            "print([m for m in ('torch', 'peft', 'transformers', 'diffusers', 'accelerate') if m in sys.modules]); "
+            "from dashdiff import LoraDashConfig; "
+            "print(LoraDashConfig.__module__, 'peft' in sys.modules, dashdiff.walk.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["[]", "dashdiff.dash.config True dashdiff.walk"]
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        dashdiff.no_such_name
+    assert set(dashdiff.__all__) <= set(dir(dashdiff))
+
+
 def test_the_search_optimizer_does_not_pull_in_script_support():
     """BilevelStep's default Adam chooses fused / foreach through dashdiff.ops, not the run lifecycle."""
     code = ("import sys, torch; from dashdiff.autolora.search import default_adam; "
@@ -155,3 +172,112 @@ def test_plots_need_the_plots_extra(monkeypatch):
     layer = AutoLoraLayerInfo("q", torch.tensor([0.5, 0.5], dtype=torch.float64), torch.tensor([True, True]), 0.5)
     with pytest.raises(ImportError, match=r"pip install \"dashdiff\[plots\]\""):
         inspect_plots.plot_autolora([layer])
+
+
+
+def test_the_library_names_no_command_line_flag():
+    """CLI wording lives in train/: the library's strings (messages, docstrings) name settings, not
+    ``--flags`` (dashdiff.training takes the scripts' spellings as a FlagNames)."""
+    import ast
+    import re
+
+    found = []
+    for path in sorted(Path(dashdiff.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if re.search(r"(?<![\w-])--[a-z]", node.value):
+                    found.append(f"{path.name}:{node.lineno}")
+    assert found == []
+
+
+# --------------------------------------------------------------------------- tests mirror the modules
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"
+
+# dashdiff/<a>/<b>.py is tested in tests/test_<a>_<b>.py (package __init__ files only re-export: the
+# package surface is this file's). The exceptions, each tested in another file for a reason:
+TESTED_ELSEWHERE = {
+    "_lazy.py": "test_structure.py: the lazy exports and the light import",
+    "registry.py": "test_structure.py: every variant against the registry and the layer's declarations",
+    "variant.py": "test_structure.py: the interface every method variant implements",
+    "files.py": "test_structure.py: one home for the file names and the header",
+    "walk.py": "every adapter test finds its layers through it (iter_layers: test_structure.py)",
+    "ops.py": "test_cuda.py: mm_to's float32 output; test_structure.py: the search's Adam",
+    "safeio.py": "the interrupted and killed saves of test_state.py, test_export.py, test_checkpoint_safety.py",
+    "callbacks.py": "test_commonsense_train.py: the callback in a real Trainer run on that file's tiny Llama",
+    "dash/config.py": "test_config.py: the checks both method configs share live in config.py",
+    "autolora/config.py": "test_config.py: the checks both method configs share live in config.py",
+    "dash/report.py": "test_app.py: the inspect tab reads a trained adapter's records and draws its figures",
+    "inspect_plots.py": "test_app.py: the inspect tab draws the records",
+    "plotting.py": "test_app.py: the inspect tab draws the records",
+}
+
+# One end-to-end file per script.
+SCRIPT_TESTS = {
+    "app.py": "test_app.py",
+    "train/dreambooth_dash.py": "test_dreambooth.py",
+    "train/dreambooth_eval.py": "test_dreambooth_eval.py",
+    "train/commonsense_dash.py": "test_commonsense_train.py",
+    "train/commonsense_eval.py": "test_commonsense_eval.py",
+    "train/commonsense_data.py": "test_commonsense_data.py",
+    "train/run_flags.py": "test_run_flags.py",
+    "train/input_rules.py": "test_inputs.py",
+}
+
+# Test files that follow neither a module nor a script: a concern across several, each named here.
+ACROSS = {
+    "test_structure.py": "the package layout and its explicit interfaces",
+    "test_cuda.py": "the CUDA path of the kernels, both scripts and the app",
+    "test_devices.py": "device placement of the DreamBooth step (meta device)",
+    "test_checkpoint_safety.py": "the DreamBooth script's checkpoints and folders under faults",
+    "test_diffusers_controls.py": "diffusers' runtime controls on a launched LoRA-Dash UNet",
+    "test_kohya_metadata.py": "what the kohya export tells A1111 / Forge / sd-scripts",
+    "test_install.py": "the lock against pyproject.toml; text-encoder adapters without add_adapter",
+    "test_bench.py": "the benchmark scripts of bench/ at CPU size",
+    "test_quality.py": "bench/quality.py and its world encoder",
+    "test_worlds.py": "the procedural worlds of assets/pretrain/",
+    "test_pretrain.py": "the pretraining scripts of assets/pretrain/",
+}
+
+# Files beside the tests that are not tests: the reason each has to stay in tests/ itself.
+ROOT_EXTRAS = {
+    "conftest.py": "pytest's shared fixtures, and tests/scripts/ on sys.path",
+    "stock_load.py": "test_export.py runs it from beside itself (Path(__file__).with_name): it moves to "
+                     "tests/scripts/ together with that line",
+}
+
+
+def _module_test(rel: str) -> str:
+    return "test_" + rel[:-len(".py")].replace("/", "_") + ".py"
+
+
+def test_every_module_has_its_test_file():
+    package = ROOT / "dashdiff"
+    modules = sorted(p.relative_to(package).as_posix() for p in package.rglob("*.py") if p.name != "__init__.py")
+    missing = [f"dashdiff/{m} -> tests/{_module_test(m)}" for m in modules
+               if m not in TESTED_ELSEWHERE and not (TESTS / _module_test(m)).exists()]
+    assert missing == []
+    # an exception that no longer applies (the module is gone or has its own file now) is removed
+    stale = [m for m in TESTED_ELSEWHERE if m not in modules or (TESTS / _module_test(m)).exists()]
+    assert stale == []
+
+
+def test_every_script_has_its_end_to_end_file_and_every_test_file_its_subject():
+    scripts = {p.relative_to(ROOT).as_posix() for p in (ROOT / "train").glob("*.py")} | {"app.py"}
+    assert sorted(SCRIPT_TESTS) == sorted(scripts)
+    package = ROOT / "dashdiff"
+    subjects = {_module_test(p.relative_to(package).as_posix()) for p in package.rglob("*.py")}
+    subjects |= set(SCRIPT_TESTS.values()) | set(ACROSS)
+    files = {p.name for p in TESTS.glob("test_*.py")}
+    assert sorted(set(SCRIPT_TESTS.values()) - files) == [] and sorted(set(ACROSS) - files) == []
+    assert sorted(files - subjects) == []  # a test file named after no module, script or listed concern
+
+
+def test_tests_root_holds_only_test_files():
+    entries = [p for p in TESTS.iterdir() if not p.name.startswith((".", "__pycache__"))]
+    stray = [p.name for p in entries if p.is_file() and not (p.name.startswith("test_") and p.suffix == ".py")
+             and p.name not in ROOT_EXTRAS]
+    assert stray == []  # helper modules and launched scripts live in tests/scripts/
+    assert sorted(p.name for p in entries if p.is_dir()) == ["fixtures", "scripts"]
+    assert not list((TESTS / "scripts").glob("test_*.py"))  # pytest would collect them

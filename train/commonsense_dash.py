@@ -732,7 +732,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     The output folder is locked for the run (released at the end, also on error)."""
     from dashdiff import training as T
 
-    with T.RunGuard() as guard:
+    with T.RunGuard(run_flags.CLI_FLAGS) as guard:
         return _main(args, guard)
 
 
@@ -752,10 +752,10 @@ def _main(args: argparse.Namespace, guard: Any) -> dict[str, Any]:
     # file or a refused resume leaves the folder as it was.
     guard.acquire(accelerator, out)
     fingerprint = T.args_fingerprint(trajectory_settings(args))
-    resume = T.resolve_resume(out, args.resume_from_checkpoint)
+    resume = T.resolve_resume(out, args.resume_from_checkpoint, run_flags.CLI_FLAGS)
     restart = T.restarts_in_place(out, args.resume_from_checkpoint, resume, fingerprint)
     T.check_output_dir(out, fingerprint, args.resume_from_checkpoint if resume or restart else None,
-                       args.overwrite_output_dir)
+                       args.overwrite_output_dir, run_flags.CLI_FLAGS)
     if resume is not None:
         check_resume(resume, fingerprint, args)
     V.check_output_dir_writable(out)
@@ -785,7 +785,7 @@ def _main(args: argparse.Namespace, guard: Any) -> dict[str, Any]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     accelerator.wait_for_everyone()  # every process has checked everything before rank 0 deletes
     if accelerator.is_main_process and args.overwrite_output_dir and resume is None:
-        T.clear_for_overwrite(out)
+        T.clear_for_overwrite(out, run_flags.CLI_FLAGS)
 
     record = {
         "script": "train/commonsense_dash.py", "fingerprint": fingerprint, "args": T.run_arguments(args),
@@ -797,7 +797,8 @@ def _main(args: argparse.Namespace, guard: Any) -> dict[str, Any]:
     }
     run = Run(accelerator=accelerator, out=out, fingerprint=fingerprint, method=kind,
               log=T.StepLog(out / T.STEP_LOG, enabled=accelerator.is_main_process), record=record, resume=resume,
-              restart=restart, total_limit=args.checkpoints_total_limit, advice=run_flags.nan_advice, args=args,
+              restart=restart, total_limit=args.checkpoints_total_limit, advice=run_flags.nan_advice,
+              flags=run_flags.CLI_FLAGS, args=args,
               pad_id=tokenizer.pad_token_id)
     if resume is None:
         run.commit()  # else once the checkpoint has been loaded: a failed resume changes nothing

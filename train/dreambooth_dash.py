@@ -1541,7 +1541,7 @@ def main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], None
     process at 'launch' (LoRA-Dash, right after the launch), 'search_end' (AutoLoRA, ranks chosen)
     and 'end' (after training, before export), with ``info["host"]`` the adapted components.
     The output folder is locked for the run (released at the end, also on error)."""
-    with T.RunGuard() as guard:
+    with T.RunGuard(run_flags.CLI_FLAGS) as guard:
         return _main(args, on_event, guard)
 
 
@@ -1567,12 +1567,12 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
     # ---- everything that can refuse the run, before anything is written (but the lock)
     guard.acquire(accelerator, output_dir)
     fingerprint = T.args_fingerprint(args)
-    resume = T.resolve_resume(output_dir, args.resume_from_checkpoint)
+    resume = T.resolve_resume(output_dir, args.resume_from_checkpoint, run_flags.CLI_FLAGS)
     if args.resume_from_checkpoint == "latest" and resume is None:
         logger.info("--resume_from_checkpoint latest: no checkpoint in %s, starting a new run", output_dir)
     restart = T.restarts_in_place(output_dir, args.resume_from_checkpoint, resume, fingerprint)
     T.check_output_dir(output_dir, fingerprint, args.resume_from_checkpoint if resume or restart else None,
-                       args.overwrite_output_dir)
+                       args.overwrite_output_dir, run_flags.CLI_FLAGS)
     unique_items, split = check_inputs(args, resume)
     models = load_models(args, family, model_path, torch.float32)
     check_lora_layers(models.unet, args.lora_layers)
@@ -1580,13 +1580,13 @@ def _main(args: argparse.Namespace, on_event: Optional[Callable[[str, dict], Non
 
     if accelerator.is_main_process:
         if args.overwrite_output_dir:
-            T.clear_for_overwrite(output_dir)
+            T.clear_for_overwrite(output_dir, run_flags.CLI_FLAGS)
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     run = Run(accelerator=accelerator, out=output_dir, fingerprint=fingerprint, method=args.method,
               log=T.StepLog(output_dir / T.STEP_LOG, enabled=accelerator.is_main_process), resume=resume,
               restart=restart, total_limit=args.checkpoints_total_limit, advice=run_flags.nan_advice,
-              log_events=False,  # this script's step log holds optimizer steps only
+              flags=run_flags.CLI_FLAGS, log_events=False,  # this script's step log holds optimizer steps only
               last_checkpoint=resume.path if resume else None, args=args, family=family, model_path=model_path,
               models=models, weight_dtype=T.mixed_precision_dtype(accelerator), on_event=on_event)
     run.record = run_record(run, unique_items, split)

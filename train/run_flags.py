@@ -18,8 +18,14 @@ import argparse
 from typing import Any, Optional, Sequence
 
 from dashdiff.autolora.search import DEFAULT_BETA_LR, DEFAULT_VAL_FRACTION
+from dashdiff.training import FlagNames
 
 METHODS = ("lora", "dash", "autolora")
+
+# How both scripts spell the settings that the run lifecycle's messages name (dashdiff.training
+# words them neutrally unless told): every refusal names the flag the user typed.
+CLI_FLAGS = FlagNames(output_dir="--output_dir", resume="--resume_from_checkpoint",
+                      overwrite="--overwrite_output_dir", total_limit="--checkpoints_total_limit")
 HYPERGRADIENTS = ("darts", "first_order", "darts_unrolled")
 
 # Options of one --method (refused with another one: input_rules.method_option_errors).

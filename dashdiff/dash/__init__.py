@@ -6,7 +6,7 @@
 - ``selection``: the launch math (float64 spectrum of ``W0``, change rates, top-s directions)
 - ``lifecycle``: counting optimizer steps, launching (also across processes), reading the selection
 - ``prefetch``: the launch's eigendecompositions computed in the background before launch
-- ``report``: what a launch selected, one record per layer (drawn by ``dashdiff.inspect_plots``)
+- ``report``: what a launch selected, one record per layer, and its two figures
 
 Submodules load on first use (``import dashdiff`` stays light, and the layer can import the kernel
 without the lifecycle, which imports the layer).
@@ -32,6 +32,8 @@ _EXPORTS = {
     "FusedDashLinear": "kernel",
     "DashLayerInfo": "report",
     "dash_layers": "report",
+    "dash_overview_figure": "report",
+    "dash_layer_figure": "report",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,7 +1,8 @@
 """Training-loop support shared by dashdiff's training scripts (DreamBooth, commonsense).
 
 What lives here is the part of a run that must behave the same everywhere and that is easy to get
-subtly wrong, with no command-line wording of its own:
+subtly wrong, with no command-line wording of its own (the scripts pass their flag spellings in:
+:class:`FlagNames`):
 
 - ``run.py``: the :class:`Run` lifecycle (commit after resume, loss guard, checkpoints, the
   per-optimizer-step LoRA-Dash hook with its cross-process check, why a run stopped);
@@ -16,7 +17,7 @@ subtly wrong, with no command-line wording of its own:
 from ..ops import fused_adamw_ok  # noqa: F401  (the optimizer choice of both scripts and of BilevelStep)
 from .records import (  # noqa: F401
     ADAPTER_STATE, args_fingerprint, CHECKPOINT_STATE, CheckpointWriteError, default_dash_warmup_steps,
-    FINGERPRINT_IGNORES, LOCK_FILE, mark_stopped, NonFiniteLossError, PathLike,
+    FINGERPRINT_IGNORES, FlagNames, LOCK_FILE, NEUTRAL_FLAGS, mark_stopped, NonFiniteLossError, PathLike,
     read_run_record, run_arguments, RUN_RECORD, step_generator, STEP_LOG, step_seed, StepLog, TrainingError,
     WRITE_PROBE_PREFIX, write_run_record,
 )
@@ -39,8 +40,9 @@ from .run import (  # noqa: F401
 
 __all__ = [
     "ADAPTER_STATE", "Advice", "CHECKPOINT_STATE", "Checkpoint", "CheckpointWriteError", "EXTRA_STATE",
-    "FINGERPRINT_IGNORES", "LOCK_FILE", "MODEL_CARD_TAG", "NonFiniteLossError", "OutputLock", "PathLike",
-    "RUN_RECORD", "Run", "RunGuard", "STEP_LOG", "StepLog", "TrainingError", "WRITE_PROBE_PREFIX",
+    "FINGERPRINT_IGNORES", "FlagNames", "LOCK_FILE", "MODEL_CARD_TAG", "NEUTRAL_FLAGS", "NonFiniteLossError",
+    "OutputLock", "PathLike", "RUN_RECORD", "Run", "RunGuard", "STEP_LOG", "StepLog", "TrainingError",
+    "WRITE_PROBE_PREFIX",
     "args_fingerprint", "check_finite_loss", "check_output_dir", "checkpoint_name", "checkpoint_problem",
     "clean_stale_temporaries", "clear_for_overwrite", "dash_optimizer_step", "ddp_kwargs_handlers",
     "default_dash_warmup_steps", "directions_digest", "fused_adamw_ok", "list_checkpoints", "log_position",

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 from ..safeio import write_json
-from .records import (PathLike, ADAPTER_STATE, CHECKPOINT_STATE, CheckpointWriteError, TrainingError, _jsonable, logger,
-                      read_run_record)
+from .records import (NEUTRAL_FLAGS, PathLike, ADAPTER_STATE, CHECKPOINT_STATE, CheckpointWriteError, FlagNames,
+                      TrainingError, _jsonable, logger, read_run_record)
 
 # --------------------------------------------------------------------------- checkpoints
 
@@ -96,10 +96,12 @@ def list_checkpoints(output_dir: PathLike, complete: Optional[bool] = None) -> l
     return sorted(found, key=lambda c: c.order)
 
 
-def resolve_resume(output_dir: PathLike, value: Optional[str]) -> Optional[Checkpoint]:
-    """The checkpoint ``--resume_from_checkpoint`` names: ``latest`` (the newest *complete* one,
+def resolve_resume(output_dir: PathLike, value: Optional[str], flags: FlagNames = NEUTRAL_FLAGS
+                   ) -> Optional[Checkpoint]:
+    """The checkpoint the resume setting ``value`` names: ``latest`` (the newest *complete* one,
     None if the folder has none, as in diffusers: training starts fresh; incomplete ones are skipped
-    with one log line), a path, or a folder name inside ``output_dir`` (refused if incomplete)."""
+    with one log line), a path, or a folder name inside ``output_dir`` (refused if incomplete).
+    Messages name the setting as ``flags.resume``."""
     if not value:
         return None
     if value == "latest":
@@ -109,7 +111,7 @@ def resolve_resume(output_dir: PathLike, value: Optional[str]) -> Optional[Check
         skipped = [c for c in skipped if newest is None or c.order > newest.order]
         if skipped:
             logger.warning(
-                "--resume_from_checkpoint latest: skipping incomplete %s (%s); resuming from %s",
+                "%s latest: skipping incomplete %s (%s); resuming from %s", flags.resume,
                 ", ".join(c.path.name for c in skipped), checkpoint_problem(skipped[-1].path),
                 newest.path.name if newest else "nothing (a fresh start)")
         return newest
@@ -118,27 +120,27 @@ def resolve_resume(output_dir: PathLike, value: Optional[str]) -> Optional[Check
             ckpt = parse_checkpoint(candidate)
             if ckpt is None:
                 raise TrainingError(
-                    f"--resume_from_checkpoint {value}: {candidate} is not named checkpoint-<step> or "
+                    f"{flags.resume} {value}: {candidate} is not named checkpoint-<step> or "
                     "checkpoint-search-<step>; pass a folder the script wrote, or 'latest'"
                 )
             problem = checkpoint_problem(candidate)
             if problem is not None:
                 good = ", ".join(c.path.name for c in list_checkpoints(candidate.parent, complete=True)) or "none"
                 raise TrainingError(
-                    f"--resume_from_checkpoint {value}: {candidate} is not a complete dashdiff checkpoint: {problem}. "
+                    f"{flags.resume} {value}: {candidate} is not a complete dashdiff checkpoint: {problem}. "
                     f"Resume from a complete one (in that folder: {good}) or pass 'latest'."
                 )
             return Checkpoint(path=candidate.resolve(), phase=ckpt.phase, step=ckpt.step)
     names = ", ".join(c.path.name for c in list_checkpoints(output_dir)) or "none"
     raise TrainingError(
-        f"--resume_from_checkpoint {value}: no such checkpoint (checkpoints in {output_dir}: {names}); "
+        f"{flags.resume} {value}: no such checkpoint (checkpoints in {output_dir}: {names}); "
         "pass one of them or 'latest'"
     )
 
 
 def restarts_in_place(output_dir: PathLike, value: Optional[str], resume: Optional[Checkpoint],
                       fingerprint: str) -> bool:
-    """``--resume_from_checkpoint latest`` found no complete checkpoint in a folder that holds this
+    """Resuming from ``latest`` found no complete checkpoint in a folder that holds this
     same run (interrupted before its first checkpoint was complete): it starts over there, as
     diffusers' ``latest`` does, and the old step log is replaced (an auto-restart loop recovers)."""
     if value != "latest" or resume is not None:
@@ -224,7 +226,7 @@ _DISK_FULL_SIGNS = ("No space left", "ENOSPC", "StorageFull", "file write failed
 
 def save_checkpoint(accelerator, output_dir: PathLike, phase: str, step: int, info: Mapping[str, Any],
                     total_limit: Optional[int] = None,
-                    write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+                    write_extra: Optional[Callable[[Path], None]] = None, flags: FlagNames = NEUTRAL_FLAGS) -> Path:
     """Write ``checkpoint-<step>`` (``checkpoint-search-<step>``) so that it exists only complete.
 
     Every process writes ``accelerator.save_state`` into ``.<name>.tmp``; the main process adds
@@ -232,7 +234,8 @@ def save_checkpoint(accelerator, output_dir: PathLike, phase: str, step: int, in
     last), syncs the files to disk and renames the folder into place; only then are older
     checkpoints pruned to ``total_limit``. A failure on any process (e.g. a full disk) removes the
     temporary folder on all and raises ``CheckpointWriteError``: earlier checkpoints stay usable.
-    Call on every process. Returns the checkpoint's path."""
+    Call on every process. Returns the checkpoint's path; messages name the settings as ``flags`` spells
+    them."""
     root = Path(output_dir)
     name = checkpoint_name(phase, step)
     final, tmp = root / name, root / f".{name}.tmp"
@@ -274,13 +277,13 @@ def save_checkpoint(accelerator, output_dir: PathLike, phase: str, step: int, in
             f"could not write checkpoint {final}: {'the disk is full' if full else errors[0]}. The partial "
             f"checkpoint was removed; earlier checkpoints are intact ({', '.join(previous) or 'none'}). "
             + ("Free some space, then " if full else "Fix that, then ")
-            + "resume with --resume_from_checkpoint latest."
+            + f"resume with {flags.resume} latest."
         ) from error
     if main:
         removed = prune_checkpoints(root, total_limit, keep_free=0, keep=[final])
         if removed:
-            logger.info("removed old checkpoint(s) %s (--checkpoints_total_limit %s)",
-                        ", ".join(p.name for p in removed), total_limit)
+            logger.info("removed old checkpoint(s) %s (%s %s)",
+                        ", ".join(p.name for p in removed), flags.total_limit, total_limit)
     accelerator.wait_for_everyone()
     return final
 

@@ -13,24 +13,26 @@ from typing import Any, Optional
 
 from ..safeio import atomic_write
 from .checkpoints import clean_stale_temporaries, list_checkpoints
-from .records import (PathLike, LOCK_FILE, RUN_RECORD, STEP_LOG, WRITE_PROBE_PREFIX, TrainingError, logger,
-                      read_run_record)
+from .records import (NEUTRAL_FLAGS, PathLike, LOCK_FILE, RUN_RECORD, STEP_LOG, WRITE_PROBE_PREFIX, FlagNames,
+                      TrainingError, logger, read_run_record)
 
 # --------------------------------------------------------------------------- output folder guard
 
 
-def check_output_dir(output_dir: PathLike, fingerprint: str, resume: Optional[str], overwrite: bool) -> None:
+def check_output_dir(output_dir: PathLike, fingerprint: str, resume: Optional[str], overwrite: bool,
+                     flags: FlagNames = NEUTRAL_FLAGS) -> None:
     """Refuse to start in a folder that already holds a run, unless asked to resume or overwrite.
 
     Allowed: a missing or empty folder (the output lock does not count); any folder with ``resume``
     set (continuing is explicit); any folder with ``overwrite``. Otherwise the message says whose
-    files are there and what to pass. Nothing is written or removed here.
+    files are there and what to pass (the settings as ``flags`` spells them). Nothing is written or
+    removed here.
     """
     root = Path(output_dir)
     if resume or overwrite or not root.exists():
         return
     if not root.is_dir():
-        raise TrainingError(f"--output_dir {root} exists and is a file, not a folder")
+        raise TrainingError(f"{flags.output_dir} {root} exists and is a file, not a folder")
     # The lock, and another process's writability probe (train/input_rules.check_output_dir_writable: under
     # DDP one rank may probe while another checks here) are not contents.
     entries = sorted(p.name for p in root.iterdir()
@@ -42,23 +44,23 @@ def check_output_dir(output_dir: PathLike, fingerprint: str, resume: Optional[st
     if record is None:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise TrainingError(
-            f"--output_dir {root} is not empty ({shown}) and holds no run record of this script: refusing to "
-            "write into it. Pick an empty folder, or pass --overwrite_output_dir to write over it."
+            f"{flags.output_dir} {root} is not empty ({shown}) and holds no run record of this script: refusing "
+            f"to write into it. Pick an empty folder, or pass {flags.overwrite} to write over it."
         )
     if record.get("fingerprint") == fingerprint:
         hint = (
-            f"pass --resume_from_checkpoint latest to continue it (checkpoints: {', '.join(ckpts)}), "
+            f"pass {flags.resume} latest to continue it (checkpoints: {', '.join(ckpts)}), "
             if ckpts
             else ""
         )
         raise TrainingError(
-            f"--output_dir {root} already holds a run with the same arguments (hash {fingerprint}): {hint}"
-            "pass --overwrite_output_dir to start it again from scratch, or pick another folder."
+            f"{flags.output_dir} {root} already holds a run with the same arguments (hash {fingerprint}): {hint}"
+            f"pass {flags.overwrite} to start it again from scratch, or pick another folder."
         )
     raise TrainingError(
-        f"--output_dir {root} holds another run's files (arguments hash {record.get('fingerprint')}, this run "
-        f"{fingerprint}; method {_recorded_method(record)!r}). Pick another folder, pass "
-        "--resume_from_checkpoint to continue that run, or --overwrite_output_dir to replace it."
+        f"{flags.output_dir} {root} holds another run's files (arguments hash {record.get('fingerprint')}, this "
+        f"run {fingerprint}; method {_recorded_method(record)!r}). Pick another folder, pass "
+        f"{flags.resume} to continue that run, or {flags.overwrite} to replace it."
     )
 
 
@@ -68,8 +70,8 @@ def _recorded_method(record: dict) -> object:
     return args.get("method", args.get("adapter_name"))
 
 
-def clear_for_overwrite(output_dir: PathLike) -> list[Path]:
-    """With ``--overwrite_output_dir``: remove the previous run's checkpoints, step log and run
+def clear_for_overwrite(output_dir: PathLike, flags: FlagNames = NEUTRAL_FLAGS) -> list[Path]:
+    """When overwriting (``flags.overwrite``): remove the previous run's checkpoints, step log and run
     record, which would otherwise mix with this run's (``latest``, pruning, loss history). Call it
     only once every input has been checked. Checkpoint-named folders without a dashdiff marker are
     kept (they may not be dashdiff's: one log line names them); other files are left alone and
@@ -82,8 +84,9 @@ def clear_for_overwrite(output_dir: PathLike) -> list[Path]:
         removed.append(ckpt.path)
     kept = list_checkpoints(root, complete=False)
     if kept:
-        logger.warning("--overwrite_output_dir: kept %s in %s: no dashdiff marker, so not known to be dashdiff's "
-                       "(delete it yourself if it is not needed)", ", ".join(c.path.name for c in kept), root)
+        logger.warning("%s: kept %s in %s: no dashdiff marker, so not known to be dashdiff's "
+                       "(delete it yourself if it is not needed)", flags.overwrite,
+                       ", ".join(c.path.name for c in kept), root)
     for name in (STEP_LOG, RUN_RECORD):
         if (root / name).exists():
             (root / name).unlink()
@@ -143,10 +146,12 @@ class OutputLock:
     (written under a temporary name, then hard-linked: the link fails if the lock exists). A lock
     whose process is gone from this host is reported and replaced; one from a live process or
     another host is refused with a message naming it. ``release`` removes it (only if still
-    ours) and the output folder too if this lock created it and it stayed empty."""
+    ours) and the output folder too if this lock created it and it stayed empty. Messages name the
+    output folder's setting as ``flags.output_dir``."""
 
-    def __init__(self, output_dir: PathLike) -> None:
+    def __init__(self, output_dir: PathLike, flags: FlagNames = NEUTRAL_FLAGS) -> None:
         self.root = Path(output_dir)
+        self.flags = flags
         self.path = self.root / LOCK_FILE
         self.held = False
         self._created_root = False
@@ -154,7 +159,7 @@ class OutputLock:
 
     def acquire(self) -> "OutputLock":
         if self.root.exists() and not self.root.is_dir():
-            raise TrainingError(f"--output_dir {self.root} exists and is a file, not a folder")
+            raise TrainingError(f"{self.flags.output_dir} {self.root} exists and is a file, not a folder")
         if not self.root.exists():
             self.root.mkdir(parents=True)
             self._created_root = True
@@ -186,15 +191,15 @@ class OutputLock:
             owner = json.loads(text)
             pid, host = int(owner["pid"]), str(owner["host"])
         except (ValueError, KeyError, TypeError):
-            raise TrainingError(f"{self.path} exists but is not a dashdiff lock; if no run is using --output_dir "
-                                f"{self.root}, delete that file") from None
+            raise TrainingError(f"{self.path} exists but is not a dashdiff lock; if no run is using "
+                                f"{self.flags.output_dir} {self.root}, delete that file") from None
         if host != socket.gethostname():
             raise TrainingError(
-                f"--output_dir {self.root} is in use by a run on host {host} (pid {pid}, since {owner.get('since')}); "
-                f"pick another folder, or if that run is over, delete {self.path}")
+                f"{self.flags.output_dir} {self.root} is in use by a run on host {host} (pid {pid}, since "
+                f"{owner.get('since')}); pick another folder, or if that run is over, delete {self.path}")
         if _pid_alive(pid, owner.get("start")):
             raise TrainingError(
-                f"--output_dir {self.root} is in use by another run (pid {pid} on this host, since "
+                f"{self.flags.output_dir} {self.root} is in use by another run (pid {pid} on this host, since "
                 f"{owner.get('since')}): wait for it to end or pick another folder (lock: {self.path})")
         # Stale: move it away under a name of our own, check we moved the stale one (not a lock a
         # racing run has just taken), then retry.
@@ -205,7 +210,7 @@ class OutputLock:
             return
         if aside.read_text(encoding="utf-8") != text:
             os.rename(aside, self.path)
-            raise TrainingError(f"--output_dir {self.root}: another run took the lock {self.path} just now")
+            raise TrainingError(f"{self.flags.output_dir} {self.root}: another run took the lock {self.path} just now")
         aside.unlink()
         logger.warning("replaced a stale lock in %s: its run (pid %d on this host, since %s) is no longer running",
                        self.root, pid, owner.get("since"))
@@ -230,21 +235,23 @@ class RunGuard:
     """Holds a run's output lock for the duration of a ``with`` block (released on error too).
 
     ``acquire(accelerator, output_dir)``: the main process takes the lock and removes leftover
-    unfinished checkpoint folders; every process gets its outcome, so a refusal stops all."""
+    unfinished checkpoint folders; every process gets its outcome, so a refusal stops all. Messages
+    name the output folder's setting as ``flags.output_dir``."""
 
-    def __init__(self) -> None:
+    def __init__(self, flags: FlagNames = NEUTRAL_FLAGS) -> None:
         self.lock: Optional[OutputLock] = None
+        self.flags = flags
 
     def acquire(self, accelerator, output_dir: PathLike) -> None:
         message = None
         if accelerator.is_main_process:
             try:
-                self.lock = OutputLock(output_dir).acquire()
+                self.lock = OutputLock(output_dir, self.flags).acquire()
                 clean_stale_temporaries(output_dir)
             except TrainingError as err:
                 message = str(err)
             except OSError as err:
-                message = f"--output_dir {output_dir}: cannot write there ({err})"
+                message = f"{self.flags.output_dir} {output_dir}: cannot write there ({err})"
         if accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 from argparse import Namespace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
@@ -47,6 +48,21 @@ FINGERPRINT_IGNORES: frozenset[str] = frozenset(
         "num_validation_inference_steps",
     }
 )
+
+
+@dataclass(frozen=True)
+class FlagNames:
+    """How the caller names the settings that the lifecycle's messages ask the user to change. The
+    library's default is neutral (the settings' names); a command-line script passes its spellings
+    (train/run_flags.py's ``CLI_FLAGS``), so a refusal names the flag the user typed."""
+
+    output_dir: str = "output_dir"
+    resume: str = "resume_from_checkpoint"
+    overwrite: str = "overwrite_output_dir"
+    total_limit: str = "checkpoints_total_limit"
+
+
+NEUTRAL_FLAGS = FlagNames()
 
 
 class TrainingError(ValueError):

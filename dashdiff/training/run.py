@@ -28,7 +28,8 @@ import torch
 from ..safeio import atomic_write
 from .checkpoints import Checkpoint, read_checkpoint_info, save_checkpoint
 from .guard import Advice, reduced_loss
-from .records import CheckpointWriteError, NonFiniteLossError, StepLog, mark_stopped, write_run_record
+from .records import (NEUTRAL_FLAGS, CheckpointWriteError, FlagNames, NonFiniteLossError, StepLog, mark_stopped,
+                      write_run_record)
 
 logger = logging.getLogger("dashdiff.training")
 
@@ -125,6 +126,7 @@ class Run:
     restart: bool = False  # restarts in place a run interrupted before its first checkpoint
     total_limit: Optional[int] = None  # checkpoints kept
     advice: Optional[Advice] = None  # the NaN message's advice (the script names its flags)
+    flags: FlagNames = NEUTRAL_FLAGS  # how the script spells the settings its messages name
     log_events: bool = True  # events (resume, checkpoint, launch) in the step log besides the steps
     last_checkpoint: Optional[Path] = None
     committed: bool = False
@@ -184,7 +186,7 @@ class Run:
         path = save_checkpoint(self.accelerator, self.out, phase, step,
                                {"method": self.method, "fingerprint": self.fingerprint, "num_processes": self.world,
                                 **found, **(info or {})},
-                               self.total_limit, write_extra if stateful else None)
+                               self.total_limit, write_extra if stateful else None, self.flags)
         self.last_checkpoint = path
         logger.info("saved %s", path)
         if self.log_events:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "scripts"))
 from launch_utils import load_script  # noqa: E402
 
 cs = load_script(ROOT / "train" / "commonsense_dash.py")

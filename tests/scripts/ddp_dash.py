@@ -1,4 +1,4 @@
-"""Two-process LoRA-Dash run (launched by tests/test_dash_ddp.py): each rank sees different data;
+"""Two-process LoRA-Dash run (launched by tests/test_dash_lifecycle.py): each rank sees different data;
 dumps the launched directions (read right after launch, before the next forward) and δ."""
 
 import gc

@@ -1,12 +1,11 @@
-"""AutoLoRA search: hypergradients against exact autograd, roll-back, exception safety,
-accelerate (mixed precision, accumulation, two processes), split, retrain config, rank report,
-and the search -> retrain -> export path on a tiny UNet and a tiny Llama."""
+"""dashdiff.autolora.search: hypergradients against exact autograd, roll-back, exception safety, accelerate
+(mixed precision, accumulation, two processes), split, retrain config, and the search -> retrain ->
+export path on a tiny UNet and a tiny Llama."""
 
 from __future__ import annotations
 
 import copy
 import json
-import sys
 
 import pytest
 import torch
@@ -16,42 +15,15 @@ from torch import nn
 from dashdiff import AutoLoraConfig, determine_ranks
 from dashdiff.autolora import BilevelStep, retrain_config, split_indices, split_train_val
 from dashdiff.autolora.ranks import outer_steps
-from dashdiff.autolora.report import INSTALL_HINT, write_rank_report
-
-F64 = torch.float64
-
-
-# The 6 -> 8 -> 8 -> 3 tanh MLP (every Linear gets an AutoLoRA adapter of k = 4), one definition
-# shared with the two-process script.
-from ddp_autolora_script import Net  # noqa: E402
+from dashdiff.autolora.report import write_rank_report
+from autolora_nets import F64, batch, make_net, mse
+from ddp_autolora_script import Net
 
 
 # The finite-difference hypergradient's relative error against exact autograd on this problem:
 # measured 9.4e-7 (float64, ε = 0.01, scaling 1.5; 2026-11-27). The tolerance sits ~10x above it: a
 # finite-difference ε ten times too large (error x100, ~9e-5) fails, as does a missing factor.
 FD_TOL = 1e-5
-
-
-def make_net(dtype=F64, dropout: float = 0.0, seed: int = 0, lora_alpha: int = 6) -> nn.Module:
-    torch.manual_seed(seed)
-    # init_lora_weights=False: A and B both random, so β already matters at step 1. lora_alpha = 6,
-    # r = 4: scaling 1.5, so a missing alpha/r factor anywhere in β's gradient shows.
-    cfg = AutoLoraConfig(r=4, lora_alpha=lora_alpha, target_modules=["fc1", "fc2", "fc3"], init_lora_weights=False,
-                         lora_dropout=dropout)
-    model = inject_adapter_in_model(cfg, Net()).to(dtype)
-    for n, p in model.named_parameters():
-        p.requires_grad_("lora_" in n)
-    return model
-
-
-def batch(seed: int, n: int = 16, dtype=F64) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g, dtype=dtype), torch.randn(n, 3, generator=g, dtype=dtype)
-
-
-def mse(model, b) -> torch.Tensor:
-    x, y = b
-    return ((model(x) - y) ** 2).mean()
 
 
 def flat(ts) -> torch.Tensor:
@@ -74,9 +46,6 @@ def exact_darts(s: BilevelStep, beta0, tb, vb, loss_fn=mse) -> tuple[torch.Tenso
         gw = torch.autograd.grad(loss_fn(net, tb), s.weights, create_graph=True)
         hvp = torch.autograd.grad(sum((a * b).sum() for a, b in zip(gw, v)), s.betas)
     return flat(a - b for a, b in zip(g_beta, hvp)), flat(g_beta)
-
-
-# --------------------------------------------------------------------------- hypergradients
 
 
 def test_darts_and_first_order_match_exact_autograd():
@@ -149,9 +118,6 @@ def test_defaults_counter_and_bad_arguments():
         BilevelStep(make_net(dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="unrolled_xi"):
         BilevelStep(make_net(), unrolled_xi=0.1)
-
-
-# --------------------------------------------------------------------------- roll-back, failures
 
 
 def _opt_state(o) -> dict:
@@ -253,9 +219,6 @@ def test_finite_difference_passes_in_eval_mode_with_one_rng_state():
     assert modes == [True, True, False, False]  # inner, val, FD+, FD-
     assert draws[2] == draws[3] and draws[1] != draws[2]
     assert all(m.training for m in model.modules())
-
-
-# --------------------------------------------------------------------------- accelerate in-process
 
 
 @pytest.fixture
@@ -360,55 +323,6 @@ def test_batched_finite_differences_equal_the_two_pass_ones():
         s.step(batch(1, n=16), batch(2), mse)
 
 
-@pytest.mark.parametrize("x_dtype", [F64, torch.float32])
-def test_paired_function_on_token_batches_and_mixed_dtypes(x_dtype):
-    """PairedAutoLoraLinear on a (2n, tokens, in) batch: copy i goes through scaling·B_i diag(softmax β) A_i,
-    x gets its gradient and β the gradient of copy + minus that of copy − (written out here); with
-    float32 activations and float64 factors the output is float32 (the factors are cast)."""
-    from dashdiff.autolora.kernel import PairedAutoLoraLinear
-
-    g = torch.Generator().manual_seed(0)
-    k, n_in, n_out, scaling = 4, 6, 5, 1.5
-    x = torch.randn(4, 3, n_in, generator=g, dtype=F64)
-    a2, b2 = torch.randn(2, k, n_in, generator=g, dtype=F64), torch.randn(2, n_out, k, generator=g, dtype=F64)
-    beta = torch.randn(k, generator=g, dtype=F64).requires_grad_()
-    gy = torch.randn(4, 3, n_out, generator=g, dtype=F64)
-    xin = x.to(x_dtype).requires_grad_()
-    y = PairedAutoLoraLinear.apply(xin, beta, a2, b2, scaling)
-    assert y.dtype == x_dtype and y.shape == (4, 3, n_out)
-    gx, gb = torch.autograd.grad(y, (xin, beta), gy.to(x_dtype))
-
-    xr = x.clone().requires_grad_()
-    alpha = torch.softmax(beta, 0)
-    copies = [scaling * xr[2 * i:2 * i + 2] @ a2[i].t() @ (b2[i] * alpha).t() for i in (0, 1)]
-    want_y = torch.cat(copies)
-    want_gx, = torch.autograd.grad(want_y, xr, gy, retain_graph=True)
-    want_gb, = torch.autograd.grad((copies[0] * gy[:2]).sum() - (copies[1] * gy[2:]).sum(), beta)
-    tol = dict(rtol=1e-12, atol=1e-12) if x_dtype == F64 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y.double(), want_y, **tol)
-    torch.testing.assert_close(gx.double(), want_gx, **tol)
-    torch.testing.assert_close(gb, want_gb, **tol)
-    # a frozen β (no gradient wanted): x still gets its gradient, and β none
-    y2 = PairedAutoLoraLinear.apply(xin, beta.detach(), a2, b2, scaling)
-    (gx2,) = torch.autograd.grad(y2, xin, gy.to(x_dtype))
-    torch.testing.assert_close(gx2.double(), want_gx, **tol)
-
-
-def test_autolora_reference_casts_to_the_activations_dtype():
-    """The plain-ops reference (double backward) with float32 activations and float64 factors: computed
-    in float32, equal to the float64 product to float32 rounding."""
-    from dashdiff.autolora.kernel import autolora_reference
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 6, generator=g, dtype=F64)
-    a, b, beta = (torch.randn(4, 6, generator=g, dtype=F64), torch.randn(5, 4, generator=g, dtype=F64),
-                  torch.randn(4, generator=g, dtype=F64))
-    y = autolora_reference(x.float(), a, b, beta, 1.5)
-    assert y.dtype == torch.float32
-    want = 1.5 * x @ a.t() @ (b * torch.softmax(beta, 0)).t()
-    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
-
-
 def test_double_batch_and_batched_arguments():
     from collections import namedtuple
 
@@ -457,14 +371,11 @@ def test_fp16_grad_scaler_paths(fresh_accelerate, mode):
     assert all(outer_steps(layer, a) == 2 for _, layer, a in s.layers)
 
 
-# --------------------------------------------------------------------------- two processes
-
-
 def test_two_processes_keep_beta_identical_and_exact(tmp_path):
     from launch_utils import accelerate_launch
 
     out = tmp_path / "ddp.json"
-    accelerate_launch("tests/ddp_autolora_script.py", "--out", str(out), "--steps", "3", processes=2)
+    accelerate_launch("tests/scripts/ddp_autolora_script.py", "--out", str(out), "--steps", "3", processes=2)
     rec = json.loads(out.read_text())
     assert rec["num_processes"] == 2
     r0, r1 = rec["ranks"]
@@ -473,9 +384,6 @@ def test_two_processes_keep_beta_identical_and_exact(tmp_path):
     # against one process on the concatenated batches: the all-reduces of v and g are exact
     assert rec["max_rel_beta_change_vs_init"] > 1e-3
     assert rec["max_abs_diff_vs_single_process"] < 1e-12
-
-
-# --------------------------------------------------------------------------- split
 
 
 def test_split_train_val():
@@ -495,60 +403,6 @@ def test_split_train_val():
         split_train_val([1, 2, 3], val_fraction=1.0)
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         split_train_val([1, 2, 3], val_fraction=0)
-
-
-# --------------------------------------------------------------------------- retrain config, report
-
-
-def test_rank_threshold_within_float32_rounding_of_alpha():
-    """keep_mask's softmax rule is α_j >= λ in float64 (METHODS.md). λ is put strictly between α_0's
-    float64 and float32 values, over a grid of β: α_0 must land on its float64 side every time."""
-    from dashdiff.autolora.ranks import keep_mask
-
-    for dtype in (F64, torch.float32):  # a float32 β (the usual case) too: softmax of it taken in float64
-        layer = make_net(dtype).fc1
-        seen = {True: 0, False: 0}
-        for x in torch.linspace(0.1, 2.0, 200, dtype=F64).tolist():
-            beta = torch.tensor([x, 0.3, -0.2, 0.1], dtype=dtype).to(F64)  # β as the layer holds it
-            a64 = torch.softmax(beta, 0)[0].item()
-            a32 = torch.softmax(beta.float(), 0)[0].item()
-            lam = (a32 + a64) / 2
-            if not min(a32, a64) < lam < max(a32, a64):
-                continue  # float32 got this one exactly (or the two are adjacent doubles)
-            with torch.no_grad():
-                layer.lora_autolora_beta["default"].copy_(beta)
-            want = a64 >= lam
-            assert bool(keep_mask(layer, "default", threshold=lam, rule="softmax")[0]) == want, (dtype, x, a64, a32)
-            seen[want] += 1
-        assert min(seen.values()) >= 10, (dtype, seen)  # both sides of λ were exercised
-
-
-def test_selection_weights_pick_the_named_adapter():
-    """Two AutoLoRA adapters and a LoRA-Dash one on the same layers: selection_weights(model, name) is
-    softmax(β) of that adapter, float64, per layer; a LoRA-Dash name or no name (ambiguous) is refused."""
-    import dashdiff
-    from dashdiff.autolora.ranks import selection_weights
-
-    model = make_net()
-    inject_adapter_in_model(AutoLoraConfig(r=3, lora_alpha=3, target_modules=["fc1", "fc2", "fc3"]), model,
-                            adapter_name="two")
-    inject_adapter_in_model(dashdiff.LoraDashConfig(r=2, target_modules=["fc1", "fc2"], dash_directions=1), model,
-                            adapter_name="dash")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_autolora_beta" in n:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
-    for name, k in (("default", 4), ("two", 3)):
-        got = selection_weights(model, name)
-        assert sorted(got) == ["fc1", "fc2", "fc3"]
-        for layer_name, alpha in got.items():
-            beta = getattr(model, layer_name).lora_autolora_beta[name].detach().double()
-            assert alpha.dtype == torch.float64 and alpha.shape == (k,)
-            torch.testing.assert_close(alpha, torch.softmax(beta, 0), rtol=0, atol=1e-15)
-    for bad in ("dash", None):
-        with pytest.raises(ValueError, match="AutoLoRA adapter"):
-            selection_weights(model, bad)
 
 
 def test_retrain_config_from_ranks_and_from_model():
@@ -586,35 +440,6 @@ def test_rank_pattern_longest_key_first_for_nested_names():
     keys = list(cfg.rank_pattern)
     assert get_pattern_key(keys, "block.layers.0.proj") == "block.layers.0.proj"
     assert get_pattern_key(keys, "layers.0.proj") == "layers.0.proj"
-
-
-def test_rank_report(tmp_path, monkeypatch):
-    model = make_net()
-    s = BilevelStep(model, beta_lr=0.3)
-    for i in range(4):
-        s.step(batch(i), batch(50 + i), mse)
-    ranks = determine_ranks(model)
-    paths = write_rank_report(model, tmp_path / "out")
-    md = open(paths["md"]).read()
-    for name, r in ranks.items():
-        assert f"| `{name}` | 4 | {r} |" in md
-    rec = json.loads(open(paths["json"]).read())
-    assert {l["name"]: l["rank"] for l in rec["layers"]} == ranks and rec["total_rank"] == sum(ranks.values())
-    assert all(sum(l["kept"]) == l["rank"] and abs(sum(l["alpha"]) - 1) < 1e-12 for l in rec["layers"])
-    assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    # the (ranks, alphas) form gives the same table
-    from dashdiff import selection_weights
-
-    paths2 = write_rank_report((ranks, selection_weights(model)), tmp_path / "b", plot=False)
-    assert open(paths2["md"]).read() == md and "png" not in paths2
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(ImportError) as err:
-        write_rank_report(model, tmp_path / "c")
-    assert str(err.value) == INSTALL_HINT and "\n" not in INSTALL_HINT
-    assert not (tmp_path / "c").exists()
-
-
-# --------------------------------------------------------------------------- end to end
 
 
 def _search(model, loss_fn, make_batch, steps: int) -> dict[str, int]:
@@ -752,87 +577,3 @@ def test_zero_validation_gradient_gives_finite_hypergradient():
     g = flat(s.last_hypergradient.values())
     assert torch.isfinite(g).all() and torch.isfinite(flat(s.weights)).all()
     torch.testing.assert_close(g[:4], 2 * torch.ones(4))  # ∂β Σβ² at β = 1; the HVP term is 0
-
-
-def test_keep_mask_rules_boundaries_and_threshold_sources():
-    """keep_mask against the rules worked out by hand (METHODS.md): ``published`` keeps β_j/Σβ >= λ
-    (a ratio exactly at λ is kept; Σβ in (0, 1) is fine; Σβ = 0 is refused), ``softmax`` keeps
-    α_j >= λ; λ is the argument, else the config's autolora_threshold, else 1/k."""
-    import math
-
-    from dashdiff.autolora.ranks import keep_mask
-
-    layer = make_net().fc1  # k = 4: 1/k = 0.25
-
-    def put(beta):
-        with torch.no_grad():
-            layer.lora_autolora_beta["default"].copy_(torch.tensor(beta, dtype=F64))
-
-    put([1.0, 1.0, 2.0, 0.0])  # ratios 0.25, 0.25, 0.5, 0 (exact): the two at λ = 1/k are kept
-    assert keep_mask(layer, "default", rule="published").tolist() == [True, True, True, False]
-    put([0.05, 0.1, 0.3, 0.05])  # Σβ = 0.5: ratios 0.1, 0.2, 0.6, 0.1
-    assert keep_mask(layer, "default", rule="published").tolist() == [False, False, True, False]
-    assert keep_mask(layer, "default", threshold=0.15, rule="published").tolist() == [False, True, True, False]
-    put([0.5, -0.5, 0.25, -0.25])  # Σβ = 0 exactly
-    with pytest.raises(ValueError) as err:
-        keep_mask(layer, "default", rule="published")
-    assert str(err.value) == ("dashdiff: the published rank rule β_j/Σβ is undefined here (Σβ = 0 <= 0); "
-                              "use autolora_rank_rule='softmax'")
-    with pytest.raises(ValueError) as err:
-        keep_mask(layer, "default", rule="nope")
-    assert str(err.value) == "dashdiff: unknown rank rule 'nope' (use 'softmax' or 'published')"
-
-    # the config's threshold (0.2) when none is passed; α = softmax(β) by hand
-    torch.manual_seed(0)
-    cfg = AutoLoraConfig(r=4, lora_alpha=4, target_modules=["fc1"], autolora_threshold=0.2)
-    layer = inject_adapter_in_model(cfg, Net()).fc1
-    beta = [0.0, 0.1, 0.2, 0.9]
-    e = [math.exp(x) for x in beta]
-    alpha = [x / sum(e) for x in e]  # 0.173, 0.191, 0.211, 0.425
-    put(beta)
-    assert keep_mask(layer, "default").tolist() == [a >= 0.2 for a in alpha] == [False, False, True, True]
-    assert keep_mask(layer, "default", threshold=0.25).tolist() == [False, False, False, True]
-
-
-def test_determine_ranks_of_the_named_adapter():
-    """Two AutoLoRA adapters (k = 4, 3) and a LoRA-Dash one on the same layers: determine_ranks(model,
-    threshold, name) counts that adapter's α_j >= λ (α computed by hand here); a LoRA-Dash name or no
-    name (ambiguous) is refused, and so is an adapter whose β was never stepped."""
-    import math
-
-    import dashdiff
-
-    model = make_net()
-    inject_adapter_in_model(AutoLoraConfig(r=3, lora_alpha=3, target_modules=["fc1", "fc2", "fc3"]), model,
-                            adapter_name="two")
-    inject_adapter_in_model(dashdiff.LoraDashConfig(r=2, target_modules=["fc1", "fc2"], dash_directions=1), model,
-                            adapter_name="dash")
-    msg = ("dashdiff: determine_ranks before any AutoLoRA outer (β) step: α is still uniform, so every layer "
-           "would keep its full rank. Run the search first (dashdiff.autolora.BilevelStep).")
-    with pytest.raises(RuntimeError) as err:
-        determine_ranks(model, adapter_name="two")
-    assert str(err.value) == msg
-    betas = {"default": {"fc1": [0.0, 0.5, 1.0, 1.5], "fc2": [2.0, 0.0, 0.0, 0.0], "fc3": [0.3, 0.2, 0.1, 0.0]},
-             "two": {"fc1": [1.0, 0.0, 0.0], "fc2": [0.0, 0.1, 0.2], "fc3": [3.0, 0.0, -1.0]}}
-    with torch.no_grad():
-        for adapter, per_layer in betas.items():
-            for name, beta in per_layer.items():
-                layer = getattr(model, name)
-                layer.lora_autolora_beta[adapter].copy_(torch.tensor(beta))
-                if adapter == "two":  # "default" stays un-stepped
-                    layer.lora_autolora_outer_steps[adapter].fill_(1)
-
-    def want(beta, lam):
-        e = [math.exp(x) for x in beta]
-        return sum(x / sum(e) >= lam for x in e)
-
-    two = betas["two"]
-    assert determine_ranks(model, adapter_name="two") == {n: want(b, 1 / 3) for n, b in two.items()} \
-        == {"fc1": 1, "fc2": 1, "fc3": 1}
-    assert determine_ranks(model, 0.3, "two") == {n: want(b, 0.3) for n, b in two.items()} \
-        == {"fc1": 1, "fc2": 3, "fc3": 1}
-    with pytest.raises(RuntimeError, match="before any AutoLoRA outer"):
-        determine_ranks(model, adapter_name="default")
-    for bad in ("dash", None):
-        with pytest.raises(ValueError, match="AutoLoRA adapter"):
-            determine_ranks(model, adapter_name=bad)

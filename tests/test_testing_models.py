@@ -1,4 +1,5 @@
-"""Tiny offline models: tokenizers as built, pipelines render, resolve_model round-trips."""
+"""dashdiff/testing/models.py, the tiny offline models: tokenizers as built, pipelines render,
+resolve_model round-trips."""
 
 from __future__ import annotations
 

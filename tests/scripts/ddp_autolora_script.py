@@ -1,4 +1,4 @@
-"""Two-process AutoLoRA search (launched by tests/test_autolora.py): each rank sees different
+"""Two-process AutoLoRA search (launched by tests/test_autolora_search.py): each rank sees different
 batches. Rank 0 writes, as JSON: every rank's β and w after the steps, and the largest difference
 from one process running the same steps on the two ranks' batches concatenated."""
 
