@@ -56,15 +56,17 @@ if TYPE_CHECKING:
 
     from dashdiff.inspect_plots import AutoLoraLayerInfo, DashLayerInfo
 
+from dashdiff.files import DIFFUSERS_WEIGHT_NAME, RANK_REPORT_STEM, STATE_FILE_NAME  # noqa: E402 (light: no torch)
+
 log = logging.getLogger("dashdiff.app")
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEMO_DIR = REPO_ROOT / "outputs" / "demo"
-PLAIN_FILE = "pytorch_lora_weights.safetensors"
-STATE_FILE = "dashdiff_adapter.safetensors"
+PLAIN_FILE = DIFFUSERS_WEIGHT_NAME
+STATE_FILE = STATE_FILE_NAME
 # Written by the training script next to a retrained AutoLoRA (a plain LoRA with the found ranks),
 # whose adapter files no longer hold β: the Inspect view reads α and the ranks from it.
-RANK_REPORT = "autolora_ranks.json"
+RANK_REPORT = RANK_REPORT_STEM + ".json"
 INSTALL_HINT = 'app.py needs gradio: pip install "dashdiff[app]"'
 
 # Slots an adapter can occupy, in the order they are shown; "base" renders with adapters off.

@@ -120,6 +120,7 @@ if __package__ in (None, ""):
 import dashdiff  # noqa: E402
 from dashdiff import training as T  # noqa: E402
 from dashdiff.training import Run as RunBase  # noqa: E402
+from dashdiff.files import DIFFUSERS_WEIGHT_NAME  # noqa: E402
 from dashdiff.training import TrainingError  # noqa: E402
 
 import input_rules as V  # noqa: E402  (train/: the input rules and flags both scripts share)
@@ -1522,14 +1523,14 @@ def write_outputs(run: Run, started: float, train_timing: dict[str, Any]) -> Non
         _write_ranks(output_dir, run.ranks, run.alphas, args)
     record.update(status="done", global_step=args.max_train_steps, seconds=round(time.time() - started, 2),
                   train_loop=train_timing, dash_launch=run.launch, autolora_ranks=run.ranks,
-                  lora_weights=str(output_dir / "pytorch_lora_weights.safetensors"))
+                  lora_weights=str(output_dir / DIFFUSERS_WEIGHT_NAME))
     images = []
     if args.validation_prompt:
         images = final_validation(args, run.models, run.model_path, output_dir, run.weight_dtype, run.device)
     record["validation_images"] = images
     T.write_model_card(output_dir, model_card(args, run.family, record, images))  # spares a user's README.md
     T.write_run_record(output_dir, record)
-    logger.info("done: %s (stock-loadable LoRA), %s (full dashdiff state)", output_dir / "pytorch_lora_weights.safetensors",
+    logger.info("done: %s (stock-loadable LoRA), %s (full dashdiff state)", output_dir / DIFFUSERS_WEIGHT_NAME,
                 output_dir / T.ADAPTER_STATE)
 
 
@@ -1653,7 +1654,7 @@ def final_validation(args, models: Models, model_path: str, output_dir: Path, dt
     pipe = DiffusionPipeline.from_pretrained(model_path, revision=args.revision, variant=args.variant,
                                              torch_dtype=dtype, **kw)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.load_lora_weights(str(output_dir), weight_name="pytorch_lora_weights.safetensors")
+    pipe.load_lora_weights(str(output_dir), weight_name=DIFFUSERS_WEIGHT_NAME)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     names = []
