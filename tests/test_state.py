@@ -109,8 +109,11 @@ def test_round_trip_into_model_with_adapter(mid_dash, tmp_path):
     assert header["layers"]["model.layers.0.self_attn.q_proj"] == {"method": "dash", "r": 4, "s": 2, "launched": True}
 
 
-def test_round_trip_pipeline_dash_and_autolora(tmp_path):
-    """Pipeline: LoRA-Dash on the UNet, AutoLoRA on the text encoder, one file, fresh pipeline."""
+@pytest.mark.parametrize("name", [None, "renamed"])
+def test_round_trip_pipeline_dash_and_autolora(tmp_path, name):
+    """Pipeline: LoRA-Dash on the UNet, AutoLoRA on the text encoder, one file, fresh pipeline; under
+    the stored name and renamed (the UNet's add_adapter and the text encoder's injection must both
+    take the new name)."""
     pipe = tiny_sd_pipeline(0)
     pipe.unet.add_adapter(dashdiff.LoraDashConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], dash_directions=2))
     add_te_adapter(pipe.text_encoder, dashdiff.AutoLoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
@@ -128,14 +131,16 @@ def test_round_trip_pipeline_dash_and_autolora(tmp_path):
             layer.lora_dash_delta[a].copy_(torch.randn(2, generator=g))
     path = dashdiff.save_adapter(pipe, tmp_path / "pipe.safetensors")
 
-    fresh = dashdiff.load_adapter(tiny_sd_pipeline(0), path)
+    fresh = dashdiff.load_adapter(tiny_sd_pipeline(0), path, adapter_name=name)
+    adapter = name or "default"
+    assert {a for _, _, _, layer in iter_lora_layers(fresh) for a in layer.lora_A} == {adapter}
     sample, t, ehs = torch.randn(1, 4, 32, 32, generator=g), torch.tensor([5]), torch.randn(1, 77, 32, generator=g)
     with torch.no_grad():
         assert torch.equal(fresh.unet(sample, t, ehs).sample, pipe.unet(sample, t, ehs).sample)
         tokens = torch.tensor([[672, 50, 60, 673]])
         assert torch.equal(fresh.text_encoder(tokens).last_hidden_state, pipe.text_encoder(tokens).last_hidden_state)
     layer = fresh.text_encoder.encoder.layers[0].self_attn.q_proj
-    assert layer.adapter_kind["default"] == "autolora" and int(layer.lora_autolora_outer_steps["default"]) == 5
+    assert layer.adapter_kind[adapter] == "autolora" and int(layer.lora_autolora_outer_steps[adapter]) == 5
     assert dashdiff.determine_ranks(fresh) == dashdiff.determine_ranks(pipe)
     assert all(layer.is_launched(a) for _, layer, a in iter_layers(fresh, "dash"))
 
@@ -271,3 +276,63 @@ def test_split_name_of_a_layer_in_a_file():
     assert _split_name("unet.down.0.proj", pipe) == ("unet", "down.0.proj")
     assert _split_name("text_encoder.layers.1.q_proj", pipe) == ("text_encoder", "layers.1.q_proj")
     assert _split_name("vae.decoder.proj", pipe) == (None, "vae.decoder.proj")
+
+
+# --------------------------------------------------------------------------- a file that does not fit
+
+
+def test_fit_message_names_up_to_ten_modules_on_each_side():
+    """The refusal of a file whose modules differ from the model's: each side that has modules, with
+    its count and at most ten names, " ..." after the tenth; then the hint. The strings are written
+    out by hand (catches a wrong cut-off, a "..." at exactly ten, a lost side, a changed hint)."""
+    from pathlib import Path
+
+    from dashdiff.state import _fit_message
+
+    f = Path("f.safetensors")
+    names = [f"m{i}" for i in range(11)]
+    head = "dashdiff: f.safetensors does not fit this model's adapter 'a'."
+    hint = "Was it trained on another base model or with other target_modules?"
+    ten = "m0, m1, m2, m3, m4, m5, m6, m7, m8, m9"
+    assert _fit_message(f, "a", names[:10], []) == (
+        f"{head} Modules in the file but not adapted in the model (10): {ten}. {hint}")
+    assert _fit_message(f, "a", names, []) == (
+        f"{head} Modules in the file but not adapted in the model (11): {ten} .... {hint}")
+    assert _fit_message(f, "a", [], names[:10]) == (
+        f"{head} Modules adapted in the model but not in the file (10): {ten}. {hint}")
+    assert _fit_message(f, "a", [], names) == (
+        f"{head} Modules adapted in the model but not in the file (11): {ten} .... {hint}")
+    assert _fit_message(f, "a", ["x.q"], ["y.k"]) == (
+        f"{head} Modules in the file but not adapted in the model (1): x.q. "
+        f"Modules adapted in the model but not in the file (1): y.k. {hint}")
+
+
+def test_other_target_modules_are_refused_with_both_lists(tmp_path):
+    """A file for q/v/down_proj into a model adapted on q/k/v_proj: the full message names what the
+    file has and the model lacks (down_proj) and what the model has and the file lacks (k_proj)."""
+    path = dashdiff.save_adapter(get_peft_model(tiny_llama(0), dash_config()), tmp_path / "s.safetensors")
+    other = get_peft_model(tiny_llama(0), dash_config(target_modules=["q_proj", "k_proj", "v_proj"]))
+    with pytest.raises(ValueError) as err:
+        dashdiff.load_adapter(other, path)
+    assert str(err.value) == (
+        f"dashdiff: {path} does not fit this model's adapter 'default'. Modules in the file but not adapted in "
+        "the model (2): model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj. Modules adapted in the model "
+        "but not in the file (2): model.layers.0.self_attn.k_proj, model.layers.1.self_attn.k_proj. Was it trained "
+        "on another base model or with other target_modules?")
+
+
+# --------------------------------------------------------------------------- renaming, and undoing a failed load
+
+
+def test_load_under_another_name_beside_an_existing_adapter(mid_dash, tmp_path):
+    """``adapter_name`` into a PeftModel that has another adapter: PeftModel.add_adapter under the new
+    name, which is then made active (PEFT leaves a new adapter inactive), so the outputs are the
+    file's; the model's own adapter is kept. Into a bare model: injected under the new name."""
+    path = dashdiff.save_adapter(mid_dash, tmp_path / "s.safetensors")
+    target = get_peft_model(tiny_llama(0), dash_config(r=2))
+    assert dashdiff.load_adapter(target, path, adapter_name="second") is target
+    assert target.active_adapter == "second" and sorted(target.peft_config) == ["default", "second"]
+    assert torch.equal(logits(target, IDS), logits(mid_dash, IDS))
+    bare = dashdiff.load_adapter(tiny_llama(0), path, adapter_name="renamed")
+    assert {a for _, _, _, layer in iter_lora_layers(bare) for a in layer.lora_A} == {"renamed"}
+    assert torch.equal(logits(bare, IDS), logits(mid_dash, IDS))
