@@ -336,3 +336,73 @@ def test_load_under_another_name_beside_an_existing_adapter(mid_dash, tmp_path):
     bare = dashdiff.load_adapter(tiny_llama(0), path, adapter_name="renamed")
     assert {a for _, _, _, layer in iter_lora_layers(bare) for a in layer.lora_A} == {"renamed"}
     assert torch.equal(logits(bare, IDS), logits(mid_dash, IDS))
+
+
+def _structure(model) -> list:
+    """What ``_Undo`` promises to put back, module by module: the type, the identities of its
+    children / parameters / buffers, its attribute names (an added or dropped ``peft_config`` shows),
+    the keys of every dict it holds (a LoRA layer's per-adapter dicts, a ParameterDict's own key
+    list), and the PEFT config dict (identity and keys) and diffusers' ``_hf_peft_config_loaded``
+    flag where the module holds them."""
+    out = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        own = vars(m)
+        cfg = own.get("peft_config")
+        out.append((name, type(m).__name__, {k: id(v) for k, v in m._modules.items()},
+                    {k: id(v) for k, v in m._parameters.items()}, {k: id(v) for k, v in m._buffers.items()},
+                    sorted(own), {k: sorted(map(str, v)) for k, v in own.items() if isinstance(v, dict)},
+                    (id(cfg), sorted(cfg)) if isinstance(cfg, dict) else repr(cfg),
+                    repr(own.get("_hf_peft_config_loaded"))))
+    return out
+
+
+def _fail_on_injection(monkeypatch, nth: int) -> None:
+    """Make the ``nth`` injection of a load (1-based) inject, then fail like an out-of-memory."""
+    from dashdiff import state
+
+    real, calls = state._inject, []
+
+    def inject(comp, cfg, adapter):
+        calls.append(adapter)
+        real(comp, cfg, adapter)
+        if len(calls) == nth:
+            raise MemoryError("simulated: out of memory half-way")
+
+    monkeypatch.setattr(state, "_inject", inject)
+
+
+def test_a_failed_injection_beside_an_existing_adapter_is_undone(mid_dash, tmp_path, monkeypatch):
+    """A load under a second name into a PeftModel that fails after PEFT's add_adapter: the LoRA
+    layers' per-adapter dicts (r, scaling, lora_A, ...), the shared peft_config dict and the model's
+    attributes are exactly as before, the original error comes through, and the model still loads
+    the file afterwards."""
+    path = dashdiff.save_adapter(mid_dash, tmp_path / "s.safetensors")
+    target = get_peft_model(tiny_llama(0), dash_config(r=2))
+    before = _structure(target)
+    _fail_on_injection(monkeypatch, 1)
+    with pytest.raises(MemoryError, match="simulated"):
+        dashdiff.load_adapter(target, path, adapter_name="second")
+    assert _structure(target) == before
+    assert sorted(target.peft_config) == ["default"]
+    monkeypatch.undo()
+    dashdiff.load_adapter(target, path, adapter_name="second")
+    assert torch.equal(logits(target, IDS), logits(mid_dash, IDS))
+
+
+def test_a_failed_injection_into_a_pipeline_undoes_every_component(tmp_path, monkeypatch):
+    """A pipeline file (UNet and text encoder) loaded under a new name into a pipeline whose UNet has
+    an adapter already and whose text encoder has none; the second injection fails: both
+    components are put back, the first one's injection included (the UNet's peft_config dict and
+    its ``_hf_peft_config_loaded`` flag, the text encoder's absent peft_config)."""
+    pipe = tiny_sd_pipeline(0)
+    pipe.unet.add_adapter(dashdiff.LoraDashConfig(r=2, lora_alpha=2, target_modules=["to_q"], dash_directions=1))
+    add_te_adapter(pipe.text_encoder, dashdiff.AutoLoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
+    path = dashdiff.save_adapter(pipe, tmp_path / "pipe.safetensors")
+    target = tiny_sd_pipeline(0)
+    target.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k"]), adapter_name="mine")
+    assert vars(target.unet)["_hf_peft_config_loaded"] is True and "peft_config" not in vars(target.text_encoder)
+    before = [_structure(target.unet), _structure(target.text_encoder)]
+    _fail_on_injection(monkeypatch, 2)
+    with pytest.raises(MemoryError, match="simulated"):
+        dashdiff.load_adapter(target, path, adapter_name="loaded")
+    assert [_structure(target.unet), _structure(target.text_encoder)] == before
