@@ -143,6 +143,13 @@ def test_round_trip_pipeline_dash_and_autolora(tmp_path, name):
     assert layer.adapter_kind[adapter] == "autolora" and int(layer.lora_autolora_outer_steps[adapter]) == 5
     assert dashdiff.determine_ranks(fresh) == dashdiff.determine_ranks(pipe)
     assert all(layer.is_launched(a) for _, layer, a in iter_layers(fresh, "dash"))
+    # again into the pipeline that now has the adapter: its layers are found under their component
+    # prefixes and the tensors copied in place
+    with torch.no_grad():
+        for _, _, _, layer in iter_lora_layers(fresh):
+            layer.lora_B[adapter].weight.zero_()
+        assert dashdiff.load_adapter(fresh, path, adapter_name=name) is fresh
+        assert torch.equal(fresh.unet(sample, t, ehs).sample, pipe.unet(sample, t, ehs).sample)
 
 
 def test_round_trip_plain_peft_lora(tmp_path):
@@ -406,3 +413,107 @@ def test_a_failed_injection_into_a_pipeline_undoes_every_component(tmp_path, mon
     with pytest.raises(MemoryError, match="simulated"):
         dashdiff.load_adapter(target, path, adapter_name="loaded")
     assert [_structure(target.unet), _structure(target.text_encoder)] == before
+
+
+# --------------------------------------------------------------------------- refusals, word for word
+
+Q = "model.layers.0.self_attn.q_proj"
+BROKEN = "(a damaged or hand-edited file)"
+SHAPE_FIX = ("this adapter was trained for another base model (or another r / dash_directions). Load it into the "
+             "base model it was trained on, or into a model without this adapter so that it is injected from the "
+             "stored config.")
+
+
+def _edit_layer(key: str, value):
+    def edit(tensors, header):
+        header["layers"][Q][key] = value
+    return edit
+
+
+def _edit_tensor(suffix: str, change):
+    def edit(tensors, header):
+        tensors[f"{Q}.{suffix}"] = change(tensors[f"{Q}.{suffix}"])
+    return edit
+
+
+def _nan(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t[0, 0] = float("nan")
+    return t
+
+
+# name: (edit of the tensors / header, the message after "dashdiff: <file>"); the messages are the
+# behaviour (they tell the user what is wrong and what to do), so they are compared whole
+REFUSALS = {
+    "no_adapter_name": (lambda t, h: h.pop("adapter_name"),
+                        f": the 'dashdiff' header lacks adapter_name, configs or layers {BROKEN}"),
+    "adapter_name_not_text": (lambda t, h: h.__setitem__("adapter_name", 5),
+                              f": the 'dashdiff' header lacks adapter_name, configs or layers {BROKEN}"),
+    "no_configs": (lambda t, h: h.__setitem__("configs", {}),
+                   f": the 'dashdiff' header lacks adapter_name, configs or layers {BROKEN}"),
+    "no_layers": (lambda t, h: h.__setitem__("layers", {}),
+                  f": the 'dashdiff' header lacks adapter_name, configs or layers {BROKEN}"),
+    "invalid_config": (lambda t, h: h["configs"][""]["fields"].__setitem__("dash_directions", -1),
+                       ": the stored config of 'the model' is invalid (ValueError: dash_directions must be >= 1, got -1)"),
+    "r_bool": (_edit_layer("r", True), f": layer '{Q}' in the header has no valid method / r / s "
+                                       "({'method': 'dash', 'r': True, 's': 2, 'launched': False})"),
+    "r_zero": (_edit_layer("r", 0), f": layer '{Q}' in the header has no valid method / r / s "
+                                    "({'method': 'dash', 'r': 0, 's': 2, 'launched': False})"),
+    "unknown_method": (_edit_layer("method", "dora"), f": layer '{Q}' in the header has no valid method / r / s "
+                                                      "({'method': 'dora', 'r': 4, 's': 2, 'launched': False})"),
+    "s_zero": (_edit_layer("s", 0), f": layer '{Q}' in the header has no valid method / r / s "
+                                    "({'method': 'dash', 'r': 4, 's': 0, 'launched': False})"),
+    "pipeline_file": (lambda t, h: h.__setitem__("configs", {"unet": h["configs"][""]}),
+                      " holds an adapter for pipeline component 'unet', but the target has ['(model)']"),
+    "short_A": (_edit_tensor("lora_A.weight", lambda t: t[:3].contiguous()),
+                f": {Q}.lora_A.weight has shape (3, 64) in the file but (4, 64) in the model: {SHAPE_FIX}"),
+    "integer_A": (_edit_tensor("lora_A.weight", lambda t: t.long()),
+                  f": {Q}.lora_A.weight is torch.int64, expected a floating-point tensor {BROKEN}"),
+    "float_counter": (_edit_tensor("lora_dash_step", lambda t: t.float()),
+                      f": {Q}.lora_dash_step is torch.float32, expected a integer tensor {BROKEN}"),
+    "nan_B": (_edit_tensor("lora_B.weight", _nan),
+              f": {Q}.lora_B.weight holds NaN or infinite values: the run that wrote it had diverged; load an "
+              "earlier checkpoint"),
+}
+
+
+@pytest.fixture(scope="module")
+def small_state(tmp_path_factory):
+    """Tensors and header of a LoRA-Dash state (q/v_proj of the tiny Llama, r=4, s=2, not launched)."""
+    path = tmp_path_factory.mktemp("state") / "small.safetensors"
+    model = get_peft_model(tiny_llama(0), dash_config(target_modules=["q_proj", "v_proj"]))
+    dashdiff.save_adapter(model, path)
+    tensors, meta = safeio.read_safetensors(path)
+    return tensors, json.loads(meta[HEADER_KEY])
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusals_name_the_file_and_the_problem_word_for_word(case, small_state, tmp_path):
+    import copy
+
+    edit, tail = REFUSALS[case]
+    tensors, header = dict(small_state[0]), copy.deepcopy(small_state[1])
+    edit(tensors, header)
+    path = tmp_path / f"{case}.safetensors"
+    save_file(tensors, path, {"format": "pt", HEADER_KEY: json.dumps(header)})
+    with pytest.raises(ValueError) as err:
+        dashdiff.load_adapter(tiny_llama(0), path)  # a bare model: the adapter would be injected
+    assert str(err.value) == f"dashdiff: {path}{tail}"
+
+
+def test_a_single_model_file_into_a_pipeline_is_refused(tmp_path):
+    path = dashdiff.save_adapter(get_peft_model(tiny_llama(0), dash_config()), tmp_path / "s.safetensors")
+    with pytest.raises(ValueError) as err:
+        dashdiff.load_adapter(tiny_sd_pipeline(0), path)
+    assert str(err.value) == (f"dashdiff: {path} holds an adapter for a single model, but the target has "
+                              "['unet', 'text_encoder']")
+
+
+def test_rank_one_is_a_valid_rank(tmp_path):
+    """r = 1 is the smallest rank a header may hold (r = 0 is refused above)."""
+    model = get_peft_model(tiny_llama(0), dash_config(r=1))
+    with torch.no_grad():
+        for _, _, _, layer in iter_lora_layers(model):
+            layer.lora_B["default"].weight.normal_(0, 0.05)
+    fresh = dashdiff.load_adapter(tiny_llama(0), dashdiff.save_adapter(model, tmp_path / "r1.safetensors"))
+    assert torch.equal(logits(fresh, IDS), logits(model, IDS))
