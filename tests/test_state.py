@@ -517,3 +517,41 @@ def test_rank_one_is_a_valid_rank(tmp_path):
             layer.lora_B["default"].weight.normal_(0, 0.05)
     fresh = dashdiff.load_adapter(tiny_llama(0), dashdiff.save_adapter(model, tmp_path / "r1.safetensors"))
     assert torch.equal(logits(fresh, IDS), logits(model, IDS))
+
+
+@pytest.mark.parametrize("method", ["lora", "dash"])
+def test_a_model_without_its_peft_config_stores_one_rebuilt_from_the_layers(method, tmp_path):
+    """An injected model whose ``peft_config`` is gone: the stored config is rebuilt from the layers
+    (the first layer's r / alpha, every adapted module, rsLoRA, per-layer ranks and alphas for plain
+    LoRA, the method's own settings for LoRA-Dash), and a fresh model loads it to the same outputs.
+    The expected fields are the ones the adapter was made with, written out."""
+    from peft import inject_adapter_in_model
+
+    names = [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    if method == "lora":
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
+                         alpha_pattern={"v_proj": 6}, use_rslora=True)
+    else:
+        cfg = dash_config(target_modules=["q_proj", "v_proj"], use_rslora=True, dash_directions=3, dash_warmup_steps=5)
+    model = tiny_llama(0)
+    inject_adapter_in_model(cfg, model)
+    del model.peft_config
+    with torch.no_grad():
+        for _, _, _, layer in iter_lora_layers(model):
+            layer.lora_B["default"].weight.normal_(0, 0.05)
+    path = dashdiff.save_adapter(model, tmp_path / "s.safetensors")
+    stored = json.loads(safeio.read_metadata(path)[HEADER_KEY])["configs"][""]
+    fields = stored["fields"]
+    assert (fields["r"], fields["lora_alpha"], fields["use_rslora"]) == (4, 8, True)
+    assert sorted(fields["target_modules"]) == names
+    if method == "lora":
+        assert stored["class"] == "LoraConfig"
+        assert fields["rank_pattern"] == {n: 2 if n.endswith("v_proj") else 4 for n in names}
+        assert fields["alpha_pattern"] == {n: 6 if n.endswith("v_proj") else 8 for n in names}
+    else:
+        assert stored["class"] == "LoraDashConfig"
+        assert (fields["dash_directions"], fields["dash_warmup_steps"]) == (3, 5)
+    fresh = dashdiff.load_adapter(tiny_llama(0), path)
+    assert torch.equal(logits(fresh, IDS), logits(model, IDS))
+    v = fresh.model.layers[1].self_attn.v_proj
+    assert v.scaling["default"] == (6 / 2 ** 0.5 if method == "lora" else 8 / 4 ** 0.5)  # rsLoRA: α/√r
