@@ -396,18 +396,22 @@ def test_a_failed_injection_beside_an_existing_adapter_is_undone(mid_dash, tmp_p
     assert torch.equal(logits(target, IDS), logits(mid_dash, IDS))
 
 
-def test_a_failed_injection_into_a_pipeline_undoes_every_component(tmp_path, monkeypatch):
-    """A pipeline file (UNet and text encoder) loaded under a new name into a pipeline whose UNet has
-    an adapter already and whose text encoder has none; the second injection fails: both
+@pytest.mark.parametrize("unet_adapter", [True, False], ids=["unet_adapted", "unet_bare"])
+def test_a_failed_injection_into_a_pipeline_undoes_every_component(tmp_path, monkeypatch, unet_adapter):
+    """A pipeline file (UNet and text encoder) loaded under a new name into a pipeline whose text
+    encoder has no adapter and whose UNet has one already / none; the second injection fails: both
     components are put back, the first one's injection included (the UNet's peft_config dict and
-    its ``_hf_peft_config_loaded`` flag, the text encoder's absent peft_config)."""
+    its ``_hf_peft_config_loaded`` flag, set back to True / removed again; the text encoder's absent
+    peft_config)."""
     pipe = tiny_sd_pipeline(0)
     pipe.unet.add_adapter(dashdiff.LoraDashConfig(r=2, lora_alpha=2, target_modules=["to_q"], dash_directions=1))
     add_te_adapter(pipe.text_encoder, dashdiff.AutoLoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
     path = dashdiff.save_adapter(pipe, tmp_path / "pipe.safetensors")
     target = tiny_sd_pipeline(0)
-    target.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k"]), adapter_name="mine")
-    assert vars(target.unet)["_hf_peft_config_loaded"] is True and "peft_config" not in vars(target.text_encoder)
+    if unet_adapter:
+        target.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k"]), adapter_name="mine")
+    assert vars(target.unet).get("_hf_peft_config_loaded") is (True if unet_adapter else None)
+    assert "peft_config" not in vars(target.text_encoder)
     before = [_structure(target.unet), _structure(target.text_encoder)]
     _fail_on_injection(monkeypatch, 2)
     with pytest.raises(MemoryError, match="simulated"):
