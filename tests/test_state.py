@@ -533,10 +533,11 @@ def test_a_model_without_its_peft_config_stores_one_rebuilt_from_the_layers(meth
 
     names = [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
     if method == "lora":
-        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
+        cfg = LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
                          alpha_pattern={"v_proj": 6}, use_rslora=True)
     else:
-        cfg = dash_config(target_modules=["q_proj", "v_proj"], use_rslora=True, dash_directions=3, dash_warmup_steps=5)
+        cfg = dash_config(lora_alpha=12, target_modules=["q_proj", "v_proj"], use_rslora=True, dash_directions=3,
+                          dash_warmup_steps=5)
     model = tiny_llama(0)
     inject_adapter_in_model(cfg, model)
     del model.peft_config
@@ -546,16 +547,17 @@ def test_a_model_without_its_peft_config_stores_one_rebuilt_from_the_layers(meth
     path = dashdiff.save_adapter(model, tmp_path / "s.safetensors")
     stored = json.loads(safeio.read_metadata(path)[HEADER_KEY])["configs"][""]
     fields = stored["fields"]
-    assert (fields["r"], fields["lora_alpha"], fields["use_rslora"]) == (4, 8, True)
+    # alpha 12, not PEFT's default of 8: a rebuilt config that dropped it would still pass
+    assert (fields["r"], fields["lora_alpha"], fields["use_rslora"]) == (4, 12, True)
     assert sorted(fields["target_modules"]) == names
     if method == "lora":
         assert stored["class"] == "LoraConfig"
         assert fields["rank_pattern"] == {n: 2 if n.endswith("v_proj") else 4 for n in names}
-        assert fields["alpha_pattern"] == {n: 6 if n.endswith("v_proj") else 8 for n in names}
+        assert fields["alpha_pattern"] == {n: 6 if n.endswith("v_proj") else 12 for n in names}
     else:
         assert stored["class"] == "LoraDashConfig"
         assert (fields["dash_directions"], fields["dash_warmup_steps"]) == (3, 5)
     fresh = dashdiff.load_adapter(tiny_llama(0), path)
     assert torch.equal(logits(fresh, IDS), logits(model, IDS))
     v = fresh.model.layers[1].self_attn.v_proj
-    assert v.scaling["default"] == (6 / 2 ** 0.5 if method == "lora" else 8 / 4 ** 0.5)  # rsLoRA: α/√r
+    assert v.scaling["default"] == (6 / 2 ** 0.5 if method == "lora" else 12 / 4 ** 0.5)  # rsLoRA: α/√r
