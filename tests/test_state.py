@@ -105,7 +105,11 @@ def test_round_trip_into_model_with_adapter(mid_dash, tmp_path):
     assert torch.equal(logits(target, IDS), logits(mid_dash, IDS))
     header = json.loads(safeio.read_metadata(tmp_path / "dashdiff_adapter.safetensors")[HEADER_KEY])
     assert header["kind"] == "state" and header["adapter_name"] == "default"
+    assert (header["format_version"], header["dashdiff_version"]) == (1, dashdiff.__version__)
+    assert safeio.read_metadata(tmp_path / "dashdiff_adapter.safetensors")["format"] == "pt"  # stock readers want it
     assert header["configs"][""]["class"] == "LoraDashConfig"
+    # the model's own config (its short target names), not one rebuilt from the layers
+    assert sorted(header["configs"][""]["fields"]["target_modules"]) == sorted(TARGETS)
     assert header["layers"]["model.layers.0.self_attn.q_proj"] == {"method": "dash", "r": 4, "s": 2, "launched": True}
 
 
@@ -475,6 +479,19 @@ REFUSALS = {
                   f": {Q}.lora_A.weight is torch.int64, expected a floating-point tensor {BROKEN}"),
     "float_counter": (_edit_tensor("lora_dash_step", lambda t: t.float()),
                       f": {Q}.lora_dash_step is torch.float32, expected a integer tensor {BROKEN}"),
+    "all_linear": (lambda t, h: h["configs"][""]["fields"].__setitem__("target_modules", "all-linear"),
+                   ": target_modules 'all-linear' cannot be checked before injection; save the adapter with an "
+                   "explicit list"),
+    "r_over_layer": (_edit_layer("r", 65), f": {Q} claims rank r=65, s=2 but the layer is 64x64 (at most 64): a "
+                                           "damaged or hand-edited file"),
+    "s_over_layer": (_edit_layer("s", 65), f": {Q} claims rank r=4, s=65 but the layer is 64x64 (at most 64): a "
+                                           "damaged or hand-edited file"),
+    "r_not_the_configs": (_edit_layer("r", 3), f": the stored config gives {Q} rank 4, the layer list says 3 "
+                                               f"{BROKEN}"),
+    "missing_V": (lambda t, h: t.pop(f"{Q}.lora_dash_V"), f" lacks tensor {Q}.lora_dash_V {BROKEN}"),
+    "stray_tensor": (lambda t, h: t.__setitem__("model.layers.0.mlp.up_proj.lora_A.weight", torch.zeros(4, 64)),
+                     " holds 1 tensor(s) that belong to no layer of its header (e.g. "
+                     "model.layers.0.mlp.up_proj.lora_A.weight): a damaged or hand-edited file"),
     "nan_B": (_edit_tensor("lora_B.weight", _nan),
               f": {Q}.lora_B.weight holds NaN or infinite values: the run that wrote it had diverged; load an "
               "earlier checkpoint"),
@@ -491,15 +508,20 @@ def small_state(tmp_path_factory):
     return tensors, json.loads(meta[HEADER_KEY])
 
 
-@pytest.mark.parametrize("case", list(REFUSALS))
-def test_refusals_name_the_file_and_the_problem_word_for_word(case, small_state, tmp_path):
+def _rewrite(state: tuple, edit, path):
+    """``state`` (tensors, header) edited by ``edit`` and written to ``path``, as a hand-edit would."""
     import copy
 
-    edit, tail = REFUSALS[case]
-    tensors, header = dict(small_state[0]), copy.deepcopy(small_state[1])
+    tensors, header = dict(state[0]), copy.deepcopy(state[1])
     edit(tensors, header)
-    path = tmp_path / f"{case}.safetensors"
     save_file(tensors, path, {"format": "pt", HEADER_KEY: json.dumps(header)})
+    return path
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusals_name_the_file_and_the_problem_word_for_word(case, small_state, tmp_path):
+    edit, tail = REFUSALS[case]
+    path = _rewrite(small_state, edit, tmp_path / f"{case}.safetensors")
     with pytest.raises(ValueError) as err:
         dashdiff.load_adapter(tiny_llama(0), path)  # a bare model: the adapter would be injected
     assert str(err.value) == f"dashdiff: {path}{tail}"
@@ -561,3 +583,82 @@ def test_a_model_without_its_peft_config_stores_one_rebuilt_from_the_layers(meth
     assert torch.equal(logits(fresh, IDS), logits(model, IDS))
     v = fresh.model.layers[1].self_attn.v_proj
     assert v.scaling["default"] == (6 / 2 ** 0.5 if method == "lora" else 12 / 4 ** 0.5)  # rsLoRA: α/√r
+
+
+def test_files_that_are_not_states_are_refused_word_for_word(small_state, tmp_path):
+    """No dashdiff header, a header that is not JSON, an export, a newer format: each message names
+    the file and says what to do. A header without a format_version (older files) still loads."""
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(1)}, plain, {"format": "pt"})
+    bad_json = tmp_path / "json.safetensors"
+    save_file(dict(small_state[0]), bad_json, {"format": "pt", HEADER_KEY: "{"})
+    try:
+        json.loads("{")
+    except json.JSONDecodeError as e:
+        json_err = str(e)
+    export = _rewrite(small_state, lambda t, h: h.update(kind="export", export_format="peft"),
+                      tmp_path / "export.safetensors")
+    newer = _rewrite(small_state, lambda t, h: h.__setitem__("format_version", 2), tmp_path / "newer.safetensors")
+    cases = {
+        plain: f"dashdiff: {plain} has no 'dashdiff' header: it is not a dashdiff adapter file. A plain LoRA loads "
+               "with pipe.load_lora_weights(...) or PeftModel.from_pretrained(...).",
+        bad_json: f"dashdiff: {bad_json}: the 'dashdiff' header is not valid JSON ({json_err})",
+        export: f"dashdiff: {export} is a dashdiff *export* (a plain LoRA, 'peft' format), not a training state: "
+                "load it with the stock loader (pipe.load_lora_weights / PeftModel.from_pretrained).",
+        newer: f"dashdiff: {newer} was written by a newer dashdiff (state format 2); upgrade dashdiff",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ValueError) as err:
+            dashdiff.load_adapter(tiny_llama(0), path)
+        assert str(err.value) == message
+    unversioned = _rewrite(small_state, lambda t, h: h.pop("format_version"), tmp_path / "old.safetensors")
+    dashdiff.load_adapter(tiny_llama(0), unversioned)
+
+
+def test_another_method_under_the_same_name_is_refused(small_state, tmp_path):
+    path = _rewrite(small_state, lambda t, h: None, tmp_path / "s.safetensors")
+    model = get_peft_model(tiny_llama(0), dashdiff.AutoLoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError) as err:
+        dashdiff.load_adapter(model, path)
+    assert str(err.value) == (
+        f"dashdiff: {path}: {Q} holds a 'dash' adapter in the file but a 'autolora' adapter named 'default' in the "
+        "model; delete the model's adapter first or load under another adapter_name")
+
+
+def test_plain_lora_rank_over_the_layer_names_no_s(tmp_path):
+    model = get_peft_model(tiny_llama(0), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"]))
+    src = tmp_path / "plain.safetensors"
+    dashdiff.save_adapter(model, src)
+    tensors, meta = safeio.read_safetensors(src)
+    path = _rewrite((tensors, json.loads(meta[HEADER_KEY])), _edit_layer("r", 65), tmp_path / "r65.safetensors")
+    with pytest.raises(ValueError) as err:
+        dashdiff.load_adapter(tiny_llama(0), path)
+    assert str(err.value) == (f"dashdiff: {path}: {Q} claims rank r=65 but the layer is 64x64 (at most 64): a damaged "
+                              "or hand-edited file")
+
+
+@pytest.mark.parametrize("config", [
+    LoraConfig(r=64, lora_alpha=64, target_modules=["q_proj"]),
+    dash_config(r=2, target_modules=["q_proj"], dash_directions=64),
+    LoraConfig(r=2, lora_alpha=4, target_modules=r".*\.(q_proj|v_proj)"),
+], ids=["r_equals_the_layer", "s_equals_the_layer", "regex_targets"])
+def test_boundary_ranks_and_a_regex_target_load(config, tmp_path):
+    """r or s equal to min(out, in) of the 64x64 q_proj is allowed (only more is refused), and a
+    regular expression as target_modules is checked like a list (only 'all-linear' is refused)."""
+    model = get_peft_model(tiny_llama(0), config)
+    with torch.no_grad():
+        for _, _, _, layer in iter_lora_layers(model):
+            layer.lora_B["default"].weight.normal_(0, 0.05)
+    fresh = dashdiff.load_adapter(tiny_llama(0), dashdiff.save_adapter(model, tmp_path / "s.safetensors"))
+    assert torch.equal(logits(fresh, IDS), logits(model, IDS))
+
+
+def test_save_picks_the_named_adapter_of_several(tmp_path):
+    """``adapter_name`` saves that adapter's layers and config only, under its name."""
+    model = get_peft_model(tiny_llama(0), dash_config())
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=2, target_modules=["k_proj"]))
+    path = dashdiff.save_adapter(model, tmp_path / "s.safetensors", adapter_name="other")
+    header = json.loads(safeio.read_metadata(path)[HEADER_KEY])
+    assert header["adapter_name"] == "other" and header["configs"][""]["class"] == "LoraConfig"
+    assert sorted(header["layers"]) == [f"model.layers.{i}.self_attn.k_proj" for i in (0, 1)]
+    assert all(meta == {"method": "lora", "r": 2} for meta in header["layers"].values())
