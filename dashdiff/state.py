@@ -325,15 +325,20 @@ _ABSENT = object()
 
 class _Undo:
     """Enough of a model's state to put it back exactly if injection fails half-way: every module's
-    children, parameters and buffers, the LoRA layers' per-adapter dicts and the PEFT configs."""
+    children, parameters and buffers, the LoRA layers' per-adapter dicts, the ParameterDicts' key
+    lists and the PEFT configs."""
 
     def __init__(self, comps: list[nn.Module]) -> None:
         self.saved, self.configs = [], []
         own = ("_modules", "_parameters", "_buffers")
         for comp in comps:
             for module in comp.modules():
+                # a ParameterDict (a dashdiff layer's δ / β / counters) lists its keys in its own `_keys`
+                # dict besides `_parameters`: left holding a new adapter's key, it breaks every later
+                # iteration of the dict, a second load of the same file included
                 extra = {k: dict(v) for k, v in vars(module).items()
-                         if isinstance(module, LoraLayer) and isinstance(v, dict) and k not in own}
+                         if isinstance(module, (LoraLayer, nn.ParameterDict)) and isinstance(v, dict)
+                         and k not in own}
                 self.saved.append((module, dict(module._modules), dict(module._parameters), dict(module._buffers),
                                    extra))
             # attributes injection may add or fill: PEFT's config dict, diffusers' "loaded" flag

@@ -68,6 +68,93 @@ def test_fused_autolora_bf16_gradients_are_float32_and_accurate():
         _close(g_got, g_want, 2e-2)
 
 
+@cuda
+def test_fused_dash_before_launch_gives_delta_a_zero_gradient_on_its_device():
+    """Before the launch δ (s,) takes part in the backward with an exactly-zero gradient that the
+    backward creates itself (no product yields it): made on the default device instead of the
+    parameters' (mutants FusedDashLinear.backward 70, 73), it is an autograd device error on CUDA
+    and passes every CPU test. A and B get plain LoRA's gradients (bf16 operands, float32 results)."""
+    torch.manual_seed(0)
+    dev, r, s, n_in, n_out, lam, base = torch.device(DEV), 4, 3, 96, 80, 0.7, 2.0
+    a = torch.randn(r, n_in, device=dev, requires_grad=True)
+    b = torch.randn(n_out, r, device=dev, requires_grad=True)
+    d = torch.zeros(s, device=dev, requires_grad=True)
+    # V_sᵀ and U_s are zero until the launch fills them
+    flat = torch.cat([a.detach().flatten(), torch.zeros(s * n_in, device=dev), b.detach().t().flatten(),
+                      torch.zeros(s * n_out, device=dev), torch.full((r,), base, device=dev),
+                      d.detach()]).to(torch.bfloat16)
+    a_cat, a_t, b_t, coef, u_t = operands(flat, r, s, n_in, n_out, launched=False)
+    assert u_t is None and a_cat.shape == (r, n_in)
+    x = torch.randn(3, 50, n_in, device=dev, requires_grad=True)
+    y = FusedDashLinear.apply(x.to(torch.bfloat16), a, b, d, (a_cat, a_t, b_t, coef * lam, u_t, base * lam, lam, r))
+    gy = torch.randn_like(y)
+    g_x, g_a, g_b, g_d = torch.autograd.grad(y, (x, a, b, d), gy)
+    assert (g_d.device, g_d.dtype) == (d.device, torch.float32) and torch.equal(g_d, torch.zeros_like(d))
+    assert [(t.device, t.dtype) for t in (g_x, g_a, g_b)] == [(a.device, torch.float32)] * 3
+
+    def reference(x, a, b):  # plain LoRA, scaled by λ·scaling
+        return lam * base * x @ a.t() @ b.t()
+
+    prims = [t.detach().double().requires_grad_() for t in (x, a, b)]
+    want = torch.autograd.grad(reference(*prims), prims, gy.double())
+    _close(y, reference(*prims).detach(), 2e-2)
+    for g_got, g_want in zip((g_x, g_a, g_b), want):
+        _close(g_got, g_want, 2e-2)
+
+
+def _svd_launch(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, s: int):
+    """A launch's reference from a float64 SVD of W0 on the CPU and the explicit ΔW = scaling·B A:
+    (top-s indices, σ, every change rate |u_iᵀ ΔW v_i| / σ_i, U, Vᵀ)."""
+    u, sig, vh = torch.linalg.svd(w0.detach().cpu().double(), full_matrices=False)
+    dw = scaling * b.detach().cpu().double() @ a.detach().cpu().double()
+    rate = torch.einsum("ik,ij,jk->k", u, dw, vh.t()).abs() / sig
+    return torch.topk(rate, s).indices, sig, rate, u, vh
+
+
+@cuda
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["wide", "tall"])
+def test_dash_launch_on_cuda_from_a_host_spectrum_matches_float64_svd(shape):
+    """A GPU launch after a host prefetch (the decomposition on the CPU, W0 / A / B on the GPU) takes
+    ``_select_from_host_eig``, whose device moves only matter across devices: every output must be
+    on W0's device and match the SVD. Wide and tall run different branches; the same-device launch
+    (no decomposition / one on the GPU) and ``spectrum`` from the host decomposition are checked
+    too. Kills selection.py's CPU-equivalent mutants: select_directions 17-28 (dispatch arguments),
+    99, 103, 108, 112, _select_from_host_eig 1, 30, 33, 36, 38, 89, 91, 96, 100, 105, 109, 126-128,
+    spectrum 9, 10 (a ``.to(None)`` / default-device zeros: a device error or a CPU output).
+    Tolerances: this code run on the CPU (DEV = "cpu": same-device paths only) measured at most 3e-14
+    relative on σ, 2e-12 on the change rates, 3e-14 on the directions; 1e-9 leaves room for cuSOLVER's
+    eigh (not measured yet) and is far below any wrong product's error (O(1)); the top-6 rates are
+    3 % apart, so the order cannot flip."""
+    from dashdiff.dash.selection import gram_eig, select_directions, spectrum
+
+    torch.manual_seed(0)
+    out_f, in_f = shape
+    w0 = (torch.randn(*shape, dtype=torch.float64) * torch.logspace(0, -2, in_f, dtype=torch.float64)).float()
+    a, b = torch.randn(4, in_f) * 0.1, torch.randn(out_f, 4) * 0.1
+    idx, sig, rate, u, vh = _svd_launch(w0, a, b, 2.0, 5)
+    host = gram_eig(w0)  # on the CPU, where the prefetcher leaves it
+    dev = torch.device(DEV)
+    w0_d, a_d, b_d = w0.to(dev), a.to(dev), b.to(dev)
+    for eig in (host, None, gram_eig(w0_d)):
+        sel = select_directions(w0_d, a_d, b_d, 2.0, 5, eig=eig)
+        outs = {"indices": sel.indices, "u_s": sel.u_s, "v_s_t": sel.v_s_t, "sigma": sel.sigma,
+                "change_rate": sel.change_rate}
+        assert {k: t.device for k, t in outs.items()} == {k: w0_d.device for k in outs}, eig
+        assert {k: t.dtype for k, t in outs.items()} == {k: torch.float64 for k in outs} | {"indices": torch.int64}
+        assert sel.indices.tolist() == idx.tolist()
+        torch.testing.assert_close(sel.sigma.cpu(), sig, rtol=1e-9, atol=0)
+        torch.testing.assert_close(sel.change_rate.cpu(), rate, rtol=1e-9, atol=1e-12)
+        for j, i in enumerate(idx.tolist()):  # each chosen rank-1 direction u_i v_iᵀ (sign-free)
+            torch.testing.assert_close(torch.outer(sel.u_s[:, j], sel.v_s_t[j]).cpu(), torch.outer(u[:, i], vh[i]),
+                                       rtol=0, atol=1e-9)
+    spec = spectrum(w0_d, host)
+    assert [t.device for t in (spec.u, spec.sigma, spec.v, spec.eligible)] == [w0_d.device] * 4
+    assert bool(spec.eligible.all())
+    torch.testing.assert_close(spec.sigma.cpu(), sig, rtol=1e-9, atol=0)
+    # U diag(σ) Vᵀ gives W0 back: the reference is W0 itself
+    torch.testing.assert_close(((spec.u * spec.sigma) @ spec.v.t()).cpu(), w0.double(), rtol=0, atol=1e-10)
+
+
 # --------------------------------------------------------------------------- device audit (issue 12)
 # The scripts, the app and the evaluation on a GPU: each of these crashed, or would crash, where a
 # tensor made on the CPU meets the cuda batch. tests/test_devices.py checks the training step on the
