@@ -21,6 +21,18 @@ def _seed_and_threads():
     yield
 
 
+# diffusers and transformers bind their root logger's one StreamHandler to the sys.stderr of the
+# moment they first log. Under pytest that can be one test's capture stream, closed when that test
+# ends: every later library log line then prints "--- Logging error ---" into whatever runs next
+# (seen: the disk-full test's one-line error check after a DreamBooth run under capsys). Binding them
+# here, while pytest's session-wide capture is in place, keeps one open stream for the whole run.
+from diffusers.utils import logging as _diffusers_logging  # noqa: E402
+from transformers.utils import logging as _transformers_logging  # noqa: E402
+
+_diffusers_logging.get_logger("diffusers")
+_transformers_logging.get_logger("transformers")
+
+
 @pytest.fixture(scope="module")
 def db():
     """train/dreambooth_dash.py, imported afresh for each test module that asks for it."""
