@@ -662,3 +662,19 @@ def test_save_picks_the_named_adapter_of_several(tmp_path):
     assert header["adapter_name"] == "other" and header["configs"][""]["class"] == "LoraConfig"
     assert sorted(header["layers"]) == [f"model.layers.{i}.self_attn.k_proj" for i in (0, 1)]
     assert all(meta == {"method": "lora", "r": 2} for meta in header["layers"].values())
+
+
+def test_a_launch_record_out_of_range_is_named(mid_dash, tmp_path):
+    """The launch record is checked with the file's name too (an index past the layer's k = 64)."""
+    src = dashdiff.save_adapter(mid_dash, tmp_path / "s.safetensors")
+    tensors, meta = safeio.read_safetensors(src)
+
+    def edit(t, h):
+        idx = t[f"{Q}.dash_record.indices"].clone()
+        idx[0] = 999
+        t[f"{Q}.dash_record.indices"] = idx
+
+    path = _rewrite((tensors, json.loads(meta[HEADER_KEY])), edit, tmp_path / "idx.safetensors")
+    with pytest.raises(ValueError) as err:
+        dashdiff.load_adapter(tiny_llama(0), path)
+    assert str(err.value) == f"dashdiff: {path}: {Q}.dash_record.indices out of range 0..63"
