@@ -3,7 +3,7 @@ LoraDashCallback inside a transformers Trainer.
 
 Most runs go in-process through the script's ``main(args)``; two go through ``accelerate launch``
 with two real CPU processes. One subprocess that never imports dashdiff loads every export with
-stock PEFT / transformers (tests/stock_load.py).
+stock PEFT / transformers (tests/scripts/stock_load.py).
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def stock(runs: dict[str, Path], base: Path, tmp_path_factory: pytest.TempPathFa
     tasks.append({"id": "merged", "kind": "causal_lm", "path": str(runs["dash"] / "merged")})
     job = {"inputs": str(tmp / "inputs.safetensors"), "out": str(tmp / "out.safetensors"), "tasks": tasks}
     (tmp / "job.json").write_text(json.dumps(job))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "stock_load.py"), str(tmp / "job.json")],
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "stock_load.py"), str(tmp / "job.json")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {**load_file(tmp / "out.safetensors"), "input_ids": ids}

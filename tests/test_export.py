@@ -1,6 +1,6 @@
 """export_lora: the exported plain LoRA reproduces the dashdiff model, checked three ways (per-layer
 ΔW, one UNet / Llama forward, one short pipeline render) against *stock* loaders running in a
-subprocess that never imports dashdiff (tests/stock_load.py). One subprocess does every stock load.
+subprocess that never imports dashdiff (tests/scripts/stock_load.py). One subprocess does every stock load.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dashdiff.files import DIFFUSERS_WEIGHT_NAME, HEADER_KEY, KOHYA_WEIGHT_NAME,
 from dashdiff.testing import tiny_llama, tiny_sd_pipeline, tiny_sdxl_pipeline
 from dashdiff.walk import iter_layers, iter_lora_layers
 
-STOCK = Path(__file__).with_name("stock_load.py")
+STOCK = Path(__file__).parent / "scripts" / "stock_load.py"
 # The references are computed by the very functions the stock-load subprocess uses.
 from stock_load import render, unet_forward  # noqa: E402
 from te_adapters import add_te_adapter  # noqa: E402

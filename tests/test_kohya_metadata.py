@@ -30,7 +30,7 @@ from dashdiff.files import HEADER_KEY, KOHYA_WEIGHT_NAME
 from dashdiff.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 from dashdiff.walk import iter_lora_layers
 
-STOCK = Path(__file__).with_name("stock_load.py")
+STOCK = Path(__file__).parent / "scripts" / "stock_load.py"
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -678,3 +679,122 @@ def test_a_launch_record_out_of_range_is_named(mid_dash, tmp_path):
     with pytest.raises(ValueError) as err:
         dashdiff.load_adapter(tiny_llama(0), path)
     assert str(err.value) == f"dashdiff: {path}: {Q}.dash_record.indices out of range 0..63"
+
+
+# --------------------------------------------------------------------------- adapter files (load_adapter)
+
+
+def _dash_state(tmp_path) -> Path:
+    """A LoRA-Dash state file of a tiny Llama, launched (it carries the launch record)."""
+    import dashdiff
+    from peft import get_peft_model
+    from dashdiff.testing import tiny_llama
+
+    model = get_peft_model(tiny_llama(0), dashdiff.LoraDashConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], dash_directions=2, dash_warmup_steps=1,
+        init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    dashdiff.dash_step(model)  # launch: U_s, V_s and the record are set
+    return Path(dashdiff.save_adapter(model, tmp_path / "good.safetensors"))
+
+
+def _tamper(src: Path, dst: Path, edit) -> Path:
+    from dashdiff import safeio
+    from dashdiff.files import HEADER_KEY
+    from safetensors.torch import save_file
+
+    tensors, meta = safeio.read_safetensors(src)
+    header = json.loads(meta[HEADER_KEY])
+    edit(tensors, header)
+    save_file(tensors, dst, {"format": "pt", HEADER_KEY: json.dumps(header)})
+    return dst
+
+
+def _snapshot(model) -> tuple:
+    tree = [(n, type(m).__name__) for n, m in model.named_modules()]
+    return tree, {k: v.clone() for k, v in model.state_dict().items()}, dict(getattr(model, "peft_config", {}) or {})
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return (a[0] == b[0] and a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+            and a[2].keys() == b[2].keys())
+
+
+def _set_rank(tensors, header, r):
+    for meta in header["layers"].values():
+        meta["r"] = r
+    header["configs"][""]["fields"]["r"] = r
+
+
+BAD_FILES = {
+    # name: (edit, message)
+    "huge_rank": (lambda t, h: _set_rank(t, h, 2_000_000), r"claims rank r=2000000, s=2 but the layer is 64x64 \(at most 64\)"),
+    "rank_over_layer": (lambda t, h: _set_rank(t, h, 65), r"claims rank r=65"),
+    "nan": (lambda t, h: t[f"{Q}.lora_B.weight"].__setitem__((0, 0), float("nan")), r"q_proj\.lora_B\.weight holds NaN"),
+    "int_weights": (lambda t, h: t.__setitem__(f"{Q}.lora_A.weight", t[f"{Q}.lora_A.weight"].long()),
+                    r"lora_A\.weight is torch\.int64, expected a floating-point"),
+    "float_counter": (lambda t, h: t.__setitem__(f"{Q}.lora_dash_step", t[f"{Q}.lora_dash_step"].float()),
+                      r"lora_dash_step is torch\.float32, expected a\(?n?\)? ?integer"),
+    "short_U": (lambda t, h: t.__setitem__(f"{Q}.lora_dash_U", t[f"{Q}.lora_dash_U"][:, :1].contiguous()),
+                r"lora_dash_U has shape \(64, 1\) in the file but \(64, 2\)"),
+    "stray": (lambda t, h: t.__setitem__("model.layers.0.mlp.up_proj.lora_A.weight", torch.zeros(4, 32)),
+              r"1 tensor\(s\) that belong to no layer"),
+    "unknown_module": (lambda t, h: h["layers"].__setitem__("model.layers.0.self_attn.zz_proj", h["layers"][Q]),
+                       r"not adapted in the model \(1\): model\.layers\.0\.self_attn\.zz_proj"),
+    "bad_method": (lambda t, h: h["layers"][Q].__setitem__("method", "dora"), r"no valid method"),
+    "indices": (lambda t, h: t[f"{Q}.dash_record.indices"].__setitem__(0, 999), r"indices out of range"),
+    "missing": (lambda t, h: t.pop(f"{Q}.lora_dash_V"), r"lacks tensor .*q_proj\.lora_dash_V"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_load_adapter_refuses_a_bad_file_and_leaves_the_model_as_it_was(case, tmp_path):
+    import time
+
+    import dashdiff
+    from peft import get_peft_model
+    from dashdiff.testing import tiny_llama
+
+    edit, message = BAD_FILES[case]
+    bad = _tamper(_dash_state(tmp_path), tmp_path / f"{case}.safetensors", edit)
+    # into a bare model (the adapter would be injected) and into one that has it already
+    bare = tiny_llama(0)
+    ready = get_peft_model(tiny_llama(0), dashdiff.LoraDashConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], dash_directions=2, dash_warmup_steps=1))
+    for model in (bare, ready):
+        before = _snapshot(model)
+        t0 = time.perf_counter()
+        with pytest.raises(ValueError, match=message):
+            dashdiff.load_adapter(model, bad)
+        assert time.perf_counter() - t0 < 2.0  # refused from the numbers, nothing sized by the header
+        assert _same(before, _snapshot(model)), case
+    dashdiff.load_adapter(bare, tmp_path / "good.safetensors")  # still loads the right file afterwards
+
+
+def test_a_failure_during_injection_is_undone(tmp_path, monkeypatch):
+    import dashdiff
+    from dashdiff import state
+    from dashdiff.testing import tiny_llama
+
+    good = _dash_state(tmp_path)
+    model = tiny_llama(0)
+    before = _snapshot(model)
+    real = state._inject
+
+    def inject_then_fail(comp, cfg, adapter):
+        real(comp, cfg, adapter)
+        raise MemoryError("simulated: out of memory half-way")
+
+    monkeypatch.setattr(state, "_inject", inject_then_fail)
+    with pytest.raises(MemoryError):
+        dashdiff.load_adapter(model, good)
+    assert _same(before, _snapshot(model))
+    monkeypatch.setattr(state, "_inject", real)
+    dashdiff.load_adapter(model, good)
+    ids = torch.tensor([[1, 40, 41, 42, 77]])
+    fresh = dashdiff.load_adapter(tiny_llama(0), good)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)

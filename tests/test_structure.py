@@ -243,8 +243,6 @@ ACROSS = {
 # Files beside the tests that are not tests: the reason each has to stay in tests/ itself.
 ROOT_EXTRAS = {
     "conftest.py": "pytest's shared fixtures, and tests/scripts/ on sys.path",
-    "stock_load.py": "test_export.py runs it from beside itself (Path(__file__).with_name): it moves to "
-                     "tests/scripts/ together with that line",
 }
 
 
