@@ -17,8 +17,7 @@ demo: install
 	bash train/demo.sh
 
 # One torch thread (unless set): the tests' models are tiny and many tests run subprocesses beside the
-# main process; on 2 cores extra threads only wait on each other (full suite 8:44 with torch's default
-# threads, 7:29 with one thread while another heavy job shared the machine).
+# main process, so extra threads only compete for the cores; it also matches the subprocesses' numerics.
 test: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q --durations=15
 
