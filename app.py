@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import math
 import os
@@ -56,7 +55,7 @@ if TYPE_CHECKING:
 
     from dashdiff.inspect_plots import AutoLoraLayerInfo, DashLayerInfo
 
-from dashdiff.files import DIFFUSERS_WEIGHT_NAME, RANK_REPORT_STEM, STATE_FILE_NAME  # noqa: E402 (light: no torch)
+from dashdiff.files import DIFFUSERS_WEIGHT_NAME, RANK_REPORT_STEM, STATE_FILE_NAME, read_header  # noqa: E402 (light: no torch)
 
 log = logging.getLogger("dashdiff.app")
 
@@ -122,17 +121,6 @@ class FileInfo:
     metadata: dict[str, Any]
 
 
-def _dashdiff_metadata(raw: dict[str, str]) -> dict[str, Any]:
-    text = raw.get("dashdiff")
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def _method_from(meta: dict[str, Any], keys: Sequence[str]) -> Optional[str]:
     """The adapter kind a file declares in its ``dashdiff`` header (exports: ``method``; full-state
     files: each layer's ``method``), else the one its tensor names show; None if unknown."""
@@ -169,7 +157,7 @@ def read_file_info(path: str | os.PathLike) -> FileInfo:
         ) from None
     if not keys:
         raise RenderError(f"{path.name} holds no tensors: it is not a LoRA file.")
-    meta = _dashdiff_metadata(raw)
+    meta = read_header(raw)
     dash_tensors = any(("lora_dash_" in k or "lora_autolora_" in k) for k in keys)
     # dashdiff.save_adapter writes kind "state"; dashdiff.export_lora writes kind "export" (plain).
     full_state = meta.get("kind") == "state" or dash_tensors
