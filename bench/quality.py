@@ -210,7 +210,9 @@ def evaluate_run(model: str, run_dir: Optional[Path], prompts: Sequence[dict], s
     else:
         # On the GPU machine generation must run there too (load_pipeline's default is the CPU).
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        pipe = de.load_pipeline(model, lora_weights=str(run_dir) if run_dir else None, device=device)
+        # float32 on both: the GPU table then scores the same numerics as the CPU runs.
+        pipe = de.load_pipeline(model, lora_weights=str(run_dir) if run_dir else None, device=device,
+                                dtype="float32")
         samples = de.generate_images(pipe, texts, seeds, images_dir, steps=size["inference_steps"], resolution=64)
         del pipe
     images = de.load_images([s.file for s in samples])

@@ -396,3 +396,18 @@ def test_fp16_overflow_with_fused_adamw_is_seen_as_a_skipped_step():
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+@cuda
+def test_dreambooth_eval_generates_from_an_fp16_folder_on_cuda(tmp_path):
+    """dreambooth_eval's pipeline from mini-sd (saved fp16) on the GPU in its default dtype: every
+    component in fp16 and a finite image (without one explicit dtype the UNet met half embeddings
+    from the fp16 text encoder and raised)."""
+    de = _load("dreambooth_eval", ROOT / "train" / "dreambooth_eval.py")
+    pipe = de.load_pipeline("mini-sd", device=DEV)
+    want = de.pipeline_dtype(DEV)  # float16 on the GPU
+    assert {p.dtype for p in pipe.unet.parameters()} | {p.dtype for p in pipe.text_encoder.parameters()} == {want}
+    samples = de.generate_images(pipe, ["a photo of a toy on the beach"], [0], tmp_path / "images", steps=4,
+                                 resolution=64)
+    pixels = np.asarray(de.load_images([samples[0].file])[0], dtype=np.float32)
+    assert pixels.shape == (64, 64, 3) and np.isfinite(pixels).all() and pixels.std() > 1.0

@@ -221,3 +221,16 @@ def test_bad_inputs_are_one_line_errors(encoders, tmp_path, capsys):
         with pytest.raises(SystemExit):
             DE.parse_args(base + extra)
         assert msg in capsys.readouterr().err
+
+
+def test_pipeline_components_share_one_dtype_whatever_the_saved_dtype():
+    """mini-sd is saved in fp16. Loaded without an explicit dtype, diffusers upcasts its models to
+    float32 and transformers keeps the fp16 text encoder, so the UNet got half embeddings on the GPU
+    (the first full quality run failed so). Every component must come out in the one chosen dtype."""
+    assert DE.pipeline_dtype("cpu") == torch.float32
+    assert DE.pipeline_dtype("cuda") == torch.float16 and DE.pipeline_dtype("cuda:1") == torch.float16
+    assert DE.pipeline_dtype("cuda", "float32") == torch.float32
+    for dtype, want in ((None, torch.float32), ("bfloat16", torch.bfloat16)):
+        pipe = DE.load_pipeline("mini-sd", device="cpu", dtype=dtype)
+        got = {name: {p.dtype for p in getattr(pipe, name).parameters()} for name in ("unet", "vae", "text_encoder")}
+        assert got == {name: {want} for name in got}, (dtype, got)

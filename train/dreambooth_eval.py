@@ -339,10 +339,19 @@ def mean_cosine_to_references(gen: torch.Tensor, ref: torch.Tensor) -> torch.Ten
 # =========================================================================== generation
 
 
+def pipeline_dtype(device: str, dtype: Optional[str] = None) -> torch.dtype:
+    """The one dtype every component is loaded in: ``dtype`` (a torch dtype name) if given, else
+    float16 on a GPU and float32 on the CPU (the app's rule)."""
+    if dtype:
+        return getattr(torch, dtype)
+    return torch.float32 if str(device).startswith("cpu") else torch.float16
+
+
 def load_pipeline(model: str, lora_weights: Optional[str] = None, dashdiff_adapter: Optional[str] = None,
-                  device: str = "cpu"):
+                  device: str = "cpu", dtype: Optional[str] = None):
     """A diffusers pipeline through its ordinary ``from_pretrained`` (reserved ``tiny-*`` names
-    resolve to local folders), with a stock LoRA (``load_lora_weights``) or a dashdiff adapter."""
+    resolve to local folders), with a stock LoRA (``load_lora_weights``) or a dashdiff adapter, every
+    component in :func:`pipeline_dtype`."""
     from diffusers import DiffusionPipeline
 
     from dashdiff.testing import resolve_model
@@ -351,11 +360,10 @@ def load_pipeline(model: str, lora_weights: Optional[str] = None, dashdiff_adapt
     if Path(path).exists() and not (Path(path) / "model_index.json").is_file():
         raise EvalInputError(f"--pretrained_model_name_or_path {model}: not a diffusers pipeline folder "
                              "(no model_index.json)")
-    # CPU kernels need float32: a folder of fp16 weights (the shipped mini-sd) is upcast there; on a GPU
-    # the weights keep the dtype they were saved in.
-    dtype = torch.float32 if str(device).startswith("cpu") else None
+    # One explicit dtype: without it diffusers upcasts its models to float32 while transformers keeps a
+    # text encoder saved in fp16 as fp16, and the UNet then receives half embeddings (an error on the GPU).
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=pipeline_dtype(device, dtype))
     except (OSError, ValueError) as err:
         raise _load_error("--pretrained_model_name_or_path", model, err) from None
     if lora_weights:
@@ -495,6 +503,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ev.add_argument("--identifier", default="sks", help="the rare token, left out of the prompt for CLIP-T")
     ev.add_argument("--batch_size", type=int, default=16)
     ev.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ev.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                    help="generation dtype; default float16 on a GPU, float32 on the CPU")
     p.add_argument("--output_dir", required=True)
     args = p.parse_args(argv)
     if args.prompts_file:
@@ -527,7 +537,8 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[s
     # Encoders before generating: a bad encoder path fails in seconds, not after the images.
     enc = load_encoders(args.dino_model, args.clip_model, device)
     if args.images_dir is None:
-        pipe = load_pipeline(args.pretrained_model_name_or_path, args.lora_weights, args.dashdiff_adapter, device)
+        pipe = load_pipeline(args.pretrained_model_name_or_path, args.lora_weights, args.dashdiff_adapter, device,
+                             args.dtype)
         samples = generate_images(pipe, args.prompts, args.seeds, out / "images", steps=args.num_inference_steps,
                                   guidance_scale=args.guidance_scale, resolution=args.resolution)
         log(f"generated {len(samples)} images into {out / 'images'}")
