@@ -3,8 +3,11 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import dreambooth_grid as G  # noqa: E402
 import infer_time  # noqa: E402
 import launch_time  # noqa: E402
 import step_time  # noqa: E402
@@ -77,3 +80,37 @@ def test_ab_dash_function_table(tmp_path, capsys):
                            "--steps", "1", "--warmup", "0"])
     out = capsys.readouterr().out
     assert all(f"| {m} |" in out for m in ("lora_r", "lora_r+s", "dash", "dash_old"))
+
+
+def test_dreambooth_grid_trains_renders_at_each_scale_and_reuses_runs(tmp_path):
+    """bench/dreambooth_grid.py on mini-sd, one 2-step setting: at adapter scale 0 the run renders the
+    base model's images exactly (so its scores equal the base row's), at scale 1 the trained adapter
+    moves them; a finished run is reused; a bad settings file is a one-line error."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    settings = tmp_path / "grid.txt"
+    settings.write_text('# hot learning rate: 2 steps must move the images\n'
+                        'hot --method lora --rank 4 --learning_rate 1e-2 --max_train_steps 2 '
+                        '--instance_prompt "a photo of sks toy indoors"\n')
+    argv = ["--settings", str(settings), "--output_dir", str(tmp_path / "out"), "--seeds", "0",
+            "--inference_steps", "2", "--scales", "1.0", "0.0", "--device", "cpu"]
+    rows = G.main(G.parse_args(argv))
+    base, hot = rows
+    assert (base["setting"], hot["setting"]) == ("base", "hot")
+    assert hot["scores"]["0.0"] == base["scores"]["1.0"]
+    assert hot["scores"]["1.0"]["prompt"] != base["scores"]["1.0"]["prompt"]
+    assert all(0.0 <= v <= 1.0 for v in (hot["scores"]["1.0"]["prompt"], hot["scores"]["1.0"]["prompt_validation"]))
+    run = json.loads((tmp_path / "out" / "runs" / "hot__toycat" / "dashdiff_run.json").read_text())
+    assert run["args"]["instance_prompt"] == "a photo of sks toy indoors" and run["global_step"] == 2
+    montage = np.asarray(Image.open(tmp_path / "out" / "montage_toycat_s0.0.png"))
+    assert montage.shape == (2 * 64, len(G.W.PROMPTS) * 64, 3)
+    assert np.array_equal(montage[:64], montage[64:])  # scale 0: the base row again
+    stamp = (tmp_path / "out" / "runs" / "hot__toycat" / "dashdiff_run.json").stat().st_mtime_ns
+    G.main(G.parse_args(argv))
+    assert (tmp_path / "out" / "runs" / "hot__toycat" / "dashdiff_run.json").stat().st_mtime_ns == stamp
+    settings.write_text("base --method lora\n")
+    with pytest.raises(SystemExit, match="'base' or repeated"):
+        G.main(G.parse_args(argv))
