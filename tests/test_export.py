@@ -107,6 +107,13 @@ def _product(tensors: dict, key_a: str, key_b: str) -> torch.Tensor:
     return tensors[key_b].double() @ tensors[key_a].double()
 
 
+def _from_caller(w) -> bool:
+    """The warning points at the caller of export_lora (its ``stacklevel``). Under mutmut every mutated function
+    is entered through mutmut's trampoline, one frame deeper, so there it points into the trampoline: the check
+    is exact in the normal suite only (the stacklevel mutants are counted in BENCHMARKS.md accordingly)."""
+    return w.filename == __file__ or "mutmut" in w.filename
+
+
 def _meta(path) -> dict[str, str]:
     with safe_open(str(path), "pt") as fh:
         return fh.metadata()
@@ -192,7 +199,7 @@ def test_a_plain_adapter_on_dashdiff_layers_and_a_runtime_scale_warning(tmp_path
     (w,) = [w for w in caught if "runtime LoRA scale" in str(w.message)]
     assert str(w.message) == ("dashdiff: a runtime LoRA scale is set on 2 layer(s) (e.g. model.layers.0.self_attn.q_proj); "
                               "the export is at scale 1, as trained: set the scale again in the loader.")
-    assert w.filename == __file__  # stacklevel: the caller of export_lora
+    assert _from_caller(w)
     t = load_file(folder / "adapter_model.safetensors")
     name = "model.layers.0.self_attn.q_proj"
     assert_layer_close(_product(t, f"base_model.model.{name}.lora_A.weight", f"base_model.model.{name}.lora_B.weight").float(),
@@ -221,7 +228,7 @@ def test_unlaunched_dash_and_unsearched_autolora_warn_once_per_method(tmp_path):
         "dashdiff: AutoLoRA adapter 'default' has taken no outer (β) step in 8 layer(s) (e.g. "
         "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q): α is still its initial value, so the "
         "ranks are not searched ones."]
-    assert all(w.filename == __file__ for w in caught)
+    assert all(_from_caller(w) for w in caught)
     t = load_file(path)
     assert t["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"].shape == (3, 16)
     h = header(path)

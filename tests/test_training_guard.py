@@ -122,3 +122,14 @@ def test_optimizer_step_reports_what_the_scaler_did():
     assert T.optimizer_step(opt) is False and opt.steps == 1
     opt = Opt(Scaler(2048.0, enabled=False, after=1.0))  # a disabled scaler's scale means nothing
     assert T.optimizer_step(opt) is False
+
+
+def test_a_plain_torch_optimizer_has_no_scaler_and_no_skip_flag():
+    """Not every optimizer is accelerate's: a bare torch optimizer has neither ``scaler`` nor
+    ``step_was_skipped``; that means no loss scaling and no skipped step, not an error."""
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.ones(2)
+    sgd = torch.optim.SGD([p], lr=0.5)
+    assert not hasattr(sgd, "scaler") and not hasattr(sgd, "step_was_skipped")
+    assert T.loss_scale(sgd) is None and T.step_skipped(sgd, None) is False
+    assert T.optimizer_step(sgd) is False and p.detach().tolist() == [0.5, 0.5]  # the step was taken

@@ -314,3 +314,67 @@ def test_directions_digest_changes_with_any_direction_or_name():
         for t in (layer.lora_dash_U["default"], layer.lora_dash_V["default"]):
             h.update(t.detach().double().contiguous().numpy().tobytes())
     assert d == h.hexdigest()[:16]
+
+
+def _two_adapter_model():
+    """LoRA-Dash adapters "first" (warm-up 1) and "second" (warm-up 3) and a plain LoRA on the same layers."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Net(), dashdiff.LoraDashConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"], dash_warmup_steps=1, dash_directions=2,
+        init_lora_weights="gaussian"), adapter_name="first")
+    model.add_adapter("second", dashdiff.LoraDashConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"],
+                                                   dash_warmup_steps=3, dash_directions=2, init_lora_weights="gaussian"))
+    model.add_adapter("plain", peft.LoraConfig(r=2, target_modules=["q_proj", "o_proj"]))
+    return model
+
+
+def test_the_launch_hook_of_one_named_adapter(tmp_path):
+    """``adapter_name``: only that adapter advances and launches, and the report counts its layers only; without
+    the cross-process check one process reports itself; the report has exactly its documented keys."""
+    model = _two_adapter_model()
+    report = T.dash_optimizer_step(model, 1, skipped=False, adapter_name="first", check_processes=False)
+    assert sorted(report) == ["direction_digests", "layers", "num_processes", "seconds", "step"]
+    assert report["layers"] == 2 and report["num_processes"] == 1 and report["step"] == 1
+    assert isinstance(report["seconds"], float) and report["seconds"] > 0
+    q = model.base_model.model.q_proj
+    assert int(q.lora_dash_step["first"]) == 1 and int(q.lora_dash_step["second"]) == 0  # not advanced
+    # the digest reads LoRA-Dash adapters only: the plain adapter on the same layers has no U_s / V_s
+    assert report["direction_digests"] == [T.directions_digest(model)]
+    run = _run(tmp_path)
+    assert run.after_optimizer_step(dash_model(warmup=1), 1, skipped=False)["step"] == 1
+    assert [r["phase"] for r in T.StepLog.read(run.log.path) if r.get("event") == "dash_launch"] == ["train"]
+
+
+def test_save_messages_name_the_scripts_flags_and_the_saved_folder(tmp_path, caplog):
+    import logging
+
+    run = _run(tmp_path, flags=T.FlagNames(resume="--resume_from_checkpoint"))
+    with caplog.at_level(logging.INFO, logger="dashdiff.training"):
+        path = run.save_checkpoint("train", 1)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("saved")] == [f"saved {path}"]
+
+    class Full(Accelerator):
+        def save_state(self, folder):
+            raise OSError(28, "No space left on device")
+
+    full = _run(tmp_path / "full", Full(), flags=T.FlagNames(resume="--resume_from_checkpoint"))
+    with pytest.raises(T.CheckpointWriteError) as e:
+        full.save_checkpoint("train", 2)
+    assert str(e.value).endswith("Free some space, then resume with --resume_from_checkpoint latest.")
+
+
+def test_a_crafted_extra_state_is_refused_not_run(tmp_path, monkeypatch):
+    """``extra_state.pt`` is loaded with ``weights_only=True``: a pickle that would run code is refused."""
+    import pickle
+
+    class Crafted:
+        def __reduce__(self):
+            return (exec, ("import os; os.environ['DASHDIFF_TEST_PWNED'] = '1'",))
+
+    monkeypatch.delenv("DASHDIFF_TEST_PWNED", raising=False)
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    torch.save({"counter": Crafted()}, folder / T.EXTRA_STATE)
+    with pytest.raises(pickle.UnpicklingError):
+        _run(tmp_path).load_checkpoint(T.Checkpoint(folder, "train", 1), {"counter": Counter()})
+    assert "DASHDIFF_TEST_PWNED" not in __import__("os").environ
