@@ -25,6 +25,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+# The model classes the tests build, imported here rather than where they are used: importing them is most of
+# a test's cost (seconds, on first use in a process), and mutmut's fork server pre-imports this module's
+# imports once, so that each mutant's process starts with them loaded (see pyproject.toml [tool.mutmut]).
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
+from diffusers.configuration_utils import FrozenDict  # noqa: F401
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,  # noqa: F401
+                          LlamaForCausalLM)
+
 import dashdiff
 from dashdiff import export as E
 from dashdiff import safeio
