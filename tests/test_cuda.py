@@ -179,6 +179,28 @@ def test_fused_weight_gradients_keep_the_float32_accumulator():
     assert all(e < REL for e in errors.values()), errors
 
 
+@cuda
+def test_directions_digest_of_a_model_on_the_gpu():
+    """The launch's cross-process check hashes U_s and V_sᵀ of every layer on the host in float64: a launched
+    model moved to the GPU has the digest it had on the CPU. Kills run.directions_digest 10 and 12 (the copy to
+    the host dropped: a CUDA tensor has no ``.numpy()``), CPU-equivalent mutants."""
+    import peft
+    from torch import nn
+
+    import dashdiff
+    from dashdiff import training as T
+
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module("q_proj", nn.Linear(12, 16))
+    net.add_module("o_proj", nn.Linear(16, 12))
+    model = peft.get_peft_model(net, dashdiff.LoraDashConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"],
+                                                             dash_directions=2, init_lora_weights="gaussian"))
+    dashdiff.launch_dash(model)
+    on_cpu = T.directions_digest(model)
+    assert T.directions_digest(model.to(DEV)) == on_cpu
+
+
 def _svd_launch(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, s: int):
     """A launch's reference from a float64 SVD of W0 on the CPU and the explicit ΔW = scaling·B A:
     (top-s indices, σ, every change rate |u_iᵀ ΔW v_i| / σ_i, U, Vᵀ)."""
