@@ -600,7 +600,9 @@ def test_peft_config_and_weights(tmp_path):
              "model.layers.0.mlp.up_proj": [0.0, 0.0, 0.0, 0.0], "model.layers.1.mlp.up_proj": [3.0, -3.0, 3.0, 3.0]}
     for name, beta in betas.items():
         _set_beta(la.base_model.model.get_submodule(name), beta)
-    folder = Path(dashdiff.export_lora(la, tmp_path / "p", format="peft"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # searched, no modules_to_save, no runtime scale: nothing to warn about
+        folder = Path(dashdiff.export_lora(la, tmp_path / "p", format="peft"))
     assert folder == tmp_path / "p" and sorted(p.name for p in folder.iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors"]
     raw = json.loads((folder / "adapter_config.json").read_text())
@@ -644,6 +646,32 @@ def test_peft_export_of_a_pipeline_one_folder_per_component(tmp_path):
     t = load_file(folder / "text_encoder" / "adapter_model.safetensors")
     assert set(t) == {f"base_model.model.encoder.layers.0.self_attn.{p}.lora_{x}.weight" for p in ("q_proj", "v_proj")
                       for x in "AB"}
+
+
+def test_peft_export_without_a_stored_config_and_of_a_partly_adapted_pipeline(tmp_path):
+    """No PEFT config to be found (a model whose ``peft_config`` was dropped): the exported config takes
+    LoraConfig's plain defaults (no dropout, no task type, no base name), nothing is warned, and the header says
+    None. A pipeline whose first component has no adapter still gets the next component's folder."""
+    model = Mlp()
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, lora_dropout=0.3, target_modules=["q_proj"]), model)
+    del model.peft_config
+    assert E.find_config(model, "default") is None
+    _randomize(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folder = Path(dashdiff.export_lora(model, tmp_path / "m", format="peft"))
+    raw = json.loads((folder / "adapter_config.json").read_text())
+    assert (raw["lora_dropout"], raw["task_type"], raw["base_model_name_or_path"], raw["r"], raw["lora_alpha"]) == (
+        0.0, None, None, 2, 2)
+    assert header(folder / "adapter_model.safetensors")["configs"] == {"": None}
+
+    host = SimpleNamespace(unet=_unet(), text_encoder=_clip())  # the UNet is not adapted
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]), host.text_encoder)
+    _randomize(host)
+    folder = Path(dashdiff.export_lora(host, tmp_path / "p", format="peft"))
+    assert sorted(p.name for p in folder.iterdir()) == ["text_encoder"]
+    assert set(load_file(folder / "text_encoder" / "adapter_model.safetensors")) == {
+        f"base_model.model.encoder.layers.0.self_attn.q_proj.lora_{x}.weight" for x in "AB"}
 
 
 # --------------------------------------------------------------------------- merged
