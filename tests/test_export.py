@@ -474,23 +474,42 @@ def test_kohya_zero_fills_partial_text_encoder_attention(tmp_path):
 
 
 def test_zero_fill_skips_what_no_loader_could_patch():
-    """Direct: a projection the layer does not have, or one that is not a Linear, gets no filler; a complete
-    layer none; the fillers take the first factor's dtype."""
-    te = _clip()
-    attn = te.encoder.layers[0].self_attn
-    del attn.k_proj  # an attention without k_proj
-    attn.out_proj = nn.Identity()  # and with a non-Linear out_proj
+    """Direct: a projection the layer does not have, or one that is not a Linear, gets no filler, and the
+    projections after it in the order q, k, v, out still do; a complete layer gets none; the fillers take the first
+    factor's dtype."""
     a = torch.zeros(2, 16, dtype=torch.float64)
     f = E.PlainFactor("text_encoder", "encoder.layers.0.self_attn.q_proj", a, torch.zeros(16, 2, dtype=torch.float64))
-    (fill,) = E._a1111_zero_fill({"text_encoder": te}, [f])
-    assert fill.module == "encoder.layers.0.self_attn.v_proj" and fill.component == "text_encoder"
-    assert fill.a.dtype == torch.float64 and fill.a.shape == (1, 16) and fill.b.shape == (16, 1)
-    assert fill.record == {"zero_fill": True}
+    for missing, not_linear in (("k_proj", "out_proj"), ("out_proj", "k_proj")):
+        te = _clip()
+        attn = te.encoder.layers[0].self_attn
+        delattr(attn, missing)
+        setattr(attn, not_linear, nn.Identity())
+        (fill,) = E._a1111_zero_fill({"text_encoder": te}, [f])
+        assert fill.module == "encoder.layers.0.self_attn.v_proj" and fill.component == "text_encoder"
+        assert fill.a.dtype == torch.float64 and fill.a.shape == (1, 16) and fill.b.shape == (16, 1)
+        assert fill.record == {"zero_fill": True}
     te = _clip()
     full = [E.PlainFactor("text_encoder", f"encoder.layers.0.self_attn.{p}", a, a.T) for p in E._ATTN_PROJ]
     assert E._a1111_zero_fill({"text_encoder": te}, full) == []
     unet_only = [E.PlainFactor("unet", "mid_block.attentions.0.transformer_blocks.0.attn1.to_q", a, a.T)]
     assert E._a1111_zero_fill({"unet": _unet()}, unet_only) == []
+
+
+def test_kohya_file_of_an_adapter_with_every_component_pruned(tmp_path):
+    """Every AutoLoRA component under the threshold: no layer is written (no fillers either), alpha 1 and rank 1
+    stand in the metadata; the title names the method and the adapter."""
+    unet = _unet()
+    unet.add_adapter(dashdiff.AutoLoraConfig(r=2, lora_alpha=2, target_modules=["attn1.to_q"]), adapter_name="searched")
+    _randomize(unet, "searched")
+    for _, _, _, layer in E.iter_lora_layers(unet, "searched"):
+        layer.lora_autolora_outer_steps["searched"].fill_(1)
+    path = dashdiff.export_lora(unet, tmp_path, format="kohya", adapter_name="searched", threshold=0.99)
+    assert load_file(path) == {}
+    h = header(path)
+    assert h["kohya_alpha"] == 1.0 and h["kohya_zero_filled"] == [] and all(r["dropped"] for r in h["layers"].values())
+    meta = _meta(path)
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["modelspec.title"]) == (
+        "1", "1.0", "dashdiff autolora (searched)")
 
 
 def test_kohya_refuses_other_components_and_names_lone_unets(tmp_path):
