@@ -779,7 +779,21 @@ def test_merged_lone_models_and_the_record(tmp_path):
 
     mlp = get_peft_model(Mlp(), LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
     _randomize(mlp)
-    folder = Path(dashdiff.export_lora(mlp, tmp_path / "mlp", format="merged"))
+    # into a folder whose parents do not exist yet; the files are written in a hidden ".<name>.*.tmp" folder
+    # beside it (same file system: moved in by renames), then moved in
+    seen = []
+    real_move = safeio.move_tree
+
+    def move(src, dst):
+        seen.append(Path(src))
+        return real_move(src, dst)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(safeio, "move_tree", move)
+        folder = Path(dashdiff.export_lora(mlp, tmp_path / "new" / "deeper" / "mlp", format="merged"))
+    (tmp,) = seen
+    assert tmp.parent == folder.parent and tmp.name.startswith(".mlp.") and tmp.name.endswith(".tmp")
+    assert not tmp.exists() and sorted(p.name for p in folder.parent.iterdir()) == ["mlp"]
     assert sorted(p.name for p in folder.iterdir()) == ["dashdiff_export.json", "model.safetensors"]
     assert set(load_file(folder / "model.safetensors")) == set(Mlp().state_dict())
     assert _meta(folder / "model.safetensors")["format"] == "pt"
@@ -803,6 +817,13 @@ def test_merged_pipeline_and_training_host(tmp_path):
         key = name[len("unet."):] + ".weight"
         assert_layer_close(loaded.unet.state_dict()[key] - base[key], w, name)
     assert set(loaded.unet.state_dict()) == set(base)
+    # a pipeline with an empty slot (no tokenizer) before its UNet: the slot is skipped, the UNet still saved
+    partial = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=None, unet=pipe.unet,
+                                      scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+                                      requires_safety_checker=False)
+    folder = Path(dashdiff.export_lora(partial, tmp_path / "partial", format="merged"))
+    assert sorted(p.name for p in folder.iterdir()) == ["dashdiff_export.json", "model_index.json", "scheduler",
+                                                        "text_encoder", "unet", "vae"]
     host = SimpleNamespace(unet=pipe.unet, text_encoder=pipe.text_encoder)
     folder = Path(dashdiff.export_lora(host, tmp_path / "host", format="merged"))
     assert sorted(p.name for p in folder.iterdir()) == ["dashdiff_export.json", "text_encoder", "unet"]
