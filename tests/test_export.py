@@ -706,6 +706,7 @@ def test_merged_state_dict_is_the_base_model_plus_delta():
     factors = E.plain_lora_factors(model)
     sd = E.merged_state_dict(root, factors)
     assert set(sd) == set(base)  # no lora_* / dash / base_layer keys left
+    assert all(type(v) is torch.Tensor for v in sd.values())  # tensors, not the model's Parameters
     want = ref_deltas(model)
     for name in ("q_proj", "v_proj"):
         assert_layer_close(sd[f"{name}.weight"] - base[f"{name}.weight"], want[name], name)
@@ -719,8 +720,8 @@ def test_merged_state_dict_is_the_base_model_plus_delta():
 
 
 def test_merged_state_dict_in_half_and_double_precision():
-    for dtype, tol in ((torch.float64, 1e-14), (torch.bfloat16, None)):
-        model = get_peft_model(Mlp(dtype), LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
+    for dtype, tol, r in ((torch.float64, 1e-14, 1), (torch.bfloat16, None, 2)):  # rank 1 merges too
+        model = get_peft_model(Mlp(dtype), LoraConfig(r=r, lora_alpha=r, target_modules=["q_proj"]))
         _randomize(model)
         root = model.base_model.model
         factors = E.plain_lora_factors(model)
@@ -825,10 +826,15 @@ def test_merged_pipeline_and_training_host(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["dashdiff_export.json", "model_index.json", "scheduler",
                                                         "text_encoder", "unet", "vae"]
     host = SimpleNamespace(unet=pipe.unet, text_encoder=pipe.text_encoder)
-    folder = Path(dashdiff.export_lora(host, tmp_path / "host", format="merged"))
+    for _ in range(2):  # the second export replaces the first in the same folder
+        folder = Path(dashdiff.export_lora(host, tmp_path / "host", format="merged"))
     assert sorted(p.name for p in folder.iterdir()) == ["dashdiff_export.json", "text_encoder", "unet"]
     assert (folder / "text_encoder" / "config.json").is_file()
-    assert set(load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")) == set(base)
+    merged = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    assert set(merged) == set(base)
+    for name, w in want.items():  # each component merged with its own layers' factors
+        key = name[len("unet."):] + ".weight"
+        assert_layer_close(merged[key] - base[key], w, name)
 
 
 # --------------------------------------------------------------------------- configs in the header
