@@ -865,6 +865,8 @@ def test_config_dict_round_trip_and_lookup():
     holder = nn.Module()
     holder._orig_mod = unet  # how torch.compile wraps a model
     assert E.find_config(holder, "mine") is unet.peft_config["mine"]
+    # a (Distributed)DataParallel wrapper forwards no attributes: the config is found on the model under it
+    assert E.find_config(nn.DataParallel(unet), "mine") is unet.peft_config["mine"]
 
 
 def test_base_name_or_path_sources():
