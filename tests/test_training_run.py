@@ -340,6 +340,10 @@ def test_the_launch_hook_of_one_named_adapter(tmp_path):
     assert int(q.lora_dash_step["first"]) == 1 and int(q.lora_dash_step["second"]) == 0  # not advanced
     # the digest reads LoRA-Dash adapters only: the plain adapter on the same layers has no U_s / V_s
     assert report["direction_digests"] == [T.directions_digest(model)]
+    # no adapter named (the scripts' call): the report counts the LoRA-Dash layers, not the plain adapter's too
+    single = dash_model(warmup=1)
+    single.add_adapter("plain", peft.LoraConfig(r=2, target_modules=["q_proj", "o_proj"]))
+    assert T.dash_optimizer_step(single, 1, skipped=False)["layers"] == 2
     run = _run(tmp_path)
     assert run.after_optimizer_step(dash_model(warmup=1), 1, skipped=False)["step"] == 1
     assert [r["phase"] for r in T.StepLog.read(run.log.path) if r.get("event") == "dash_launch"] == ["train"]
