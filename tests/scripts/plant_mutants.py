@@ -178,16 +178,20 @@ def main(argv=None) -> int:
             try:
                 target, hunks = parse_diff((args.dir / spec["diff"]).read_text())
                 path = tmp / target
-                path.write_text(apply_hunks(path.read_text(), hunks))
+                original = path.read_text()
+                path.write_text(apply_hunks(original, hunks))
             except (ValueError, OSError) as err:
                 rows.append(f"| {name} | {tests} | diff does not apply: {err} | |")
                 failures.append(name)
                 continue
-            if args.apply_only:
-                compile(path.read_text(), str(path), "exec")
-                rows.append(f"| {name} | {tests} | applies | |")
-                continue
-            passed, secs, _ = run_tests(tmp, spec["tests"], extra)
+            try:
+                if args.apply_only:
+                    compile(path.read_text(), str(path), "exec")
+                    rows.append(f"| {name} | {tests} | applies | |")
+                    continue
+                passed, secs, _ = run_tests(tmp, spec["tests"], extra)
+            finally:  # a diff of a file outside dashdiff/ (train/, ...) must not stay for the next mutant
+                path.write_text(original)
             result = "survived" if passed else "killed"
             expected = spec.get("expect", "killed")
             rows.append(f"| {name} | {tests} | {result}{'' if result == expected else ' (UNEXPECTED)'} | {secs:.1f} |")
