@@ -36,7 +36,7 @@ from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjec
 import dashdiff
 from dashdiff import export as E
 from dashdiff import safeio
-from dashdiff.files import DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME
+from dashdiff.files import DIFFUSERS_WEIGHT_NAME
 from dashdiff.testing import tiny_llama, tiny_sd_pipeline
 
 from export_refs import assert_layer_close, header, make_realistic, ref_deltas  # noqa: E402
