@@ -55,3 +55,107 @@ def test_damaged_checkpoint_is_named(tmp_path):
         T.read_checkpoint_info(ckpt)
     (ckpt / "optimizer.bin").write_bytes(b"")
     assert T.read_checkpoint_info(ckpt) == {"step": 2}
+
+
+# --------------------------------------------------------------------------- names, restarts, hooks, checks, moves
+
+
+def _complete(folder, step=2, extra=None):
+    """A complete checkpoint as save_checkpoint leaves it: the files, then the marker with their sizes."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1}]}, folder / "optimizer.bin")
+    (folder / T.ADAPTER_STATE).write_bytes(b"adapter")
+    for name, data in (extra or {}).items():
+        (folder / name).write_bytes(data)
+    files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+    T.write_checkpoint_info(folder, {"step": step, "files": files})
+    return folder
+
+
+def test_checkpoint_names_and_restarts_in_place(tmp_path):
+    assert T.checkpoint_name("search", 3) == "checkpoint-search-3" and T.checkpoint_name("train", 12) == "checkpoint-12"
+    with pytest.raises(ValueError) as e:
+        T.checkpoint_name("retrain", 1)
+    assert str(e.value) == "unknown phase 'retrain'"
+    out = tmp_path / "out"
+    out.mkdir()
+    assert T.restarts_in_place(out, "latest", None, "fp") is False  # no run record: not this run's folder
+    T.write_run_record(out, {"fingerprint": "fp"})
+    assert T.restarts_in_place(out, "latest", None, "fp") is True
+    assert T.restarts_in_place(out, "latest", None, "other") is False  # another run's folder
+    assert T.restarts_in_place(out, "checkpoint-2", None, "fp") is False  # not "latest"
+    assert T.restarts_in_place(out, None, None, "fp") is False
+    assert T.restarts_in_place(out, "latest", T.Checkpoint(out / "checkpoint-2", "train", 2), "fp") is False
+
+
+def test_state_hooks_save_and_load_the_adapter_file_only(tmp_path):
+    class Acc:
+        def __init__(self, main):
+            self.is_main_process, self.hooks = main, {}
+
+        def register_save_state_pre_hook(self, hook):
+            self.hooks["save"] = hook
+
+        def register_load_state_pre_hook(self, hook):
+            self.hooks["load"] = hook
+
+    calls = []
+    host = object()
+    for main in (True, False):
+        acc = Acc(main)
+        T.register_state_hooks(acc, lambda: host, lambda h, p: calls.append(("save", h, p)),
+                               lambda h, p: calls.append(("load", h, p)))
+        weights, models = [{"w": 1}, {"w": 2}], ["unet", "te"]
+        acc.hooks["save"](models, weights, str(tmp_path))
+        assert weights == [] and models == ["unet", "te"]  # accelerate then writes no full model
+        acc.hooks["load"](models, str(tmp_path))
+        assert models == []
+    path = str(tmp_path / T.ADAPTER_STATE)
+    assert calls == [("save", host, path), ("load", host, path), ("load", host, path)]  # saved by the main process only
+
+
+def test_validate_checkpoint_refuses_incomplete_ones_and_pickles_of_more_than_data(tmp_path):
+    import pickle
+
+    good = _complete(tmp_path / "checkpoint-2", extra={"notes.txt": b"not a pickle: not loaded"})
+    assert T.validate_checkpoint(good)["step"] == 2
+
+    class Crafted:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    bad = _complete(tmp_path / "checkpoint-4", extra={"random_states_0.pkl": pickle.dumps(Crafted())})
+    with pytest.raises(T.TrainingError) as e:
+        T.validate_checkpoint(bad)
+    msg = str(e.value)
+    assert msg.startswith(f"{bad / 'random_states_0.pkl'}: refused to load it: it is not plain tensor/number data as "
+                          "a dashdiff checkpoint holds (it may have been crafted to run code when loaded; nothing was "
+                          "executed). Resume from another checkpoint, or delete this one. (")
+    recorded = (good / "optimizer.bin").stat().st_size
+    (good / "optimizer.bin").write_bytes(b"cut")  # another size than the marker records
+    with pytest.raises(T.TrainingError) as e:
+        T.validate_checkpoint(good)
+    assert str(e.value) == (f"{good} is not a complete dashdiff checkpoint: optimizer.bin has 3 bytes, the checkpoint "
+                            f"recorded {recorded}")
+
+
+def test_a_checkpoint_in_the_way_is_replaced_if_complete_and_kept_aside_if_not(tmp_path, caplog):
+    import logging
+
+    from dashdiff.training.checkpoints import _move_into_place
+
+    out = tmp_path / "out"
+    final = _complete(out / "checkpoint-2")
+    new = _complete(out / ".checkpoint-2.tmp", step=22)
+    _move_into_place(new, final)
+    assert T.read_checkpoint_info(final)["step"] == 22 and not new.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]  # the replaced one and its aside name are gone
+    for n, aside in enumerate(("checkpoint-2.unmarked", "checkpoint-2.unmarked1")):
+        (final / T.CHECKPOINT_STATE).unlink()  # someone else's folder now
+        new = _complete(out / ".checkpoint-2.tmp", step=30 + n)
+        with caplog.at_level(logging.WARNING, logger="dashdiff.training"):
+            _move_into_place(new, final)
+        assert (out / aside).is_dir() and T.read_checkpoint_info(final)["step"] == 30 + n
+        assert f"kept as {aside}" in caplog.records[-1].getMessage()
