@@ -116,23 +116,30 @@ def test_state_hooks_save_and_load_the_adapter_file_only(tmp_path):
     assert calls == [("save", host, path), ("load", host, path), ("load", host, path)]  # saved by the main process only
 
 
-def test_validate_checkpoint_refuses_incomplete_ones_and_pickles_of_more_than_data(tmp_path):
-    import pickle
+def test_validate_checkpoint_refuses_incomplete_ones_and_pickles_of_more_than_data(tmp_path, capsys):
+    import io
+
+    import torch
 
     good = _complete(tmp_path / "checkpoint-2", extra={"notes.txt": b"not a pickle: not loaded"})
     assert T.validate_checkpoint(good)["step"] == 2
 
     class Crafted:
         def __reduce__(self):
-            return (print, ("ran",))
+            return (print, ("crafted code ran",))
 
-    bad = _complete(tmp_path / "checkpoint-4", extra={"random_states_0.pkl": pickle.dumps(Crafted())})
+    buf = io.BytesIO()
+    torch.save({"rng": Crafted()}, buf)  # torch's own file format, as accelerate's RNG file is
+    bad = _complete(tmp_path / "checkpoint-4", extra={"random_states_0.pkl": buf.getvalue()})
     with pytest.raises(T.TrainingError) as e:
         T.validate_checkpoint(bad)
+    assert "crafted code ran" not in capsys.readouterr().out  # refused, not run
     msg = str(e.value)
     assert msg.startswith(f"{bad / 'random_states_0.pkl'}: refused to load it: it is not plain tensor/number data as "
                           "a dashdiff checkpoint holds (it may have been crafted to run code when loaded; nothing was "
-                          "executed). Resume from another checkpoint, or delete this one. (")
+                          "executed). Resume from another checkpoint, or delete this one. (Weights only load failed")
+    reason = msg[msg.rindex(" (Weights only") + 2:-1]
+    assert len(reason) <= 200 and "\n" not in reason  # the first line of torch's reason, cut to 200 characters
     recorded = (good / "optimizer.bin").stat().st_size
     (good / "optimizer.bin").write_bytes(b"cut")  # another size than the marker records
     with pytest.raises(T.TrainingError) as e:
