@@ -155,14 +155,21 @@ def test_a_checkpoint_in_the_way_is_replaced_if_complete_and_kept_aside_if_not(t
 
     out = tmp_path / "out"
     final = _complete(out / "checkpoint-2")
+    (out / ".checkpoint-2.tmp-old").mkdir()  # left by a replace killed half-way: cleared first
+    (out / ".checkpoint-2.tmp-old" / "f").write_text("x")
     new = _complete(out / ".checkpoint-2.tmp", step=22)
     _move_into_place(new, final)
     assert T.read_checkpoint_info(final)["step"] == 22 and not new.exists()
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]  # the replaced one and its aside name are gone
-    for n, aside in enumerate(("checkpoint-2.unmarked", "checkpoint-2.unmarked1")):
+    for n, aside in enumerate(("checkpoint-2.unmarked", "checkpoint-2.unmarked1", "checkpoint-2.unmarked2")):
         (final / T.CHECKPOINT_STATE).unlink()  # someone else's folder now
         new = _complete(out / ".checkpoint-2.tmp", step=30 + n)
         with caplog.at_level(logging.WARNING, logger="dashdiff.training"):
             _move_into_place(new, final)
         assert (out / aside).is_dir() and T.read_checkpoint_info(final)["step"] == 30 + n
-        assert f"kept as {aside}" in caplog.records[-1].getMessage()
+        assert caplog.records[-1].getMessage() == (
+            f"{final} was in the way and is not a complete dashdiff checkpoint (no dashdiff_checkpoint.json (an "
+            f"interrupted save, or not written by dashdiff)): kept as {aside}")
+    new = _complete(out / ".checkpoint-2.tmp", step=40)  # a complete one in the way, no leftover aside folder
+    _move_into_place(new, final)
+    assert T.read_checkpoint_info(final)["step"] == 40 and not (out / ".checkpoint-2.tmp-old").exists()
