@@ -173,3 +173,81 @@ def test_a_checkpoint_in_the_way_is_replaced_if_complete_and_kept_aside_if_not(t
     new = _complete(out / ".checkpoint-2.tmp", step=40)  # a complete one in the way, no leftover aside folder
     _move_into_place(new, final)
     assert T.read_checkpoint_info(final)["step"] == 40 and not (out / ".checkpoint-2.tmp-old").exists()
+
+
+def test_resume_resolution_word_for_word(tmp_path, caplog):
+    import logging
+
+    flags = T.FlagNames(resume="--resume_from_checkpoint")
+    out = tmp_path / "out"
+    with pytest.raises(T.TrainingError) as e:
+        T.resolve_resume(out, "checkpoint-9", flags)
+    assert str(e.value) == (f"--resume_from_checkpoint checkpoint-9: no such checkpoint (checkpoints in {out}: none); "
+                            "pass one of them or 'latest'")
+    _complete(out / "checkpoint-search-1", step=1)
+    _complete(out / "checkpoint-2")
+    (out / "checkpoint-5").mkdir()  # no marker
+    _complete(out / "checkpoint-7", step=7)
+    (out / "checkpoint-7" / "optimizer.bin").write_bytes(b"cut")  # another size than recorded
+    (out / "mine").mkdir()
+    with pytest.raises(T.TrainingError) as e:
+        T.resolve_resume(out, "checkpoint-9", flags)
+    assert str(e.value).endswith(f"(checkpoints in {out}: checkpoint-search-1, checkpoint-2, checkpoint-5, "
+                                 "checkpoint-7); pass one of them or 'latest'")
+    with pytest.raises(T.TrainingError) as e:
+        T.resolve_resume(out, str(out / "mine"), flags)
+    assert str(e.value) == (f"--resume_from_checkpoint {out / 'mine'}: {out / 'mine'} is not named checkpoint-<step> "
+                            "or checkpoint-search-<step>; pass a folder the script wrote, or 'latest'")
+    with pytest.raises(T.TrainingError) as e:
+        T.resolve_resume(out, "checkpoint-5", flags)
+    assert str(e.value).endswith(": no dashdiff_checkpoint.json (an interrupted save, or not written by dashdiff). Resume "
+                                 "from a complete one (in that folder: checkpoint-search-1, checkpoint-2) or pass 'latest'.")
+    assert T.resolve_resume(out, "checkpoint-search-1") == T.Checkpoint((out / "checkpoint-search-1").resolve(), "search", 1)
+    with caplog.at_level(logging.WARNING, logger="dashdiff.training"):
+        assert T.resolve_resume(out, "latest", flags).path.name == "checkpoint-2"
+    recorded = json_size(out / "checkpoint-7")
+    assert [r.getMessage() for r in caplog.records] == [
+        "--resume_from_checkpoint latest: skipping incomplete checkpoint-5, checkpoint-7 (optimizer.bin has 3 bytes, the "
+        f"checkpoint recorded {recorded}); resuming from checkpoint-2"]  # the newest one's problem
+    caplog.clear()
+    empty = tmp_path / "empty"
+    (empty / "checkpoint-3").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="dashdiff.training"):
+        assert T.resolve_resume(empty, "latest", flags) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "--resume_from_checkpoint latest: skipping incomplete checkpoint-3 (no dashdiff_checkpoint.json (an interrupted "
+        "save, or not written by dashdiff)); resuming from nothing (a fresh start)"]
+
+
+def json_size(folder) -> int:
+    import json
+
+    return json.loads((folder / T.CHECKPOINT_STATE).read_text())["files"]["optimizer.bin"]
+
+
+def test_clean_up_and_damaged_markers_word_for_word(tmp_path, caplog):
+    import logging
+
+    out = tmp_path / "out"
+    for name in (".checkpoint-4.tmp", ".checkpoint-search-2.tmp"):
+        (out / name).mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="dashdiff.training"):
+        T.clean_stale_temporaries(out)
+    assert [r.getMessage() for r in caplog.records] == [
+        "removed 2 unfinished checkpoint folder(s) left by an interrupted save: .checkpoint-4.tmp, .checkpoint-search-2.tmp"]
+    ckpt = _complete(tmp_path / "checkpoint-2")
+    (ckpt / T.CHECKPOINT_STATE).write_text("[1, 2]")
+    with pytest.raises(T.TrainingError) as e:
+        T.read_checkpoint_info(ckpt)
+    assert str(e.value) == f"{ckpt / T.CHECKPOINT_STATE} is damaged (not a JSON object): resume from another checkpoint"
+    (ckpt / T.CHECKPOINT_STATE).write_text("{}")
+    (ckpt / "optimizer.bin").unlink()
+    (ckpt / T.ADAPTER_STATE).unlink()
+    with pytest.raises(T.TrainingError) as e:
+        T.read_checkpoint_info(ckpt)
+    assert str(e.value) == (f"{ckpt} lacks {T.ADAPTER_STATE}, optimizer.bin (an interrupted save?): resume from another "
+                            "checkpoint")
+    (ckpt / T.CHECKPOINT_STATE).unlink()
+    with pytest.raises(T.TrainingError) as e:
+        T.read_checkpoint_info(ckpt)
+    assert str(e.value) == f"{ckpt} has no {T.CHECKPOINT_STATE}: it was not written by a dashdiff script"
