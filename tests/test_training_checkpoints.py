@@ -217,6 +217,9 @@ def test_resume_resolution_word_for_word(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "--resume_from_checkpoint latest: skipping incomplete checkpoint-3 (no dashdiff_checkpoint.json (an interrupted "
         "save, or not written by dashdiff)); resuming from nothing (a fresh start)"]
+    with pytest.raises(T.TrainingError) as e:
+        T.resolve_resume(empty, "checkpoint-3", flags)
+    assert str(e.value).endswith("Resume from a complete one (in that folder: none) or pass 'latest'.")
 
 
 def json_size(folder) -> int:
