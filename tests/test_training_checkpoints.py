@@ -222,6 +222,14 @@ def test_resume_resolution_word_for_word(tmp_path, caplog):
     assert str(e.value).endswith("Resume from a complete one (in that folder: none) or pass 'latest'.")
 
 
+def test_pruning_by_default_makes_room_for_one_more(tmp_path):
+    out = tmp_path / "out"
+    for step in (1, 2, 3):
+        _complete(out / f"checkpoint-{step}", step=step)
+    assert T.prune_checkpoints(out, 2) == [out / "checkpoint-1", out / "checkpoint-2"]  # 3 + 1 to come - 2 allowed
+    assert T.prune_checkpoints(out, None) == [] and sorted(p.name for p in out.iterdir()) == ["checkpoint-3"]
+
+
 def json_size(folder) -> int:
     import json
 
