@@ -44,9 +44,13 @@ screenshot: install
 
 # Mutation testing (not part of CI; see BENCHMARKS.md "Mutation testing"): mutmut (pinned, the
 # `mutation` extra) on the core modules against the fast test subset configured in pyproject.toml.
-# MUTANTS picks the modules (mutmut name patterns); `make mutation MUTANTS='dashdiff.*'` runs all of them.
+# MUTANTS picks the modules (mutmut name patterns); `make mutation MUTANTS='dashdiff.*'` runs all of them,
+# e.g. MUTANTS='dashdiff.export*' (export.py against test_export.py) or
+# MUTANTS='dashdiff.training.guard* dashdiff.training.run*' (the run lifecycle). MUTMUT_CHILDREN=1 on a shared
+# machine. The mutants only a GPU kills are planted by hand there: python tests/scripts/plant_mutants.py
 MUTANTS ?= dashdiff.dash.kernel* dashdiff.autolora.kernel* dashdiff.dash.selection* dashdiff.autolora.ranks*
+MUTMUT_CHILDREN ?= 2
 mutation: install
 	$(PY) -m pip install -q -e ".[mutation]"
-	.venv/bin/mutmut run --max-children 2 $(foreach m,$(MUTANTS),"$(m)")
+	.venv/bin/mutmut run --max-children $(MUTMUT_CHILDREN) $(foreach m,$(MUTANTS),"$(m)")
 	.venv/bin/mutmut results

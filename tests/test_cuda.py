@@ -102,6 +102,105 @@ def test_fused_dash_before_launch_gives_delta_a_zero_gradient_on_its_device():
         _close(g_got, g_want, 2e-2)
 
 
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+@cuda
+def test_fused_weight_gradients_keep_the_float32_accumulator():
+    """With bf16 operands and float32 parameters, both fused functions' weight gradients come out of cuBLAS's
+    float32-output product (``ops.mm_to``), not out of a bf16 product that autograd then casts to float32.
+
+    The reference is the same products in float64 of the very bf16 operands the kernels multiply: the
+    activations and the bf16 intermediates (h = x Aᵀ, g_h = g (B c)ᵀ), recomputed here by the kernels' own
+    calls on the same tensors (the same cuBLAS call on the same shapes gives the same bits). The correct
+    gradients then differ from it only by float32 accumulation: products of bf16 numbers are exact in float32,
+    and the sums run over 150 / 80 terms (estimated ~1e-6 relative, norm-wise). A gradient rounded to bf16 is
+    off by up to 2^-9 per entry, ~5e-4 norm-wise: FusedDashLinear.backward 29 (grad_a) and 44 (grad_b and
+    grad_δ), FusedAutoLoraLinear.backward 72 (grad_a) and 83 (grad_b, grad_β), the ``_mm_to(..., None)``
+    mutants, which test_fused_*_bf16_gradients_are_float32_and_accurate (2e-2 against an all-float64
+    reference) cannot resolve.
+
+    NOT RUN on a GPU when written (no GPU in that session). Dry-run on the CPU (``DEV = "cpu"``) with
+    ``mm_to`` replaced by what cuBLAS's float32 output does (float32 products of the bf16 operands, float32
+    sums): every relative error 4e-8 to 1e-7; with ``mm_to`` returning the bf16 product (the mutants):
+    1.3e-3 to 2.3e-3. REL = 1e-5 leaves cuBLAS room for another summation order (and its bf16
+    reduced-precision-reduction setting) and is still 100x below the mutants; the first GPU run prints the
+    measured errors (``-rP``): set REL to ~10x the largest."""
+    import torch.nn.functional as F
+
+    REL = 1e-5
+    errors = {}
+    torch.manual_seed(0)
+    dev, r, s, n_in, n_out, lam, base = torch.device(DEV), 4, 3, 96, 80, 0.7, 2.0
+    a = torch.randn(r, n_in, device=dev, requires_grad=True)
+    b = torch.randn(n_out, r, device=dev, requires_grad=True)
+    d = torch.randn(s, device=dev, requires_grad=True)
+    v, u = torch.randn(s, n_in, device=dev), torch.randn(n_out, s, device=dev)
+    flat = torch.cat([a.detach().flatten(), v.flatten(), b.detach().t().flatten(), u.t().flatten(),
+                      torch.full((r,), base, device=dev), d.detach()]).to(torch.bfloat16)
+    a_cat, a_t, b_t, coef, u_t = operands(flat, r, s, n_in, n_out, launched=True)
+    xb = torch.randn(3, 50, n_in, device=dev).to(torch.bfloat16)
+    y = FusedDashLinear.apply(xb, a, b, d, (a_cat, a_t, b_t, coef * lam, u_t, base * lam, lam, r))
+    gy = torch.randn_like(y)
+    g_a, g_b, g_d = torch.autograd.grad(y, (a, b, d), gy)
+    assert [t.dtype for t in (g_a, g_b, g_d)] == [torch.float32] * 3
+    # the kernel's bf16 operands, by its own calls (forward: h = x2 A_catᵀ; backward: g_h = g (B_cat c)ᵀ)
+    x2, g = xb.reshape(-1, n_in), gy.reshape(-1, n_out)
+    h = x2.mm(a_t)
+    g_h = F.linear(g, b_t * (coef * lam))
+    gh_t = h.double().t() @ g.double()  # (k, out)
+    errors["dash A"] = _rel(g_a, g_h[:, :r].double().t() @ x2.double())
+    errors["dash B"] = _rel(g_b, gh_t[:r].t() * (base * lam))
+    errors["dash delta"] = _rel(g_d, (gh_t[r:] * u_t.double()).sum(1) * lam)
+
+    k, n_in, n_out, scaling = 6, 64, 72, 1.5
+    a = torch.randn(k, n_in, device=dev, requires_grad=True)
+    b = torch.randn(n_out, k, device=dev, requires_grad=True)
+    beta = torch.randn(k, device=dev, requires_grad=True)
+    xb = torch.randn(2, 40, n_in, device=dev).to(torch.bfloat16)
+    y = FusedAutoLoraLinear.apply(xb, a, b, beta, scaling)
+    gy = torch.randn_like(y)
+    g_a, g_b, g_beta = torch.autograd.grad(y, (a, b, beta), gy)
+    assert [t.dtype for t in (g_a, g_b, g_beta)] == [torch.float32] * 3
+    alpha = torch.softmax(beta.detach(), 0)  # float32, as the forward computes it
+    c = alpha * scaling
+    x2, g = xb.reshape(-1, n_in), gy.reshape(-1, n_out)
+    h = x2.mm(a.detach().to(torch.bfloat16).t())
+    g_h = g.mm((b.detach() * c).to(torch.bfloat16))
+    gh = g.double().t() @ h.double()  # (out, k)
+    errors["autolora A"] = _rel(g_a, g_h.double().t() @ x2.double())
+    errors["autolora B"] = _rel(g_b, gh * c.double())
+    grad_c = (gh * b.detach().double()).sum(0) * scaling
+    al = alpha.double()
+    beta_err = _rel(g_beta, al * (grad_c - (al * grad_c).sum()))  # softmax's backward
+    errors["autolora beta"] = beta_err
+    print({name: f"{e:.2e}" for name, e in errors.items()})
+    assert all(e < REL for e in errors.values()), errors
+
+
+@cuda
+def test_directions_digest_of_a_model_on_the_gpu():
+    """The launch's cross-process check hashes U_s and V_sᵀ of every layer on the host in float64: a launched
+    model moved to the GPU has the digest it had on the CPU. Kills run.directions_digest 10 and 12 (the copy to
+    the host dropped: a CUDA tensor has no ``.numpy()``), CPU-equivalent mutants."""
+    import peft
+    from torch import nn
+
+    import dashdiff
+    from dashdiff import training as T
+
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module("q_proj", nn.Linear(12, 16))
+    net.add_module("o_proj", nn.Linear(16, 12))
+    model = peft.get_peft_model(net, dashdiff.LoraDashConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"],
+                                                             dash_directions=2, init_lora_weights="gaussian"))
+    dashdiff.launch_dash(model)
+    on_cpu = T.directions_digest(model)
+    assert T.directions_digest(model.to(DEV)) == on_cpu
+
+
 def _svd_launch(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, s: int):
     """A launch's reference from a float64 SVD of W0 on the CPU and the explicit ΔW = scaling·B A:
     (top-s indices, σ, every change rate |u_iᵀ ΔW v_i| / σ_i, U, Vᵀ)."""

@@ -233,6 +233,10 @@ ACROSS = {
     "test_checkpoint_safety.py": "the DreamBooth script's checkpoints and folders under faults",
     "test_diffusers_controls.py": "diffusers' runtime controls on a launched LoRA-Dash UNet",
     "test_kohya_metadata.py": "what the kohya export tells A1111 / Forge / sd-scripts",
+    "test_script_step_logic.py": "both training scripts' optimizer-step boundaries under gradient accumulation, in "
+                                 "process (the scripts' own files run accumulation only through accelerate launch)",
+    "test_export_stock_load.py": "export.py's files in the stock loaders (a ~1 min subprocess fixture: kept out "
+                                 "of the mutation run, which runs export.py's in-process test_export.py)",
     "test_install.py": "the lock against pyproject.toml; text-encoder adapters without add_adapter",
     "test_bench.py": "the benchmark scripts of bench/ at CPU size",
     "test_quality.py": "bench/quality.py and its world encoder",
