@@ -102,7 +102,6 @@ def test_dreambooth_grid_trains_renders_at_each_scale_and_reuses_runs(tmp_path):
     assert (base["setting"], hot["setting"]) == ("base", "hot")
     assert hot["scores"]["0.0"] == base["scores"]["1.0"]
     assert hot["scores"]["1.0"]["prompt"] != base["scores"]["1.0"]["prompt"]
-    assert all(0.0 <= v <= 1.0 for v in (hot["scores"]["1.0"]["prompt"], hot["scores"]["1.0"]["prompt_validation"]))
     run = json.loads((tmp_path / "out" / "runs" / "hot__toycat" / "dashdiff_run.json").read_text())
     assert run["args"]["instance_prompt"] == "a photo of sks toy indoors" and run["global_step"] == 2
     montage = np.asarray(Image.open(tmp_path / "out" / "montage_toycat_s0.0.png"))
