@@ -3,6 +3,7 @@ own, clean-up of unfinished saves, damaged markers (the scripts' fault runs are 
 test_checkpoint_safety.py)."""
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -262,3 +263,256 @@ def test_clean_up_and_damaged_markers_word_for_word(tmp_path, caplog):
     with pytest.raises(T.TrainingError) as e:
         T.read_checkpoint_info(ckpt)
     assert str(e.value) == f"{ckpt} has no {T.CHECKPOINT_STATE}: it was not written by a dashdiff script"
+
+
+# --------------------------------------------------------------------------- the save's helpers
+
+
+def test_fault_point_kills_only_at_the_named_checkpoint_and_point(monkeypatch):
+    """The test-only kill hook: SIGKILL of this process at exactly ``<name>:<where>`` (a checkpoint whose
+    name merely starts with ``name`` does not match), a timer for ``delay=<s>`` armed at ``begin`` only,
+    and nothing when the variable is unset."""
+    import os
+    import signal
+
+    from dashdiff.training import checkpoints as C
+
+    kills, timers = [], []
+
+    class Timer:
+        def __init__(self, seconds, fn, args):
+            timers.append((seconds, fn, args))
+
+        def start(self):
+            timers.append("started")
+
+    monkeypatch.setattr(C.os, "kill", lambda pid, sig: kills.append((pid, sig)))
+    monkeypatch.setattr(C.threading, "Timer", Timer)
+    monkeypatch.delenv("DASHDIFF_TEST_KILL", raising=False)
+    C._fault_point("checkpoint-train-3", "begin")
+    monkeypatch.setenv("DASHDIFF_TEST_KILL", "")
+    C._fault_point("checkpoint-train-3", "begin")
+    monkeypatch.setenv("DASHDIFF_TEST_KILL", "checkpoint-train-30:after_state")
+    C._fault_point("checkpoint-train-3", "after_state")  # a longer name that starts with this one
+    monkeypatch.setenv("DASHDIFF_TEST_KILL", "checkpoint-train-3:after_state")
+    C._fault_point("checkpoint-train-3", "before_rename")
+    C._fault_point("checkpoint-train-4", "after_state")
+    assert kills == [] and timers == []
+    C._fault_point("checkpoint-train-3", "after_state")
+    assert kills == [(os.getpid(), signal.SIGKILL)]
+    monkeypatch.setenv("DASHDIFF_TEST_KILL", "checkpoint-train-3:delay=1.25")
+    C._fault_point("checkpoint-train-3", "after_state")  # a delay is armed at the save's beginning only
+    assert timers == []
+    C._fault_point("checkpoint-train-3", "begin")
+    assert timers == [(1.25, C.os.kill, (os.getpid(), signal.SIGKILL)), "started"]
+    assert kills == [(os.getpid(), signal.SIGKILL)]  # the timer did not fire here
+
+
+def test_gather_errors_one_process_and_many(monkeypatch):
+    """Every process's error text, ``"<Type>: <message>"``, with the processes that had none left out."""
+    import accelerate.utils
+
+    from dashdiff.training import checkpoints as C
+
+    class Acc:
+        num_processes = 1
+
+    assert C._gather_errors(Acc(), None) == []
+    assert C._gather_errors(Acc(), OSError(28, "No space left on device")) == ["OSError: [Errno 28] No space left on device"]
+    sent = []
+
+    def gather_object(obj):
+        sent.append(obj)
+        return [*obj, None, "ValueError: rank 2"]
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather_object)
+    for n in (2, 3):
+        Acc.num_processes = n
+        assert C._gather_errors(Acc(), KeyError("k")) == ["KeyError: 'k'", "ValueError: rank 2"]
+        assert C._gather_errors(Acc(), None) == ["ValueError: rank 2"]
+    assert sent == [["KeyError: 'k'"], [None]] * 2
+
+
+def test_fsync_syncs_and_closes_and_forgives_only_folders(monkeypatch, tmp_path):
+    """A file's data, then its folder, reach the disk: ``os.fsync`` of a descriptor opened read-only
+    (``O_DIRECTORY`` for a folder), always closed; EINVAL / EBADF are forgiven for a folder only (some
+    file systems cannot fsync one), every other error is raised."""
+    import errno
+    import os
+
+    from dashdiff.training import checkpoints as C
+
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"x")
+    opened, synced, closed = [], [], []
+    real_open, real_close = os.open, os.close
+
+    def fake_open(path, flags):
+        fd = real_open(path, flags)
+        opened.append((Path(path), flags, fd))
+        return fd
+
+    monkeypatch.setattr(C.os, "open", fake_open)
+    monkeypatch.setattr(C.os, "close", lambda fd: (closed.append(fd), real_close(fd)))
+    monkeypatch.setattr(C.os, "fsync", lambda fd: synced.append(fd))
+    C._fsync(f)
+    C._fsync(tmp_path, directory=True)
+    assert [(p, fl) for p, fl, _ in opened] == [(f, os.O_RDONLY), (tmp_path, os.O_RDONLY | os.O_DIRECTORY)]
+    assert synced == closed == [fd for *_, fd in opened]
+
+    def failing(code):
+        def fsync(fd):
+            raise OSError(code, os.strerror(code))
+        return fsync
+
+    for code in (errno.EINVAL, errno.EBADF):
+        monkeypatch.setattr(C.os, "fsync", failing(code))
+        C._fsync(tmp_path, directory=True)  # forgiven
+        with pytest.raises(OSError):
+            C._fsync(f)
+    monkeypatch.setattr(C.os, "fsync", failing(errno.EIO))
+    with pytest.raises(OSError):
+        C._fsync(tmp_path, directory=True)
+    assert len(closed) == len(opened) == 2 + 5  # closed after every failure too
+
+
+class _SaveAcc:
+    """The accelerator surface save_checkpoint uses: ``save_state`` writes one file (or raises ``fail``)."""
+
+    def __init__(self, main=True, processes=1, fail=None):
+        self.is_main_process, self.num_processes, self.fail = main, processes, fail
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"weights")
+        if self.fail is not None:
+            raise self.fail
+
+
+def _saved(root, phase, step):
+    from dashdiff.training import checkpoints as C
+
+    return C.save_checkpoint(_SaveAcc(), root, phase, step, {"k": 1})
+
+
+def test_save_checkpoint_failure_messages_word_for_word(tmp_path):
+    """A failed save names the disk when it is full and the first error otherwise, lists only the complete
+    earlier checkpoints (or 'none'), tells how to go on with the caller's flag spelling, and leaves no
+    checkpoint folder of its own."""
+    from dashdiff.training import checkpoints as C
+    from dashdiff.training.records import FlagNames
+
+    root = tmp_path / "run"
+    with pytest.raises(C.CheckpointWriteError) as err:
+        C.save_checkpoint(_SaveAcc(fail=OSError(28, "No space left on device")), root, "train", 2, {})
+    assert str(err.value) == (f"could not write checkpoint {root / 'checkpoint-2'}: the disk is full. The partial "
+                              "checkpoint was removed; earlier checkpoints are intact (none). Free some space, then "
+                              "resume with resume_from_checkpoint latest.")
+    _saved(root, "train", 1)
+    _saved(root, "search", 4)
+    (root / "checkpoint-3").mkdir()  # incomplete: no marker
+    with pytest.raises(C.CheckpointWriteError) as err:
+        C.save_checkpoint(_SaveAcc(fail=ValueError("bad tensor")), root, "train", 5, {},
+                          flags=FlagNames(resume="--resume_from_checkpoint"))
+    assert str(err.value) == (f"could not write checkpoint {root / 'checkpoint-5'}: ValueError: bad tensor. The "
+                              "partial checkpoint was removed; earlier checkpoints are intact (checkpoint-search-4, "
+                              "checkpoint-1). Fix that, then resume with --resume_from_checkpoint latest.")
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-1", "checkpoint-3", "checkpoint-search-4"]
+
+
+def test_save_checkpoint_fault_points_in_order(monkeypatch, tmp_path):
+    """The kill hook is reached at begin, state, marker and renamed of this checkpoint's save, in that order
+    (the fault-injection test kills a save at each)."""
+    import os
+
+    from dashdiff.training import checkpoints as C
+
+    seen = []
+    for point in ("begin", "state", "marker", "renamed"):
+        monkeypatch.setenv("DASHDIFF_TEST_KILL", f"checkpoint-7:{point}")
+        monkeypatch.setattr(C.os, "kill", lambda pid, sig, p=point: seen.append((p, pid == os.getpid())))
+        final = C.save_checkpoint(_SaveAcc(), tmp_path / point, "train", 7, {})
+        assert final == tmp_path / point / "checkpoint-7" and C.checkpoint_problem(final) is None
+    assert seen == [("begin", True), ("state", True), ("marker", True), ("renamed", True)]
+
+
+def test_save_checkpoint_leaves_nothing_in_place_after_an_error_and_clears_an_old_temporary(tmp_path):
+    """An error in save_state must not let the marker be written or the folder renamed; a leftover
+    ``.checkpoint-<n>.tmp`` of a killed save is removed first (its files do not enter the new checkpoint)."""
+    import json
+
+    from dashdiff.training import checkpoints as C
+
+    root = tmp_path / "run"
+    with pytest.raises(C.CheckpointWriteError):
+        C.save_checkpoint(_SaveAcc(fail=RuntimeError("torch.save failed")), root, "train", 2, {})
+    assert sorted(p.name for p in root.iterdir()) == []
+    (root / ".checkpoint-2.tmp").mkdir()
+    (root / ".checkpoint-2.tmp" / "stale.bin").write_bytes(b"old")
+    final = C.save_checkpoint(_SaveAcc(), root, "train", 2, {"note": "x"})
+    assert sorted(p.name for p in final.iterdir()) == ["dashdiff_checkpoint.json", "model.safetensors"]
+    marker = json.loads((final / "dashdiff_checkpoint.json").read_text())
+    assert marker["files"] == {"model.safetensors": 7} and (marker["phase"], marker["step"], marker["note"]) == ("train", 2, "x")
+
+
+def test_save_checkpoint_on_a_non_main_process_writes_no_marker(monkeypatch, tmp_path):
+    """Only the main process writes the marker and renames: another process (no error anywhere) leaves
+    its state in the temporary folder for the main process."""
+    import accelerate.utils
+
+    from dashdiff.training import checkpoints as C
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda obj: [*obj, None])
+    final = C.save_checkpoint(_SaveAcc(main=False, processes=2), tmp_path, "train", 3, {})
+    assert not final.exists() and (tmp_path / ".checkpoint-3.tmp" / "model.safetensors").is_file()
+    assert not (tmp_path / ".checkpoint-3.tmp" / "dashdiff_checkpoint.json").exists()
+
+
+def test_save_checkpoint_prunes_older_ones_but_never_the_new_one(tmp_path, caplog):
+    """After the new checkpoint is complete, older complete ones are pruned to the limit (logged with
+    the limit's flag), and the new one is kept even when an earlier run left a later step."""
+    import logging
+
+    from dashdiff.training import checkpoints as C
+
+    root = tmp_path / "run"
+    for step in (1, 2):
+        _saved(root, "train", step)
+    with caplog.at_level(logging.INFO, logger=C.logger.name):
+        C.save_checkpoint(_SaveAcc(), root, "train", 3, {}, total_limit=1)
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-3"]
+    assert [r.getMessage() for r in caplog.records if "removed old" in r.getMessage()] == [
+        "removed old checkpoint(s) checkpoint-1, checkpoint-2 (checkpoints_total_limit 1)"]
+    _saved(root, "train", 9)
+    final = C.save_checkpoint(_SaveAcc(), root, "train", 5, {}, total_limit=1)  # older than checkpoint-9
+    assert final.is_dir() and C.checkpoint_problem(final) is None
+
+
+def test_save_checkpoint_syncs_files_then_folders_as_folders(monkeypatch, tmp_path):
+    """Every file, then the marker, then the checkpoint folder and the output folder are synced, the two
+    folders as folders (only a folder's fsync may be forgiven where a file system cannot do it)."""
+    from dashdiff.training import checkpoints as C
+
+    calls = []
+    monkeypatch.setattr(C, "_fsync", lambda path, directory=False: calls.append((Path(path).name, directory)))
+    C.save_checkpoint(_SaveAcc(), tmp_path / "run", "train", 4, {})
+    assert calls == [("model.safetensors", False), ("dashdiff_checkpoint.json", False), (".checkpoint-4.tmp", True),
+                     ("run", True)]
+
+
+def test_save_checkpoint_error_while_finishing_is_raised_and_cleaned_up(monkeypatch, tmp_path):
+    """A failure after the state was written (the marker on a full disk) is the same CheckpointWriteError,
+    and the temporary folder goes: nothing half-written is left to resume from."""
+    from dashdiff.training import checkpoints as C
+
+    def full(path, info):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(C, "write_checkpoint_info", full)
+    root = tmp_path / "run"
+    with pytest.raises(C.CheckpointWriteError, match="the disk is full"):
+        C.save_checkpoint(_SaveAcc(), root, "train", 6, {})
+    assert list(root.iterdir()) == []
