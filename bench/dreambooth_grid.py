@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import image_world as W  # noqa: E402
+import quality as Q  # noqa: E402  (its evaluation-script loader and finished-run check)
 import world_encoders as WE  # noqa: E402
 
 DEMO_SUBJECT = ROOT / "assets" / "subject"
@@ -71,8 +72,7 @@ def instance_dir(subject: str, out: Path) -> Path:
 def train(model: str, name: str, flags: list[str], subject: str, out: Path) -> Path:
     """One ``train/dreambooth_dash.py`` run in a subprocess (skipped if finished); returns its folder."""
     run_dir = out / "runs" / f"{name}__{subject}"
-    record = run_dir / "dashdiff_run.json"
-    if record.is_file() and json.loads(record.read_text()).get("status") == "done":
+    if Q._done(run_dir):
         return run_dir
     defaults = {"--instance_prompt": W.INSTANCE_PROMPT, "--resolution": "64", "--train_batch_size": "2",
                 "--seed": "0", "--checkpointing_steps": "1000000", "--report_to": "none"}
@@ -88,23 +88,13 @@ def train(model: str, name: str, flags: list[str], subject: str, out: Path) -> P
     return run_dir
 
 
-def _eval_module():
-    """train/dreambooth_eval.py (its ``load_pipeline``), imported by its file stem as quality.py does."""
-    import importlib
-
-    folder = str(ROOT / "train")
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    return importlib.import_module("dreambooth_eval")
-
-
 def render_and_score(model: str, run_dir: Optional[Path], references: list, args, encoder) -> dict[str, Any]:
     """Per adapter scale (the base model: 1 only): the scores over the context prompts and on the
     validation prompt, and the seed-``seeds[0]`` image of each protocol prompt (uint8, for the montage)."""
     from diffusers import DPMSolverMultistepScheduler
 
-    pipe = _eval_module().load_pipeline(model, lora_weights=str(run_dir) if run_dir else None,
-                                        device=args.device, dtype="float32")
+    pipe = Q.DE().load_pipeline(model, lora_weights=str(run_dir) if run_dir else None,
+                              device=args.device, dtype="float32")
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # as the script validates
     texts = [p["prompt"] for p in W.PROMPTS]
     context = [p["prompt"] for p in W.PROMPTS if p["type"] == "context"]
@@ -179,7 +169,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     with ThreadPoolExecutor(args.workers) as pool:  # each job is a subprocess: threads only wait
         run_dirs = list(pool.map(lambda j: train(model, j[0], j[1], j[2], out), jobs))
     encoder = WE.load_world_encoder(WORLD_ENCODER)
-    de = _eval_module()
+    de = Q.DE()
     rows: list[dict[str, Any]] = []
     for subject in args.subjects:
         refs = de.load_images(sorted(instance_dir(subject, out).glob("*.png")))
