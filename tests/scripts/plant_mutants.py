@@ -14,10 +14,10 @@ the function's start and, for a method, without the class's indentation) or an o
 file; each hunk is applied by finding its old lines in the file (indented by 0, 4, 8 or 12 spaces, exactly
 once) and putting its new lines there, so both kinds apply the same way.
 
-For each mutant: a fresh copy of ``dashdiff/`` in a temporary tree (beside a copy of ``tests/``, ``train/``,
-``bench/``, ``app.py`` and ``pyproject.toml``, ``assets/`` linked), the diff applied, then ``python -m pytest`` of
-the listed node ids run from that tree, so that its ``dashdiff`` is the one imported (checked before anything
-runs: the editable install of another checkout must not win). The same tests first run once unpatched: a
+One temporary tree (copies of ``dashdiff/``, ``tests/``, ``train/``, ``bench/``, ``app.py`` and
+``pyproject.toml``, ``assets/`` linked); for each mutant its diff applied, ``python -m pytest`` of the listed node
+ids run from that tree, so that its ``dashdiff`` is the one imported (checked before anything runs: the
+editable install of another checkout must not win), then the file put back. The same tests first run once unpatched: a
 failing baseline would make every mutant look killed. Prints a Markdown table ``mutant | test | result |
 seconds`` and exits 1 if the baseline fails, a diff does not apply, or a mutant expected killed survives.
 """
@@ -169,11 +169,7 @@ def main(argv=None) -> int:
         if not ok:
             failures.append("baseline")
             print(out[-3000:], file=sys.stderr)
-        pristine = (tmp / "dashdiff").with_name("dashdiff.pristine")
-        shutil.copytree(tmp / "dashdiff", pristine)
         for name, spec in chosen.items() if ok else ():
-            shutil.rmtree(tmp / "dashdiff")
-            shutil.copytree(pristine, tmp / "dashdiff")
             tests = " ".join(t.split("::", 1)[-1] for t in spec["tests"])
             try:
                 target, hunks = parse_diff((args.dir / spec["diff"]).read_text())
@@ -190,7 +186,7 @@ def main(argv=None) -> int:
                     rows.append(f"| {name} | {tests} | applies | |")
                     continue
                 passed, secs, _ = run_tests(tmp, spec["tests"], extra)
-            finally:  # a diff of a file outside dashdiff/ (train/, ...) must not stay for the next mutant
+            finally:  # the next mutant starts from the unpatched tree (bytecode is not written: env_for)
                 path.write_text(original)
             result = "survived" if passed else "killed"
             expected = spec.get("expect", "killed")
