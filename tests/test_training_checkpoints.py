@@ -231,6 +231,36 @@ def test_pruning_by_default_makes_room_for_one_more(tmp_path):
     assert T.prune_checkpoints(out, None) == [] and sorted(p.name for p in out.iterdir()) == ["checkpoint-3"]
 
 
+def test_a_deletion_killed_midway_leaves_only_a_temporary_folder(tmp_path, monkeypatch):
+    """Pruning renames a checkpoint aside before deleting it: a kill inside the deletion (here an
+    exception after the first file) leaves a ``.tmp`` folder that the next start cleans, never a
+    half-deleted ``checkpoint-<n>`` that later pruning would not recognise as complete."""
+    out = tmp_path / "out"
+    for step in (1, 2):
+        _complete(out / f"checkpoint-{step}", step=step)
+        (out / f"checkpoint-{step}" / "b.bin").write_bytes(b"y")
+    real_rmtree = T.checkpoints.shutil.rmtree
+
+    def killed_rmtree(path, ignore_errors=False):
+        files = sorted(Path(path).glob("*")) if Path(path).exists() else []
+        if files:
+            files[0].unlink()
+            raise KeyboardInterrupt("killed during the deletion")
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(T.checkpoints.shutil, "rmtree", killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        T.prune_checkpoints(out, 1)
+    monkeypatch.setattr(T.checkpoints.shutil, "rmtree", real_rmtree)
+    assert sorted(p.name for p in out.iterdir()) == [".checkpoint-1.tmp-pruned", "checkpoint-2"]
+    assert T.clean_stale_temporaries(out) == [out / ".checkpoint-1.tmp-pruned"]
+    assert [c.path.name for c in T.list_checkpoints(out)] == ["checkpoint-2"]
+    # a leftover of the same name from an earlier kill does not stop the next pruning
+    (out / ".checkpoint-2.tmp-pruned").mkdir()
+    assert T.prune_checkpoints(out, 1) == [out / "checkpoint-2"]
+    assert list(out.iterdir()) == []
+
+
 def json_size(folder) -> int:
     import json
 

@@ -161,7 +161,12 @@ def prune_checkpoints(output_dir: PathLike, total_limit: Optional[int], keep_fre
     excess = len(found) + keep_free - total_limit
     removed = []
     for ckpt in [c for c in found if c.path.resolve() not in spare][: max(excess, 0)]:
-        shutil.rmtree(ckpt.path, ignore_errors=True)
+        # Renamed to a temporary name first: a save killed during the deletion then leaves a
+        # folder that clean_stale_temporaries removes, not a half-deleted checkpoint-<n>.
+        doomed = ckpt.path.with_name(f".{ckpt.path.name}.tmp-pruned")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.rename(ckpt.path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
         removed.append(ckpt.path)
     return removed
 
