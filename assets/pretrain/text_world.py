@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -526,6 +527,45 @@ def tasks(world: World, test_fraction: float = 0.2, max_train: int = 600,
             split[name] = recs
         out[task] = split
     return out
+
+
+# --------------------------------------------------------------------------- plain questions
+
+_CHOICE_RE = re.compile(r"\n\n[A-Z][a-z]+(\d+): ")
+
+
+def plain_question(record: dict[str, str], rng: random.Random | None = None) -> str:
+    """A record of :func:`tasks` worded as the pretraining corpus asks questions, with its answer.
+
+    The LLM-Adapters lead ("Please choose the correct answer to the question: "), the labelled
+    options ("Answer2: fish") and the answer format ("the correct answer is answer2") are left
+    out: the corpus says ``Question: ... / Choices: (1) bones (2) fish / Answer: (2) fish`` and
+    ``Answer: yes`` / ``no`` for true/false. Fine-tuning on the tasks then has to learn the eight
+    formats, as LLM-Adapters' fine-tuning of a pretrained model does. ``rng`` re-shuffles the
+    options (the answer's number follows).
+    """
+    body = record["instruction"].partition(": ")[2]
+    stem_and_choices, _, _fmt = body.partition("\n\nAnswer format: ")
+    parts = _CHOICE_RE.split(stem_and_choices)
+    stem = _cap(parts[0])
+    if record["answer"] in ("true", "false"):
+        return f"Question: {stem}\nAnswer: {'yes' if record['answer'] == 'true' else 'no'}"
+    options = parts[2::2]
+    correct = options[int(re.search(r"\d+$", record["answer"]).group()) - 1]
+    if rng is not None:
+        options = options[:]
+        rng.shuffle(options)
+    k = options.index(correct) + 1
+    listed = " ".join(f"({i + 1}) {o}" for i, o in enumerate(options))
+    return f"Question: {stem}\nChoices: {listed}\nAnswer: ({k}) {correct}"
+
+
+def plain_questions(world: World, n: int, seed: int = 0) -> list[str]:
+    """``n`` pretraining documents drawn (with replacement, options re-shuffled) from every
+    *training-split* question of the eight tasks, uncapped; no test-split question is used."""
+    pool = [r for split in tasks(world, max_train=10**9).values() for r in split["train"]]
+    rng = _rng(seed, "plain-questions")
+    return [plain_question(rng.choice(pool), rng) for _ in range(n)]
 
 
 # --------------------------------------------------------------------------- writer
