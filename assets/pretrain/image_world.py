@@ -87,6 +87,7 @@ BACKGROUNDS_V2: dict[str, str] = BACKGROUNDS | {"studio": STUDIO_PHRASE}
 # Animal toys of version 2. Never a cat (the demo subject stays unseen); the dog and the duck are
 # drawn unlike the held-out toydog / toyduck of subject_image (no collar, no sailor hat, any colour).
 TOY_SPECIES: tuple[str, ...] = ("bear", "dog", "rabbit", "duck", "frog", "mouse", "pig", "owl")
+TOY_PLURALS: dict[str, str] = {"mouse": "mice"}  # "three toy mice"; the others add an s
 TOY_POSES: tuple[str, ...] = ("sitting", "standing")
 TOY_FACINGS: tuple[str, ...] = ("left", "right")
 # Secondary colour of a toy's belly, ears and snout: a fixed colour or a shade of the body colour.
@@ -469,7 +470,7 @@ def caption(attrs: dict[str, Any]) -> str:
     n = attrs["count"]
     noun = attrs["kind"] if n == 1 else PLURALS[attrs["kind"]]
     if attrs.get("say_species"):  # version 2: "a red toy bear", "two red toy bears"
-        noun = f"toy {attrs['species']}" + ("" if n == 1 else "s")
+        noun = "toy " + (attrs["species"] if n == 1 else TOY_PLURALS.get(attrs["species"], attrs["species"] + "s"))
     words = ["a" if n == 1 else COUNTS[n - 1]]
     if attrs.get("say_size", True):
         words.append(attrs["size"])
