@@ -145,7 +145,7 @@ def _draw_background(d: ImageDraw.ImageDraw, name: str, big: int, rng: random.Ra
             d.ellipse([x - SS, y - SS, x + SS, y + SS], fill=(250, 250, 220))
         d.rectangle([0, h, big, big], fill=(36, 52, 50))
     elif name == "studio":  # version 2: the plain backdrop of assets/subject and subject_image
-        horizon = 0.72  # their floor line (92 / 128 px); the draw above keeps the rng stream uniform
+        horizon = 0.72  # their floor line (92 / 128 px), in place of the horizon drawn above
         d.rectangle([0, 0, big, big], fill=tuple(rng.randint(195, 245) for _ in range(3)))
         d.rectangle([0, round(big * horizon), big, big], fill=tuple(rng.randint(100, 200) for _ in range(3)))
     elif name == "street":
