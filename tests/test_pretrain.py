@@ -9,6 +9,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -169,6 +170,67 @@ def test_sd_init_from_and_dropout_are_checked(capsys, tmp_path):
         with pytest.raises(SystemExit):
             SD.parse_args(["--output_dir", "x", "--stage", "unet", *argv])
         assert message in capsys.readouterr().err
+
+
+def test_scene_cache_keys_on_the_world_version(tmp_path):
+    v1_images, v1_caps = SD.scene_cache(tmp_path, 6, 0, workers=1)
+    v2_images, v2_caps = SD.scene_cache(tmp_path, 6, 0, workers=1, version=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scenes-0-6.npz", "scenes-v2-0-6.npz"]
+    assert v1_caps == [SD.W.scene(i)[1] for i in range(6)]
+    assert v2_caps == [SD.W.scene(i, version=2)[1] for i in range(6)] and v2_caps != v1_caps
+    # Read back from disk, each from its own file.
+    for version, images, caps in ((1, v1_images, v1_caps), (2, v2_images, v2_caps)):
+        again_images, again_caps = SD.scene_cache(tmp_path, 6, 0, workers=1, version=version)
+        assert again_caps == caps and np.array_equal(again_images, images)
+
+
+def test_sd_world_version_2_runs_and_is_recorded(sd_runs, tmp_path, capsys):
+    a, _ = sd_runs
+    out = tmp_path / "v2"
+    for stage in ("vae", "unet"):
+        SD.main(["--output_dir", str(out), "--stage", stage, *_SD_ARGS, "--world_version", "2"])
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["scenes-v2-0-16.npz"]
+    info = json.loads((out / "pipeline" / "pretrain_info.json").read_text())
+    assert info["world_version"] == 2
+    assert all(s["config"]["world_version"] == 2 for s in info["stages"].values())
+    # Version 1 keeps its config (checkpoints from before world versions still resume) and records 1.
+    info_a = json.loads((a / "pipeline" / "pretrain_info.json").read_text())
+    assert info_a["world_version"] == 1 and "world_version" not in info_a["stages"]["unet"]["config"]
+    # A version-2 run does not resume as version 1.
+    with pytest.raises(ValueError, match="world_version"):
+        SD.main(["--output_dir", str(out), "--stage", "unet", *_SD_ARGS, "--max_steps", "4", "--resume"])
+    with pytest.raises(SystemExit):
+        SD.parse_args(["--output_dir", "x", "--stage", "unet", "--world_version", "3"])
+    assert "--world_version" in capsys.readouterr().err
+
+
+def test_sd_init_from_continues_on_world_version_2_with_the_pipelines_vae(sd_runs, tmp_path):
+    """--init_from without --vae_dir: the pipeline's own vae/ (which has no pretrain_info.json of its
+    own) and its record's scaling factor, on version-2 scenes."""
+    a, _ = sd_runs
+    SD.main(["--output_dir", str(tmp_path), "--stage", "unet", "--preset", "test", "--max_steps", "2",
+             "--checkpoint_every", "100", "--no-samples", "--init_from", str(a / "pipeline"),
+             "--world_version", "2", "--attribute_dropout", "0.3"])
+    info = json.loads((tmp_path / "pipeline" / "pretrain_info.json").read_text())
+    first = json.loads((a / "pipeline" / "pretrain_info.json").read_text())
+    assert list(info["stages"]) == ["vae", "unet_1", "unet"] and info["world_version"] == 2
+    assert info["stages"]["vae"] == first["stages"]["vae"]
+    assert info["stages"]["unet"]["config"]["vae_scaling_factor"] == first["stages"]["vae"]["scaling_factor"]
+    vae_a, vae_b = _weights(a / "pipeline" / "vae"), _weights(tmp_path / "pipeline" / "vae")
+    assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
+
+
+def test_shipped_mini_sd_continues_on_world_version_2(tmp_path):
+    """The GPU recipe of WORLD_V2.md at CPU size: one step from assets/models/mini-sd on v2 scenes."""
+    shipped = ROOT / "assets" / "models" / "mini-sd"
+    info = SD.main(["--output_dir", str(tmp_path), "--stage", "unet", "--preset", "mini", "--init_from", str(shipped),
+                    "--world_version", "2", "--attribute_dropout", "0.3", "--learning_rate", "2e-4",
+                    "--max_steps", "1", "--batch_size", "2", "--n_scenes", "8", "--checkpoint_every", "100",
+                    "--no-samples"])
+    assert info["steps"] == 1 and math.isfinite(info["final_loss"])
+    saved = json.loads((tmp_path / "pipeline" / "pretrain_info.json").read_text())
+    assert list(saved["stages"]) == ["vae", "unet_1", "unet_2", "unet"] and saved["world_version"] == 2
+    assert saved["stages"]["unet"]["config"]["init_from"] == "mini-sd"
 
 
 # --------------------------------------------------------------------------- mini-llama

@@ -41,6 +41,35 @@ def test_scene_is_deterministic_and_seeded():
     assert any(IW.scene(i, seed=1)[1] != IW.scene(i, seed=0)[1] for i in range(5))
 
 
+# sha256 over scenes 0..39 of both splits (pixels, caption, sorted attributes), world seed 0, and
+# three scenes of world seed 3: computed before world version 2 existed (2026-11-28), so version 1
+# stays bit-identical (the shipped mini-sd and world-encoder were trained on it).
+_V1_DIGEST = "2768587ba16972fecfc8ad000cf3d0b6449c35291fabaf96b0a580975f0a8b43"
+_V1_SEED3 = {0: ("a photo of two red trees on the grass, on the right", "f73a392747d194ab"),
+             7: ("a photo of a small blue toy at night, in the centre", "75484e287cf1e149"),
+             123: ("a photo of three big red houses on the street", "f9d17de995d5bb74")}
+
+
+def _v1_digest(**kw) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for i in range(40):
+        for split in ("train", "test"):
+            im, cap, a = IW.scene(i, 0, split, **kw)
+            h.update(im.tobytes()), h.update(cap.encode()), h.update(json.dumps(a, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def test_world_version_1_is_pinned():
+    import hashlib
+
+    assert _v1_digest() == _V1_DIGEST
+    for i, (cap, digest) in _V1_SEED3.items():
+        im, text, _ = IW.scene(i, 3)
+        assert (text, hashlib.sha256(im.tobytes()).hexdigest()[:16]) == (cap, digest)
+
+
 def test_captions_name_the_attributes_and_never_the_subject():
     kinds, colours, bgs = set(), set(), set()
     for i in range(300):
@@ -128,6 +157,136 @@ def test_subjects_are_distinct_and_the_prompt_set():
     assert {p["background"] for p in IW.PROMPTS if p["type"] == "context"} >= {"beach", "snow", "night", "indoors"}
     with pytest.raises(ValueError, match="unknown subject"):
         IW.subject_image("toycat", 0)
+
+
+# --------------------------------------------------------------------------- image world, version 2
+
+
+def _v2_toys(n: int = 200, split: str = "train") -> list[tuple[int, dict]]:
+    out, i = [], 0
+    while len(out) < n:
+        a = IW.sample_attributes(i, split=split, version=2)
+        if a["kind"] == "toy":
+            out.append((i, a))
+        i += 1
+    return out
+
+
+def test_world_version_2_is_deterministic_and_not_version_1():
+    a_img, a_cap, a_attrs = IW.scene(11, version=2)
+    b_img, b_cap, b_attrs = IW.scene(11, version=2)
+    assert np.array_equal(np.asarray(a_img), np.asarray(b_img)) and (a_cap, a_attrs) == (b_cap, b_attrs)
+    # Its own draws: most of the first 20 scenes differ from version 1's, and version 1 is untouched
+    # by having drawn version 2 scenes first.
+    same = sum(IW.scene(i, version=2)[1] == IW.scene(i)[1] for i in range(20))
+    assert same <= 2, same
+    assert _v1_digest(version=1) == _V1_DIGEST
+    with pytest.raises(ValueError, match="world version"):
+        IW.sample_attributes(0, version=3)
+
+
+def test_version_2_toys_vary_like_dreambooth_subjects():
+    toys = _v2_toys(200)
+    # A third of scenes are toys (0.25 + 0.75 / 9), half of those one big close-up in the centre.
+    assert 0.25 < len(toys) / (toys[-1][0] + 1) < 0.42
+    for key, values in (("species", IW.TOY_SPECIES), ("pose", IW.TOY_POSES), ("facing", IW.TOY_FACINGS),
+                        ("accent", tuple(IW.TOY_ACCENTS))):
+        assert {a[key] for _, a in toys} == set(values), key
+    assert len({(a["species"], a["pose"], a["facing"]) for _, a in toys}) >= 24
+    closeups = [a for _, a in toys if a["closeup"]]
+    assert 0.35 < len(closeups) / len(toys) < 0.65
+    assert all((a["count"], a["size"], a["position"]) == (1, "big", "centre") for a in closeups)
+    # Same colour, same layout: another species, pose or facing draws other pixels.
+    i, a = next((i, a) for i, a in toys if a["closeup"] and a["background"] == "studio")
+    base = np.asarray(IW.render(a, i)).astype(float)
+    for change in ({"species": "owl" if a["species"] != "owl" else "frog"},
+                   {"pose": "standing" if a["pose"] == "sitting" else "sitting"},
+                   {"facing": "left" if a["facing"] == "right" else "right"},
+                   {"accent": "dark" if a["accent"] != "dark" else "cream"}):
+        assert np.abs(base - np.asarray(IW.render(dict(a, **change), i)).astype(float)).mean() > 1.0, change
+    # All 16 (species, pose) sprites differ from each other and from the held-out subjects' sprites.
+    body = IW.COLOURS["orange"]
+    sprites = {(sp, po): np.asarray(IW._toy_sprite(sp, po, body, IW._toy_accent(body, "cream"), 100)).astype(float)
+               for sp in IW.TOY_SPECIES for po in IW.TOY_POSES}
+    keys = list(sprites)
+    for x in range(len(keys)):
+        for y in range(x + 1, len(keys)):
+            assert np.abs(sprites[keys[x]] - sprites[keys[y]]).mean() > 2, (keys[x], keys[y])
+    for name in IW.SUBJECTS:
+        ref = np.asarray(IW._subject_sprite(name, 100, body)).astype(float)
+        assert min(np.abs(ref - v).mean() for v in sprites.values()) > 5, name
+
+
+def test_version_2_toys_follow_the_caption_colour():
+    for i, a in _v2_toys(30):
+        if a["colour"] in ("white", "yellow", "blue", "green") or a["accent"] in ("light", "dark"):
+            continue  # background colours, and accents that are shades of the body
+        other = dict(a, colour="purple" if a["colour"] != "purple" else "red")
+        mine = IW.COLOURS[a["colour"]]
+        share = _colour_share(IW.render(a, i), mine)
+        assert share > 0.004 and share > 2 * _colour_share(IW.render(other, i), mine), (a, share)
+
+
+def test_version_2_captions_and_the_studio():
+    scenes = [IW.sample_attributes(i, split=split, version=2) for split in ("train", "test") for i in range(600)]
+    caps = [IW.caption(a) for a in scenes]
+    for a, cap in zip(scenes, caps):
+        words = re.findall(r"[a-z]+", cap)
+        assert not set(words) & set(IW.FORBIDDEN_WORDS), cap
+        assert IW.BACKGROUNDS_V2[a["background"]] in cap and a["colour"] in words
+        if a["kind"] == "toy":
+            assert "toy" in words or "toys" in words
+            plural = IW.TOY_PLURALS.get(a["species"], a["species"] + "s")
+            assert bool({a["species"], plural} & set(words)) == a["say_species"], cap
+    toys = [a for a in scenes if a["kind"] == "toy"]
+    studio = [a["background"] == "studio" for a in scenes]
+    assert 0.18 < sum(studio) / len(scenes) < 0.35
+    assert 0.3 < sum(a["background"] == "studio" for a in toys) / len(toys) < 0.5
+    assert 0.15 < sum(a["say_species"] for a in toys) / len(toys) < 0.35
+    assert "a photo of a toy in a studio" in {IW.drop_attribute_words(c, colour=True).replace(" big", "")
+                                               .replace(" small", "").split(",")[0] for c in caps}
+    # The held-out triples stay out of the train split in version 2 too.
+    train = {(a["kind"], a["colour"], a["background"]) for a in scenes[:600]}
+    test = {(a["kind"], a["colour"], a["background"]) for a in scenes[600:]}
+    assert not train & test and all(IW.is_heldout(*t) for t in test)
+    # The studio phrase is a background phrase for attribute dropout.
+    cap = "a photo of two big green toy bears in a studio, on the left"
+    assert IW.drop_attribute_words(cap, background=True) == "a photo of two big green toy bears, on the left"
+    assert IW.drop_attribute_words(cap, True, True) == "a photo of two big toy bears, on the left"
+    assert IW.drop_attribute_words("a photo of a red toy in a studio", True, True) == "a photo of a toy"
+    assert IW.caption(dict(scenes[0], kind="toy", species="mouse", say_species=True, count=3, say_size=False,
+                           colour="red", background="studio", say_position=False)) \
+        == "a photo of three red toy mice in a studio"
+
+
+def test_version_2_studio_matches_the_instance_backdrop_and_toys_stay_in_frame():
+    for i, a in _v2_toys(200):
+        img = np.asarray(IW.render(a, i)).astype(int)
+        if a["background"] == "studio":
+            # A plain backdrop (as subject_image(..., background=None)): one colour in 195..245
+            # across the top row, and the floor line at 72 % of the height.
+            assert (img[0] == img[0, 0]).all() and 195 <= img[0, 0].min() and img[0, 0].max() <= 245
+            # (A toy near the edge shifts the plain column by a few levels: the filter's ringing.)
+            assert np.abs(img[44, 1] - img[47, 1]).max() > 20 and (np.abs(img[:44, 1] - img[0, 1]).max() < 10)
+        # Nothing of a toy is cut off: the same scene with the toys in another colour has the same
+        # top row and side columns (the background's draws do not depend on the colour; a toy a
+        # pixel from the edge changes it by a few levels through the downsampling filter's ringing,
+        # a cut-off one by ~100).
+        recoloured = np.asarray(IW.render(dict(a, colour="blue" if a["colour"] != "blue" else "red"), i)).astype(int)
+        for edge in (np.s_[0], np.s_[:, 0], np.s_[:, -1]):
+            assert np.abs(img[edge] - recoloured[edge]).max() < 16, (i, a)
+
+
+def test_dataset_writer_world_version_flag(tmp_path, capsys):
+    out = IW.main(["--out", str(tmp_path / "ds"), "--n", "4", "--world_version", "2"])
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    for i, r in enumerate(rows):
+        img, cap, attrs = IW.scene(i, version=2)
+        assert r["text"] == cap and {k: r[k] for k in attrs} == attrs
+    assert [r["text"] for r in rows] != [IW.scene(i)[1] for i in range(4)]
+    with pytest.raises(SystemExit):
+        IW.main(["--out", str(tmp_path / "bad"), "--n", "2", "--world_version", "3"])
+    assert "--world_version" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- text world

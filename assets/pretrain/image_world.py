@@ -19,7 +19,11 @@ that protocol's fixed prompt set.
 Held-out combinations: ``split="test"`` scenes use only (kind, colour, background) triples
 that ``split="train"`` scenes never use (:func:`is_heldout`), for compositional checks.
 
-Usage: ``python assets/pretrain/image_world.py --out DIR --n N [--seed S] [--split train]``
+World version 2 (``version=2``, ``--world_version 2``; opt-in, version 1 is unchanged) adds a
+studio backdrop ("in a studio") and animal toys of eight species, two poses, two facings and six
+secondary colours in place of the one teddy sprite: see ``WORLD_V2.md``.
+
+Usage: ``python assets/pretrain/image_world.py --out DIR --n N [--seed S] [--split train] [--world_version 1]``
 writes ``DIR/00000.png ...`` and ``DIR/metadata.jsonl`` (``file_name``, ``text`` and the
 attributes; the layout diffusers' imagefolder and ``train/dreambooth_dash.py --caption_column
 text`` read).
@@ -74,6 +78,24 @@ BACKGROUNDS: dict[str, str] = {
 # Words the world must never produce: the demo subject and the DreamBooth identifier.
 FORBIDDEN_WORDS: tuple[str, ...] = ("sks", "cat")
 
+# World version 2 (opt-in; version 1 stays bit-identical, see WORLD_V2.md): the plain backdrop of
+# DreamBooth instance images as a background with its own phrase, and a "toy" class that varies
+# like DreamBooth subjects do (species, pose, facing, secondary colour).
+WORLD_VERSIONS: tuple[int, ...] = (1, 2)
+STUDIO_PHRASE = "in a studio"
+BACKGROUNDS_V2: dict[str, str] = BACKGROUNDS | {"studio": STUDIO_PHRASE}
+# Animal toys of version 2. Never a cat (the demo subject stays unseen); the dog and the duck are
+# drawn unlike the held-out toydog / toyduck of subject_image (no collar, no sailor hat, any colour).
+TOY_SPECIES: tuple[str, ...] = ("bear", "dog", "rabbit", "duck", "frog", "mouse", "pig", "owl")
+TOY_PLURALS: dict[str, str] = {"mouse": "mice"}  # "three toy mice"; the others add an s
+TOY_POSES: tuple[str, ...] = ("sitting", "standing")
+TOY_FACINGS: tuple[str, ...] = ("left", "right")
+# Secondary colour of a toy's belly, ears and snout: a fixed colour or a shade of the body colour.
+TOY_ACCENTS: dict[str, tuple[int, int, int] | float] = {
+    "cream": (250, 232, 200), "pink": (246, 176, 196), "tan": (200, 160, 110), "grey": (190, 190, 196),
+    "light": 1.35, "dark": 0.65,
+}
+
 
 # --------------------------------------------------------------------------- backgrounds
 
@@ -122,6 +144,10 @@ def _draw_background(d: ImageDraw.ImageDraw, name: str, big: int, rng: random.Ra
             x, y = rng.uniform(0, big), rng.uniform(0, h * 0.8)
             d.ellipse([x - SS, y - SS, x + SS, y + SS], fill=(250, 250, 220))
         d.rectangle([0, h, big, big], fill=(36, 52, 50))
+    elif name == "studio":  # version 2: the plain backdrop of assets/subject and subject_image
+        horizon = 0.72  # their floor line (92 / 128 px), in place of the horizon drawn above
+        d.rectangle([0, 0, big, big], fill=tuple(rng.randint(195, 245) for _ in range(3)))
+        d.rectangle([0, round(big * horizon), big, big], fill=tuple(rng.randint(100, 200) for _ in range(3)))
     elif name == "street":
         d.rectangle([0, 0, big, h], fill=(190, 210, 230))
         for _ in range(3):  # city blocks behind
@@ -133,7 +159,7 @@ def _draw_background(d: ImageDraw.ImageDraw, name: str, big: int, rng: random.Ra
         for x in range(0, big, 16 * SS):  # lane markings
             d.rectangle([x, y - SS, x + 8 * SS, y + SS], fill=(240, 230, 120))
     else:
-        raise ValueError(f"unknown background {name!r}; valid: {', '.join(BACKGROUNDS)}")
+        raise ValueError(f"unknown background {name!r}; valid: {', '.join(BACKGROUNDS_V2)}")
     return horizon
 
 
@@ -207,6 +233,158 @@ def _draw_object(d: ImageDraw.ImageDraw, kind: str, colour: tuple[int, int, int]
         raise ValueError(f"unknown kind {kind!r}; valid: {', '.join(KINDS)}")
 
 
+ORANGE = (245, 130, 30)
+
+
+def _toy_accent(body: tuple[int, int, int], accent: str) -> tuple[int, int, int]:
+    a = TOY_ACCENTS[accent]
+    return _shade(body, a) if isinstance(a, float) else a
+
+
+def _toy_sprite(species: str, pose: str, body: tuple[int, int, int], accent: tuple[int, int, int],
+                px: int) -> Image.Image:
+    """A version-2 animal toy on a transparent ``px`` square, facing right, feet on y = 96 of a
+    100x100 grid: the flat, ink-outlined style of ``_subject_sprite`` and ``assets/subject``."""
+    im = Image.new("RGBA", (px, px), (0, 0, 0, 0))
+    d = ImageDraw.Draw(im)
+    u = px / 100
+    w = max(1, round(2 * u))
+
+    def box(x0: float, y0: float, x1: float, y1: float) -> list[float]:
+        return [x0 * u, y0 * u, x1 * u, y1 * u]
+
+    def pts(*xy: float) -> list[tuple[float, float]]:
+        return [(xy[i] * u, xy[i + 1] * u) for i in range(0, len(xy), 2)]
+
+    def oval(x0: float, y0: float, x1: float, y1: float, fill: tuple[int, int, int], ink: bool = True) -> None:
+        d.ellipse(box(x0, y0, x1, y1), fill=fill, outline=INK if ink else None, width=w)
+
+    def eyes(xs: tuple[float, float], y: float, r: float = 4.0) -> None:
+        for x in xs:  # toy eyes with a glint, as the subjects have
+            d.ellipse(box(x - r, y - 1.2 * r, x + r, y + 1.2 * r), fill=INK)
+            d.ellipse(box(x - 0.6 * r, y - 0.9 * r, x - 0.1 * r, y - 0.4 * r), fill=WHITE)
+
+    dark = _shade(body, 0.72)
+    bird = species in ("duck", "owl")
+    sitting = pose == "sitting"
+    # Behind the body: tails and long ears.
+    if species == "dog":
+        d.line(pts(30, 70, 16, 56, 14, 46), fill=body, width=round(6 * u), joint="curve")
+    elif species == "mouse":
+        d.line(pts(28, 84, 10, 88, 6, 74, 12, 64), fill=accent, width=round(3 * u), joint="curve")
+    elif species == "pig":
+        d.arc(box(10, 58, 26, 74), 0, 300, fill=accent, width=round(3 * u))
+    elif species == "rabbit":
+        for x in (36, 56):
+            oval(x, 0, x + 13, 32, body)
+            oval(x + 3.5, 5, x + 9.5, 27, accent, ink=False)
+        oval(14, 70, 30, 86, accent)  # cotton tail
+    elif species == "duck":
+        d.polygon(pts(26, 64, 14, 52, 30, 56), fill=body, outline=INK)
+    # Legs and body: sitting toys are round with feet forward, standing toys taller on two legs.
+    if species == "owl":
+        torso = (22, 14, 78, 92) if sitting else (26, 10, 74, 84)
+    else:
+        torso = (24, 50, 76, 90) if sitting else (30, 44, 70, 82)
+    if not sitting:
+        for x in (36, 52):
+            if bird:
+                d.line(pts(x + 6, 78, x + 6, 94), fill=ORANGE, width=round(3 * u))
+            else:
+                d.rounded_rectangle(box(x, 72, x + 12, 96), radius=4 * u, fill=body, outline=INK, width=w)
+    oval(*torso, body)
+    cx, top, bottom = (torso[0] + torso[2]) / 2, torso[1], torso[3]
+    hw = (torso[2] - torso[0]) / 2
+    oval(cx - hw * 0.5, top + (bottom - top) * 0.3, cx + hw * 0.5, bottom - 2, accent, ink=False)  # belly
+    if species == "owl":
+        for k in range(3):  # breast feathers
+            y = top + (bottom - top) * (0.48 + 0.12 * k)
+            d.arc(box(cx - 6, y - 4, cx + 6, y + 4), 20, 160, fill=dark, width=w)
+    if sitting or bird:
+        for x in ((28, 56) if sitting else (34, 52)):
+            oval(x, 86, x + 16, 96, ORANGE if bird else body)
+    # Arms (wings for birds).
+    if species == "duck":
+        d.chord(box(30, top + 8, 62, top + 30), 0, 180, fill=dark, outline=INK, width=w)
+    elif species == "owl":
+        for x in (torso[0] - 6, torso[2] - 10):
+            oval(x, top + 30, x + 16, top + 66, dark)
+    else:
+        for x in ((18, 68) if sitting else (20, 66)):
+            oval(x, top + 8, x + 14, top + 26, body)
+    # Head and face (facing right: the snout, beak and pupils sit right of centre).
+    if species == "owl":
+        for xs in ((28, 34, 44), (56, 66, 72)):  # ear tufts
+            d.polygon(pts(xs[0], top + 8, xs[1], top - 8, xs[2], top + 4), fill=body, outline=INK)
+        oval(30, top + 6, 72, top + 38, accent, ink=False)  # face disc
+        for x in (40, 60):
+            oval(x - 8, top + 12, x + 8, top + 28, WHITE)
+        eyes((43, 63), top + 20, 3.5)
+        d.polygon(pts(50, top + 28, 58, top + 28, 54, top + 36), fill=ORANGE, outline=INK)
+        return im
+    if species == "bear":
+        for x in (30, 64):
+            oval(x, 6, x + 16, 22, body)
+            oval(x + 4, 10, x + 12, 18, accent, ink=False)
+    elif species == "mouse":
+        for x in (20, 62):
+            oval(x, 0, x + 26, 26, body)
+            oval(x + 5, 5, x + 21, 21, accent, ink=False)
+    elif species == "pig":
+        for x in (32, 60):  # ears flopped forward (upright pointed ears would read as a cat's)
+            d.polygon(pts(x, 14, x + 10, 4, x + 18, 20), fill=accent, outline=INK)
+    elif species == "frog":
+        for x in (32, 58):
+            oval(x, 6, x + 18, 26, body)
+    head = {"rabbit": (32, 20, 80, 56), "duck": (38, 8, 76, 46), "frog": (24, 16, 84, 52)}.get(species, (30, 10, 80, 50))
+    oval(*head, body)
+    if species == "bear":
+        oval(52, 30, 74, 46, accent, ink=False)
+        d.ellipse(box(64, 30, 72, 36), fill=INK)
+        eyes((46, 62), 24)
+    elif species == "dog":
+        for x in (24, 70):  # floppy ears in the accent colour (the held-out toydog's are dark brown)
+            d.ellipse(box(x, 18, x + 12, 48), fill=accent, outline=INK, width=w)
+        oval(60, 28, 90, 46, accent)  # a long muzzle
+        d.ellipse(box(82, 29, 90, 36), fill=INK)
+        eyes((44, 60), 24)
+    elif species == "rabbit":
+        eyes((48, 64), 34)
+        d.polygon(pts(70, 42, 76, 42, 73, 46), fill=(240, 140, 160), outline=INK)
+    elif species == "duck":
+        d.polygon(pts(72, 24, 96, 30, 72, 36), fill=ORANGE, outline=INK)
+        eyes((52, 64), 20)
+    elif species == "frog":
+        for x in (41, 67):  # eyes on top bumps
+            oval(x - 6, 10, x + 6, 22, WHITE)
+        eyes((43, 69), 16, 3)
+        d.arc(box(38, 28, 76, 44), 20, 160, fill=INK, width=w)
+    elif species == "mouse":
+        d.polygon(pts(72, 26, 92, 34, 72, 42), fill=body, outline=INK)
+        d.ellipse(box(88, 30, 95, 37), fill=INK)
+        eyes((48, 64), 24)
+    elif species == "pig":
+        oval(62, 28, 82, 44, accent)
+        for x in (67, 74):
+            d.ellipse(box(x, 33, x + 3, 38), fill=INK)
+        eyes((44, 58), 22)
+    else:
+        raise ValueError(f"unknown toy species {species!r}; valid: {', '.join(TOY_SPECIES)}")
+    return im
+
+
+def _draw_toy_v2(im: Image.Image, d: ImageDraw.ImageDraw, attrs: dict[str, Any], x: float, y: float,
+                 s: float) -> None:
+    """Paste one version-2 toy with its feet centred on (x, y) and height ~``s`` px (4x canvas)."""
+    d.ellipse([x - 0.4 * s, y - 0.05 * s, x + 0.4 * s, y + 0.05 * s], fill=(0, 0, 0, 60))  # contact shadow
+    px = max(8, round(s * 1.05))
+    body = COLOURS[attrs["colour"]]
+    sprite = _toy_sprite(attrs["species"], attrs["pose"], body, _toy_accent(body, attrs["accent"]), px)
+    if attrs["facing"] == "left":
+        sprite = sprite.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    im.paste(sprite, (round(x - px / 2), round(y - px * 0.96)), sprite)
+
+
 # --------------------------------------------------------------------------- scenes
 
 
@@ -222,10 +400,53 @@ def _rng(index: int, seed: int, salt: str = "") -> random.Random:
     return random.Random(f"image-world:{seed}:{salt}:{index}")
 
 
-def sample_attributes(index: int, seed: int = 0, split: str = "train") -> dict[str, Any]:
-    """The attributes of scene ``index`` (no drawing): kind, colour, size, count, position, background."""
+# Version 2's mix: a third of scenes show toys (the DreamBooth class); the studio backdrop for 40 %
+# of toy scenes (DreamBooth instance images are studio shots) and 15 % of the others; half the toy
+# scenes are one big toy in the centre (subjects fill the frame); a quarter of toy captions name
+# the species ("a red toy bear"), the rest say only "toy" (the class word of the instance prompt).
+V2_TOY_SHARE = 0.25  # drawn before the uniform kind: 0.25 + 0.75 / 9 = 1 / 3 of scenes are toys
+V2_STUDIO = {"toy": 0.4, "other": 0.15}
+V2_CLOSEUP = 0.5
+V2_SAY_SPECIES = 0.25
+
+
+def _check(split: str, version: int) -> None:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if version not in WORLD_VERSIONS:
+        raise ValueError(f"world version must be one of {WORLD_VERSIONS}, got {version!r}")
+
+
+def _sample_attributes_v2(index: int, seed: int, split: str) -> dict[str, Any]:
+    rng = _rng(index, seed, f"v2:{split}")  # its own stream: version 1's scenes are not reused
+    while True:
+        kind = "toy" if rng.random() < V2_TOY_SHARE else rng.choice(KINDS)
+        colour = rng.choice(list(COLOURS))
+        studio = rng.random() < V2_STUDIO["toy" if kind == "toy" else "other"]
+        bg = "studio" if studio else rng.choice(list(BACKGROUNDS))
+        if is_heldout(kind, colour, bg) == (split == "test"):
+            break
+    attrs: dict[str, Any] = {
+        "kind": kind, "colour": colour, "size": rng.choice(SIZES), "count": rng.randint(1, 4),
+        "position": rng.choice(POSITIONS), "background": bg,
+        "say_size": rng.random() < 0.6, "say_position": rng.random() < 0.5,
+    }
+    if kind == "toy":
+        closeup = rng.random() < V2_CLOSEUP
+        if closeup:
+            attrs.update(count=1, size="big", position="centre")
+        attrs.update(species=rng.choice(TOY_SPECIES), pose=rng.choice(TOY_POSES), facing=rng.choice(TOY_FACINGS),
+                     accent=rng.choice(list(TOY_ACCENTS)), closeup=closeup,
+                     say_species=rng.random() < V2_SAY_SPECIES)
+    return attrs
+
+
+def sample_attributes(index: int, seed: int = 0, split: str = "train", version: int = 1) -> dict[str, Any]:
+    """The attributes of scene ``index`` (no drawing): kind, colour, size, count, position, background;
+    version-2 toys also species, pose, facing, accent, closeup and say_species."""
+    _check(split, version)
+    if version == 2:
+        return _sample_attributes_v2(index, seed, split)
     rng = _rng(index, seed, split)
     while True:  # rejection keeps the two splits' triples disjoint
         kind, colour, bg = rng.choice(KINDS), rng.choice(list(COLOURS)), rng.choice(list(BACKGROUNDS))
@@ -248,10 +469,12 @@ def caption(attrs: dict[str, Any]) -> str:
     """The caption of a scene with ``attrs``: "a photo of two small red balls on the beach, on the left"."""
     n = attrs["count"]
     noun = attrs["kind"] if n == 1 else PLURALS[attrs["kind"]]
+    if attrs.get("say_species"):  # version 2: "a red toy bear", "two red toy bears"
+        noun = "toy " + (attrs["species"] if n == 1 else TOY_PLURALS.get(attrs["species"], attrs["species"] + "s"))
     words = ["a" if n == 1 else COUNTS[n - 1]]
     if attrs.get("say_size", True):
         words.append(attrs["size"])
-    words += [attrs["colour"], noun, BACKGROUNDS[attrs["background"]]]
+    words += [attrs["colour"], noun, BACKGROUNDS_V2[attrs["background"]]]
     text = "a photo of " + " ".join(words)
     if attrs.get("say_position", True):
         text += ", in the centre" if attrs["position"] == "centre" else f", on the {attrs['position']}"
@@ -269,13 +492,16 @@ def drop_attribute_words(text: str, colour: bool = False, background: bool = Fal
         words = [w for w in words if w not in COLOURS]
     out = " ".join(words)
     if background:
-        for phrase in BACKGROUNDS.values():
+        for phrase in BACKGROUNDS_V2.values():  # version 1 captions never hold the studio phrase
             out = out.replace(" " + phrase, "", 1)
     return out
 
 
 def render(attrs: dict[str, Any], index: int = 0, seed: int = 0, size: int = SIZE) -> Image.Image:
-    """Draw a ``size`` px RGB scene with ``attrs``; layout jitter comes from (index, seed)."""
+    """Draw a ``size`` px RGB scene with ``attrs``; layout jitter comes from (index, seed).
+
+    Version-2 toys (``attrs`` with a ``species``) are pasted sprites; a ``closeup`` toy fills 52-68 %
+    of the image height, as DreamBooth subjects do."""
     rng = _rng(index, seed, "layout")
     big = size * SS
     im = Image.new("RGB", (big, big))
@@ -294,16 +520,23 @@ def render(attrs: dict[str, Any], index: int = 0, seed: int = 0, size: int = SIZ
     half = width / 2 + s * 0.5
     centre = min(max(centre, half + 0.02), 0.98 - half)
     base_y = rng.uniform(horizon + 0.12, 0.9)
+    if attrs.get("closeup"):  # version 2 only (extra draws): keep the tall toy's head in the frame
+        s = rng.uniform(0.52, 0.68)
+        base_y = rng.uniform(max(horizon + 0.12, s + 0.2), 0.94)
     for k in range(n):
         x = centre - width / 2 + k * gap + rng.uniform(-0.02, 0.02)
         y = base_y + (0.03 if k % 2 else 0.0) + rng.uniform(-0.01, 0.01)
-        _draw_object(d, attrs["kind"], COLOURS[attrs["colour"]], x * big, min(y, 0.97) * big, s * big)
+        if "species" in attrs:
+            _draw_toy_v2(im, d, attrs, x * big, min(y, 0.97) * big, s * big)
+        else:
+            _draw_object(d, attrs["kind"], COLOURS[attrs["colour"]], x * big, min(y, 0.97) * big, s * big)
     return im.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def scene(index: int, seed: int = 0, split: str = "train") -> tuple[Image.Image, str, dict[str, Any]]:
-    """Scene ``index`` of the world ``seed``: ``(64 px RGB image, caption, attributes)``."""
-    attrs = sample_attributes(index, seed, split)
+def scene(index: int, seed: int = 0, split: str = "train",
+          version: int = 1) -> tuple[Image.Image, str, dict[str, Any]]:
+    """Scene ``index`` of the world ``seed`` (world ``version``): ``(64 px RGB image, caption, attributes)``."""
+    attrs = sample_attributes(index, seed, split, version)
     return render(attrs, index, seed), caption(attrs), attrs
 
 
@@ -439,7 +672,7 @@ def write_subject(name: str, out: str | os.PathLike[str], shots: int = 5) -> lis
 
 
 def write_dataset(out: str | os.PathLike[str], n: int, seed: int = 0, split: str = "train",
-                  progress: Callable[[int], None] | None = None) -> Path:
+                  progress: Callable[[int], None] | None = None, version: int = 1) -> Path:
     """Write scenes 0..n-1 as PNGs plus ``metadata.jsonl`` into ``out`` (must not exist yet).
 
     Written into a temporary sibling folder and renamed at the end: an interrupted run never
@@ -447,11 +680,12 @@ def write_dataset(out: str | os.PathLike[str], n: int, seed: int = 0, split: str
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    _check(split, version)
 
     def write(tmp: Path) -> None:
         with open(tmp / "metadata.jsonl", "w", encoding="utf-8") as meta:
             for i in range(n):
-                image, text, attrs = scene(i, seed, split)
+                image, text, attrs = scene(i, seed, split, version)
                 name = f"{i:05d}.png"
                 image.save(tmp / name)
                 meta.write(json.dumps({"file_name": name, "text": text, **attrs}) + "\n")
@@ -467,12 +701,14 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--n", type=int, required=True, help="number of scenes")
     p.add_argument("--seed", type=int, default=0, help="world seed")
     p.add_argument("--split", choices=("train", "test"), default="train")
+    p.add_argument("--world_version", type=int, choices=WORLD_VERSIONS, default=1,
+                   help="1: the world mini-sd was trained on; 2: varied animal toys and a studio backdrop")
     p.add_argument("--subjects_out", default=None,
                    help="also write 5 instance images of each DreamBooth subject into SUBJECTS_OUT/<name>/")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be >= 1")
-    out = write_dataset(args.out, args.n, args.seed, args.split)
+    out = write_dataset(args.out, args.n, args.seed, args.split, version=args.world_version)
     if args.subjects_out:
         for name in SUBJECTS:
             write_subject(name, Path(args.subjects_out) / name)

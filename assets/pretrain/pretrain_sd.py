@@ -16,7 +16,9 @@ Two stages, each run as one or more chunks (``--resume`` continues exactly; see 
 The tokenizer is ``dashdiff.testing.tiny_clip_tokenizer()`` (byte-level BPE, 674 tokens): any
 caption encodes, and the same tokenizer is used by the repository's tests.
 
-Scenes are rendered once into ``OUT/data/scenes-<seed>-<n>.npz`` (uint8) with all CPU cores.
+Scenes are rendered once into ``OUT/data/scenes-<seed>-<n>.npz`` (uint8) with all CPU cores;
+``--world_version 2`` (animal toys and a studio backdrop, ``WORLD_V2.md``) uses
+``scenes-v2-<seed>-<n>.npz``, so the two worlds' caches never mix.
 
     python assets/pretrain/pretrain_sd.py --output_dir runs/mini-sd --stage vae --max_minutes 20
     python assets/pretrain/pretrain_sd.py --output_dir runs/mini-sd --stage vae --max_minutes 20 --resume
@@ -82,6 +84,9 @@ SAMPLE_PROMPTS = (
     # Properties left open (what --attribute_dropout teaches): some colour, some background.
     "a photo of a toy on the beach", "a photo of two cups",
 )
+# Added to the samples of a --world_version 2 run (appended: the first ten stay comparable).
+SAMPLE_PROMPTS_V2 = ("a photo of a toy in a studio", "a photo of a big green toy bear in a studio",
+                     "a photo of a big toy on the beach", "a photo of a blue toy rabbit in the snow")
 
 
 # --------------------------------------------------------------------------- models
@@ -141,24 +146,27 @@ def count_parameters(preset: dict[str, Any]) -> dict[str, int]:
 # --------------------------------------------------------------------------- data
 
 
-def _render(args: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
-    start, stop, seed = args
+def _render(args: tuple[int, int, int, int]) -> tuple[np.ndarray, list[str]]:
+    start, stop, seed, version = args
     imgs, caps = [], []
     for i in range(start, stop):
-        img, cap, _ = W.scene(i, seed)
+        img, cap, _ = W.scene(i, seed, version=version)
         imgs.append(np.asarray(img, dtype=np.uint8))
         caps.append(cap)
     return np.stack(imgs), caps
 
 
-def scene_cache(folder: Path, n: int, seed: int, workers: int | None = None) -> tuple[np.ndarray, list[str]]:
-    """Scenes 0..n-1 of world ``seed`` as a uint8 (n, 64, 64, 3) array and captions, cached on disk."""
-    path = folder / f"scenes-{seed}-{n}.npz"
+def scene_cache(folder: Path, n: int, seed: int, workers: int | None = None,
+                version: int = 1) -> tuple[np.ndarray, list[str]]:
+    """Scenes 0..n-1 of world ``seed`` (world ``version``) as a uint8 (n, 64, 64, 3) array and captions,
+    cached on disk (version 1 under its original name, so existing caches stay valid)."""
+    W._check("train", version)
+    path = folder / (f"scenes-{seed}-{n}.npz" if version == 1 else f"scenes-v{version}-{seed}-{n}.npz")
     if path.is_file():
         with np.load(path) as z:
             return z["images"], json.loads(str(z["captions"]))
     workers = workers or min(16, os.cpu_count() or 1)
-    chunks = [(s, min(n, s + 1000), seed) for s in range(0, n, 1000)]
+    chunks = [(s, min(n, s + 1000), seed, version) for s in range(0, n, 1000)]
     if workers > 1 and len(chunks) > 1:
         with ProcessPoolExecutor(workers) as ex:
             parts = list(ex.map(_render, chunks))
@@ -193,9 +201,14 @@ def _autocast(args: argparse.Namespace, device: torch.device) -> contextlib.Abst
 
 
 def _config(args: argparse.Namespace, stage: str, preset: dict[str, Any], steps: int, lr: float) -> dict[str, Any]:
-    return {"stage": stage, "preset": args.preset, "seed": args.seed, "world_seed": args.world_seed,
-            "batch_size": args.batch_size or preset["batch_size"], "n_scenes": args.n_scenes or preset["n_scenes"],
-            "max_steps": steps, "lr": lr, "fixed_batch": args.fixed_batch, "mixed_precision": args.mixed_precision}
+    cfg = {"stage": stage, "preset": args.preset, "seed": args.seed, "world_seed": args.world_seed,
+           "batch_size": args.batch_size or preset["batch_size"], "n_scenes": args.n_scenes or preset["n_scenes"],
+           "max_steps": steps, "lr": lr, "fixed_batch": args.fixed_batch, "mixed_precision": args.mixed_precision}
+    # Only when not 1: checkpoints written before world versions existed still --resume (their
+    # config has no such key), and a version-2 run refuses to resume as version 1 and back.
+    if args.world_version != 1:
+        cfg["world_version"] = args.world_version
+    return cfg
 
 
 def run_vae(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -203,7 +216,7 @@ def run_vae(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     steps = args.max_steps or preset["vae_steps"]
     lr = args.learning_rate or preset["vae_lr"]
     cfg = _config(args, "vae", preset, steps, lr)
-    images, _ = scene_cache(args.output_dir / "data", cfg["n_scenes"], args.world_seed)
+    images, _ = scene_cache(args.output_dir / "data", cfg["n_scenes"], args.world_seed, version=args.world_version)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         vae = build_vae(preset)
@@ -268,17 +281,20 @@ def run_unet(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
     preset = PRESETS[args.preset]
     vae_dir = args.vae_dir or args.output_dir / "vae" / "final"
+    if args.vae_dir is None and args.init_from is not None and not (vae_dir / "config.json").is_file():
+        vae_dir = args.init_from / "vae"  # the VAE the pipeline was trained with (as shipped: fp16)
     if not (vae_dir / "config.json").is_file():
         raise FileNotFoundError(
             f"{vae_dir} holds no VAE: finish --stage vae first (same --output_dir), or pass --vae_dir")
     steps = args.max_steps or preset["unet_steps"]
     lr = args.learning_rate or preset["unet_lr"]
     cfg = _config(args, "unet", preset, steps, lr)
-    vae_info = json.loads((vae_dir / "pretrain_info.json").read_text())
+    vae_info = _vae_record(vae_dir, args.init_from)
     cfg["vae_scaling_factor"] = vae_info["scaling_factor"]
     cfg["attribute_dropout"] = args.attribute_dropout
     cfg["init_from"] = None if args.init_from is None else args.init_from.name
-    images, captions = scene_cache(args.output_dir / "data", cfg["n_scenes"], args.world_seed)
+    images, captions = scene_cache(args.output_dir / "data", cfg["n_scenes"], args.world_seed,
+                                   version=args.world_version)
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).to(device).eval().requires_grad_(False)
     tok = tiny_clip_tokenizer()
     # Token ids of every caption in four forms: whole, without the colour word, without the
@@ -341,6 +357,16 @@ def run_unet(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return info
 
 
+def _vae_record(vae_dir: Path, init_from: Path | None) -> dict[str, Any]:
+    """The VAE stage's record (with ``scaling_factor``): ``vae_dir/pretrain_info.json``, or for a
+    pipeline's own ``vae/`` folder (which has none) the ``vae`` stage of the pipeline's record."""
+    if (vae_dir / "pretrain_info.json").is_file():
+        return json.loads((vae_dir / "pretrain_info.json").read_text())
+    if init_from is not None and vae_dir.resolve() == (init_from / "vae").resolve():
+        return json.loads((init_from / "pretrain_info.json").read_text())["stages"]["vae"]
+    raise FileNotFoundError(f"{vae_dir} has no pretrain_info.json (the VAE stage's record, with its scaling_factor)")
+
+
 def _first_unet_stages(pipeline: Path) -> dict[str, Any]:
     """The UNet stages recorded in ``pipeline``'s pretrain_info.json, numbered from 1."""
     stages = json.loads((pipeline / "pretrain_info.json").read_text())["stages"]
@@ -357,20 +383,22 @@ def save_pipeline(args: argparse.Namespace, preset: dict[str, Any], vae: Any, un
                                    scheduler=noise_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     samples = None
+    prompts = list(SAMPLE_PROMPTS) + (list(SAMPLE_PROMPTS_V2) if args.world_version == 2 else [])
     if args.samples:
         from PIL import Image
 
         gen = torch.Generator(device).manual_seed(args.seed)
-        ims = pipe(list(SAMPLE_PROMPTS), height=64, width=64, num_inference_steps=25, guidance_scale=4.0,
+        ims = pipe(prompts, height=64, width=64, num_inference_steps=25, guidance_scale=4.0,
                    generator=gen).images
         samples = Image.new("RGB", (64 * len(ims), 64))
         for k, im in enumerate(ims):
             samples.paste(im, (64 * k, 0))
     pipe.to(torch.float16)
     info = {"model": "mini-sd", "preset": args.preset, "seed": args.seed, "world_seed": args.world_seed,
+            "world_version": args.world_version,
             "stages": stages, "device_seconds_total": round(sum(s["seconds"] for s in stages.values()), 1),
             "parameters": count_parameters(preset), "versions": C.versions(),
-            "sample_prompts": list(SAMPLE_PROMPTS) if samples else []}
+            "sample_prompts": prompts if samples else []}
 
     def write(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -393,9 +421,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage", choices=("vae", "unet"), required=True)
     p.add_argument("--preset", choices=tuple(PRESETS), default="mini")
     p.add_argument("--vae_dir", type=Path, default=None,
-                   help="unet stage: the trained VAE folder (default OUTPUT_DIR/vae/final)")
+                   help="unet stage: the trained VAE folder (default OUTPUT_DIR/vae/final, else INIT_FROM/vae)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and training draws")
     p.add_argument("--world_seed", type=int, default=0, help="which image world")
+    p.add_argument("--world_version", type=int, choices=W.WORLD_VERSIONS, default=1,
+                   help="1: the world the shipped mini-sd learnt; 2: animal toys in many poses and a studio "
+                        "backdrop (WORLD_V2.md; e.g. with --init_from assets/models/mini-sd)")
     p.add_argument("--n_scenes", type=int, default=None, help="training scenes (default: the preset's)")
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--learning_rate", type=float, default=None)
