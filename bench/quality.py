@@ -73,17 +73,19 @@ SIZES: dict[str, dict[str, Any]] = {
              "prompts": 2, "steps": 2, "long_steps": 3, "dash_warmup": 1, "batch": 1, "lr": 1e-3,
              "inference_steps": 2, "rank_sweep": (2,), "prior": False,
              "cs_methods": ("dash-r4",), "cs_seeds": (0,), "cs_steps": 2, "cs_limit": 1, "cs_beams": 1,
-             "cs_batch": 2, "cs_lr": 1e-3, "cs_people": 8, "encoder_preset": "test"},
+             "cs_batch": 2, "cs_lr": 1e-3, "cs_train_on_inputs": False, "cs_eval_batch": 8, "cs_micro": 2, "cs_people": 8, "encoder_preset": "test"},
     "cpu": {"subjects": ("toydog",), "methods": ("lora-r4", "lora-r12", "dash-r4-s8", "autolora-k12"),
             "train_seeds": (0, 1), "eval_seeds": (0, 1), "prompts": None, "steps": 60, "long_steps": 240,
             "dash_warmup": 15, "batch": 2, "lr": 1e-3, "inference_steps": 10, "rank_sweep": (1, 2, 4, 8, 12),
             "prior": False, "cs_methods": ("lora-r4", "dash-r4", "lora-r32"), "cs_seeds": (0, 1), "cs_steps": 30,
-            "cs_limit": 40, "cs_beams": 1, "cs_batch": 8, "cs_lr": 1e-3, "cs_people": 24, "encoder_preset": "cpu"},
+            "cs_limit": 40, "cs_beams": 1, "cs_batch": 8, "cs_lr": 1e-3, "cs_train_on_inputs": False, "cs_eval_batch": 8,
+            "cs_micro": 4, "cs_people": 24, "encoder_preset": "cpu"},
     "full": {"subjects": W.SUBJECTS, "methods": ("lora-r4", "lora-r12", "dash-r4-s8", "autolora-k12"),
              "train_seeds": (0, 1, 2), "eval_seeds": (0, 1, 2, 3), "prompts": None, "steps": 500, "long_steps": 2000,
              "dash_warmup": 100, "batch": 2, "lr": 5e-4, "inference_steps": 25, "rank_sweep": (1, 2, 4, 8, 12, 16),
              "prior": True, "cs_methods": ("lora-r4", "dash-r4", "lora-r32"), "cs_seeds": (0, 1, 2), "cs_steps": 600,
-             "cs_limit": None, "cs_beams": 4, "cs_batch": 16, "cs_lr": 3e-4, "cs_people": 24, "encoder_preset": "mini"},
+             "cs_limit": None, "cs_beams": 1, "cs_batch": 16, "cs_lr": 3e-3, "cs_train_on_inputs": False, "cs_eval_batch": 32, "cs_micro": 16, "cs_people": 24,
+             "encoder_preset": "mini"},
 }
 
 # DreamBooth methods: train/dreambooth_dash.py flags. The warm-up of LoRA-Dash is filled per size.
@@ -449,11 +451,11 @@ def section_commonsense(args, size: dict, llama: str, out: Path, log) -> dict[st
             if not _done(run_dir):
                 argv = ["--base_model", llama, "--data_path", str(data / "train.json"), "--output_dir", str(run_dir),
                         "--val_set_size", "0", "--batch_size", str(size["cs_batch"]),
-                        "--micro_batch_size", str(min(4, size["cs_batch"])), "--max_train_steps", str(size["cs_steps"]),
+                        "--micro_batch_size", str(size["cs_micro"]), "--max_train_steps", str(size["cs_steps"]),
                         "--learning_rate", str(size["cs_lr"]), "--warmup_steps", str(max(1, size["cs_steps"] // 10)),
                         "--eval_step", str(10 * size["cs_steps"]), "--save_step", str(10 * size["cs_steps"]),
                         "--logging_steps", str(max(1, size["cs_steps"])), "--seed", str(seed),
-                        "--overwrite_output_dir", *flags]
+                        "--train_on_inputs", str(size["cs_train_on_inputs"]).lower(), "--overwrite_output_dir", *flags]
                 _reset_accelerate()
                 try:
                     cs.main(cs.parse_args(argv))
@@ -465,7 +467,7 @@ def section_commonsense(args, size: dict, llama: str, out: Path, log) -> dict[st
                 payload = json.loads(res_file.read_text())
             else:
                 eargs = ["--dataset", "all", "--data_dir", str(data), "--base_model", llama, "--lora_weights",
-                         str(run_dir), "--num_beams", str(size["cs_beams"]), "--batch_size", "8",
+                         str(run_dir), "--num_beams", str(size["cs_beams"]), "--batch_size", str(size["cs_eval_batch"]),
                          "--output_dir", str(eval_dir), "--no_progress", "--seed", str(seed)]
                 if size["cs_limit"]:
                     eargs += ["--limit", str(size["cs_limit"])]
@@ -582,12 +584,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     o.add_argument("--learning_rate", type=float, default=None, help="DreamBooth learning rate")
     o.add_argument("--train_seeds", type=int, nargs="+", default=None)
     o.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=None)
+    o.add_argument("--cs_methods", nargs="+", choices=sorted(CS_METHODS), default=None,
+                   help="commonsense methods (one process per method, merged like --subjects)")
+    o.add_argument("--cs_seeds", type=int, nargs="+", default=None, help="commonsense training seeds")
+    o.add_argument("--cs_steps", type=int, default=None, help="commonsense optimizer steps")
+    o.add_argument("--cs_learning_rate", type=float, default=None, help="commonsense learning rate")
     o.add_argument("--subjects", nargs="+", choices=W.SUBJECTS, default=None,
                    help="DreamBooth subjects (a full run can go as one process per subject, merged afterwards "
                         "by rerunning without this flag on a folder holding all their runs)")
     args = p.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        p.error("--steps must be >= 1")
+    for flag in ("steps", "cs_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1")
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in args.sections if s not in SECTIONS]
     if bad:
@@ -604,7 +612,9 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[s
     size = {**SIZES[args.size], "class_dir": out / "class_images"}
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.learning_rate),
                                    ("train_seeds", args.train_seeds), ("methods", args.methods),
-                                   ("subjects", args.subjects)) if v is not None}
+                                   ("subjects", args.subjects), ("cs_methods", args.cs_methods),
+                                   ("cs_seeds", args.cs_seeds), ("cs_steps", args.cs_steps),
+                                   ("cs_lr", args.cs_learning_rate)) if v is not None}
     size.update(overrides)
     if args.steps is not None:
         size["long_steps"] = 4 * args.steps
@@ -616,7 +626,8 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[s
     # Finished runs are reused by path: a folder holds the runs of one size only.
     marker = out / "quality_size.txt"
     # Which subjects run is not a setting of the runs: folders of single-subject runs merge into one.
-    setting = " ".join([args.size, *(f"{k}={v}" for k, v in sorted(overrides.items()) if k != "subjects")])
+    setting = " ".join([args.size, *(f"{k}={v}" for k, v in sorted(overrides.items())
+                                     if k not in ("subjects", "cs_methods", "cs_seeds"))])
     if marker.is_file() and marker.read_text().strip() != setting:
         raise SystemExit(f"quality.py: error: {out} holds a --size {marker.read_text().strip()} run; "
                          "use another --output_dir for --size " + setting)

@@ -41,7 +41,9 @@ CHECKPOINT_BYTES = 56 * 2**20
 
 def test_mini_presets_fit_the_size_budget():
     sd = SD.count_parameters(SD.PRESETS["mini"])
-    llama = LL.count_parameters(LL.PRESETS["mini"])
+    # mini-qa: the shipped mini-llama (the first one, preset mini, is smaller)
+    llama = LL.count_parameters(LL.PRESETS["mini-qa"])
+    assert llama > LL.count_parameters(LL.PRESETS["mini"])
     assert 2 * (sum(sd.values()) + llama) <= BUDGET_BYTES * 0.95  # 5% left for headers and rounding
     assert 12 * (sd["unet"] + sd["text_encoder"]) <= CHECKPOINT_BYTES
     assert 12 * llama <= CHECKPOINT_BYTES and 12 * sd["vae"] <= CHECKPOINT_BYTES
@@ -370,6 +372,40 @@ def test_shipped_mini_llama_loads_by_name_and_recalls_a_fact():
         out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
         right += tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).startswith(f" {person.town}")
     assert right >= 7, right
+
+
+def test_shipped_mini_llama_answers_test_questions_it_never_saw():
+    """The shipped model (preset mini-qa) answers held-out questions in the plain form: its option
+    text, completed greedily, is the record's gold option (read here from the LLM-Adapters
+    instruction, not through text_world.plain_question), for unseen entity combinations."""
+    import re
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from dashdiff.testing import resolve_model
+
+    path = resolve_model("mini-llama")
+    info = json.loads((Path(path) / "pretrain_info.json").read_text())
+    assert info["config"]["qa_fraction"] > 0 and info["config"]["preset"] == "mini-qa"
+    tok = AutoTokenizer.from_pretrained(path)
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    T = _load("text_world")
+    world = T.World(info["config"]["world_seed"], info["config"]["n_people"])
+    tasks = T.tasks(world)
+    train = {r["instruction"] for split in tasks.values() for r in split["train"]}
+    right = 0
+    recs = tasks["social_i_qa"]["test"][:16]
+    for rec in recs:
+        assert rec["instruction"] not in train
+        stem = rec["instruction"].split("question: ", 1)[1].split("\n\n")[0]
+        options = re.findall(r"\n\nAnswer\d: (\w+)", rec["instruction"])
+        gold = options[int(rec["answer"][-1]) - 1]
+        prompt = "Question: " + stem + "\nChoices: " + " ".join(f"({i + 1}) {o}" for i, o in enumerate(options)) + "\nAnswer:"
+        ids = tok(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        said = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)  # " (k) feeling"
+        right += said.split(")", 1)[-1].strip() == gold
+    assert right >= 14, right  # pretrain_info: 37 of the 37 social_i_qa test questions right
 
 
 def test_pretrained_names_fail_clearly_outside_a_checkout(monkeypatch, tmp_path):
