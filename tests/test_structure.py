@@ -242,6 +242,7 @@ ACROSS = {
     "test_quality.py": "bench/quality.py and its world encoder",
     "test_worlds.py": "the procedural worlds of assets/pretrain/",
     "test_pretrain.py": "the pretraining scripts of assets/pretrain/",
+    "test_text_world_qa.py": "the text world's plain questions, from the world through pretraining to quality.py",
 }
 
 # Files beside the tests that are not tests: the reason each has to stay in tests/ itself.
