@@ -145,6 +145,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--validation_prompt", default="a photo of sks toy on the beach")
     p.add_argument("--workers", type=int, default=1, help="training runs at a time")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--world_encoder", type=Path, default=WORLD_ENCODER,
+                   help="world encoder folder for the scores (default: the shipped one, trained on world version 1)")
     p.add_argument("--output_dir", type=Path, required=True)
     args = p.parse_args(argv)
     if not args.settings.is_file():
@@ -168,7 +170,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     jobs = [(name, flags, subject) for name, flags in settings for subject in args.subjects]
     with ThreadPoolExecutor(args.workers) as pool:  # each job is a subprocess: threads only wait
         run_dirs = list(pool.map(lambda j: train(model, j[0], j[1], j[2], out), jobs))
-    encoder = WE.load_world_encoder(WORLD_ENCODER)
+    encoder = WE.load_world_encoder(args.world_encoder)
     de = Q.DE()
     rows: list[dict[str, Any]] = []
     for subject in args.subjects:

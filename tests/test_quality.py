@@ -80,6 +80,32 @@ def test_world_encoder_training_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_world_encoder_of_world_version_2_knows_the_studio(tmp_path):
+    """--world_version 2 trains on version-2 scenes with the studio as a seventh background; version 1
+    (the shipped encoder's) is unchanged, and the two never share a scene cache."""
+    v1, v2 = WE.vocabularies(1), WE.vocabularies(2)
+    assert v2["background"] == v1["background"] + ["studio"] and {k: v for k, v in v2.items() if k != "background"} == \
+        {k: v for k, v in v1.items() if k != "background"}
+    assert WE.prompt_targets("a photo of sks toy in a studio", v2) == {"background": "studio"}
+    assert WE.prompt_targets("a photo of sks toy in a studio", v1) == {}
+    studio = v2["background"].index("studio")
+    _, labels2 = WE.labelled_scenes(120, 0, "train", tmp_path / "data", 1, version=2)
+    _, labels1 = WE.labelled_scenes(120, 0, "train", tmp_path / "data", 1)
+    bg = (*WE.OBJECT_HEADS, *WE.CONTEXT_HEADS).index("background")
+    assert 10 <= int((labels2[:, bg] == studio).sum()) and not (labels1[:, bg] >= len(v1["background"])).any()
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["labelled-train-0-120.npz",
+                                                                     "labelled-v2-train-0-120.npz"]
+    # Each label is the scene's own attribute (scene 7 of version 2, read back from image_world).
+    attrs = W.scene(7, 0, "train", version=2)[2]
+    assert [v2[h][i] for h, i in zip((*WE.OBJECT_HEADS, *WE.CONTEXT_HEADS), labels2[7])] == \
+        [str(attrs[h]) for h in (*WE.OBJECT_HEADS, *WE.CONTEXT_HEADS)]
+    info = WE.main(["--output_dir", str(tmp_path / "run"), "--preset", "test", "--n_scenes", "40", "--batch_size", "4",
+                    "--max_steps", "2", "--eval_scenes", "8", "--workers", "1", "--log_every", "1000",
+                    "--world_version", "2"])
+    assert info["world_version"] == 2 and info["config"]["world_version"] == 2
+    assert WE.load_world_encoder(tmp_path / "run" / "encoder").config["vocab"]["background"][-1] == "studio"
+
+
 def _teddies(n: int, salt: int) -> list:
     """The world's generic toy (the class prior "a photo of a toy") on the backgrounds of the prompts:
     what a model that did not learn the subject draws for "a photo of sks toy on the beach"."""

@@ -64,12 +64,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def vocabularies() -> dict[str, list[str]]:
+def vocabularies(version: int = 1) -> dict[str, list[str]]:
     """The label vocabulary of each head, from the image world."""
     import image_world as W
 
     return {"kind": list(W.KINDS), "colour": list(W.COLOURS), "size": list(W.SIZES),
-            "count": ["1", "2", "3", "4"], "position": list(W.POSITIONS), "background": list(W.BACKGROUNDS)}
+            "count": ["1", "2", "3", "4"], "position": list(W.POSITIONS),
+            "background": list(W.BACKGROUNDS if version == 1 else W.BACKGROUNDS_V2)}
 
 
 # =========================================================================== the model
@@ -155,7 +156,7 @@ def prompt_targets(prompt: str, vocab: dict[str, list[str]] | None = None) -> di
     vocab = vocab or vocabularies()
     text = prompt.lower()
     out: dict[str, str] = {}
-    for name, phrase in W.BACKGROUNDS.items():
+    for name, phrase in W.BACKGROUNDS_V2.items():  # the studio counts only for a version-2 encoder
         if re.search(rf"\b{re.escape(phrase)}\b", text) and name in vocab["background"]:
             out["background"] = name
     for colour in vocab["colour"]:
@@ -213,28 +214,29 @@ def load_world_encoder(folder: str | os.PathLike[str], device: str | torch.devic
 # =========================================================================== data and training
 
 
-def _render(args: tuple[int, int, int, str]) -> tuple[np.ndarray, np.ndarray]:
+def _render(args: tuple[int, int, int, str, int]) -> tuple[np.ndarray, np.ndarray]:
     import image_world as W
 
-    start, stop, seed, split = args
-    vocab = vocabularies()
+    start, stop, seed, split, version = args
+    vocab = vocabularies(version)
     imgs, labels = [], []
     for i in range(start, stop):
-        img, _, attrs = W.scene(i, seed, split)
+        img, _, attrs = W.scene(i, seed, split, version=version)
         imgs.append(np.asarray(img, dtype=np.uint8))
         labels.append([vocab[h].index(str(attrs[h])) for h in (*OBJECT_HEADS, *CONTEXT_HEADS)])
     return np.stack(imgs), np.asarray(labels, dtype=np.int64)
 
 
 def labelled_scenes(n: int, seed: int = 0, split: str = "train", cache: Path | None = None,
-                    workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Scenes 0..n-1: uint8 images (n, 64, 64, 3) and labels (n, 6) in head order
-    (kind, colour, size, count, position, background); cached as ``cache/scenes-...npz`` if given."""
-    path = cache / f"labelled-{split}-{seed}-{n}.npz" if cache else None
+                    workers: int = 1, version: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Scenes 0..n-1 of world ``version``: uint8 images (n, 64, 64, 3) and labels (n, 6) in head order
+    (kind, colour, size, count, position, background); cached as ``cache/labelled-...npz`` if given."""
+    tag = "" if version == 1 else f"v{version}-"
+    path = cache / f"labelled-{tag}{split}-{seed}-{n}.npz" if cache else None
     if path is not None and path.is_file():
         with np.load(path) as z:
             return z["images"], z["labels"]
-    chunks = [(s, min(n, s + 1000), seed, split) for s in range(0, n, 1000)]
+    chunks = [(s, min(n, s + 1000), seed, split, version) for s in range(0, n, 1000)]
     if workers > 1 and len(chunks) > 1:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -288,6 +290,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), default="mini")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world_seed", type=int, default=0)
+    p.add_argument("--world_version", type=int, choices=(1, 2), default=1,
+                   help="image world version (image_world.py); 2 adds the studio background and varied toys")
     p.add_argument("--n_scenes", type=int, default=None)
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--learning_rate", type=float, default=None)
@@ -312,13 +316,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     steps = args.max_steps or preset["steps"]
     lr = args.learning_rate or preset["lr"]
     n, batch = args.n_scenes or preset["n_scenes"], args.batch_size or preset["batch_size"]
-    vocab = vocabularies()
+    version = args.world_version
+    vocab = vocabularies(version)
     arch = {"channels": list(preset["channels"]), "embed_dim": preset["embed_dim"],
             "context_dim": preset["context_dim"], "vocab": vocab, "image_size": 64, "input": "RGB in [-1, 1]"}
     cfg = {"preset": args.preset, "seed": args.seed, "world_seed": args.world_seed, "n_scenes": n,
            "batch_size": batch, "max_steps": steps, "lr": lr}
+    if version != 1:  # absent for version 1, so runs started before the flag still resume
+        cfg["world_version"] = version
     workers = args.workers or min(16, os.cpu_count() or 1)
-    images, labels = labelled_scenes(n, args.world_seed, "train", args.output_dir / "data", workers)
+    images, labels = labelled_scenes(n, args.world_seed, "train", args.output_dir / "data", workers, version)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         model = WorldEncoder(arch)
@@ -349,7 +356,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                             "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__}
     if done:
         ev_images, ev_labels = labelled_scenes(args.eval_scenes, args.world_seed, "test", args.output_dir / "data",
-                                               workers)
+                                               workers, version)
+        info["world_version"] = version
         info["heldout_accuracy"] = accuracies(model, ev_images, ev_labels)
         info["chance"] = chance(vocab)
         final = save_world_encoder(model.cpu(), args.output_dir / "encoder", info)
