@@ -386,7 +386,12 @@ def test_shipped_mini_llama_answers_test_questions_it_never_saw():
 
     path = resolve_model("mini-llama")
     info = json.loads((Path(path) / "pretrain_info.json").read_text())
-    assert info["config"]["qa_fraction"] > 0 and info["config"]["preset"] == "mini-qa"
+    # The preset is the shipped recipe: `pretrain_llama.py --preset mini-qa` reproduces it.
+    preset = LL.PRESETS["mini-qa"]
+    assert info["config"]["preset"] == "mini-qa" and info["config"]["qa_fraction"] == preset["qa_fraction"] > 0
+    assert (info["config"]["layers"], info["config"]["copies"], info["config"]["max_steps"]) == (
+        preset["model"]["num_hidden_layers"], preset["copies"], preset["steps"])
+    assert info["parameters"] == LL.count_parameters(preset)
     tok = AutoTokenizer.from_pretrained(path)
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     T = _load("text_world")
