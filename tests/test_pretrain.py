@@ -231,7 +231,10 @@ def test_shipped_mini_sd_continues_on_world_version_2(tmp_path):
                     "--no-samples"])
     assert info["steps"] == 1 and math.isfinite(info["final_loss"])
     saved = json.loads((tmp_path / "pipeline" / "pretrain_info.json").read_text())
-    assert list(saved["stages"]) == ["vae", "unet_1", "unet_2", "unet"] and saved["world_version"] == 2
+    # The shipped stages are kept, its last one renamed unet_<n>, and this continuation is the new "unet".
+    before = list(json.loads((shipped / "pretrain_info.json").read_text())["stages"])
+    n = sum(s.startswith("unet") for s in before)
+    assert list(saved["stages"]) == [*before[:-1], f"unet_{n}", "unet"] and saved["world_version"] == 2
     assert saved["stages"]["unet"]["config"]["init_from"] == "mini-sd"
 
 
