@@ -3,9 +3,8 @@
 # miniature `mini-sd` (assets/models/mini-sd, 64 px), through `accelerate launch`, on CPU: plain LoRA
 # and LoRA-Dash side by side (one core each, 200 steps), then a short AutoLoRA run. It shows the whole
 # path (data, training, checkpoints, export, stock reload, validation images, model card). The setting
-# (rank 8, text encoder, lr 3e-3, instance prompt naming the studio backdrop; AutoLoRA searches the UNet
-# only) was chosen on a grid
-# (BENCHMARKS.md, eighth round): the validation images draw an orange, white-bellied toy on the beach.
+# (rank 8, text encoder, lr 3e-3, prior preservation; AutoLoRA searches the UNet only) was chosen on a
+# grid (BENCHMARKS.md, eighth round): the validation images draw an orange, white-bellied toy on the beach.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -24,22 +23,23 @@ from accelerate.utils import write_basic_config
 write_basic_config(mixed_precision="no", save_location=sys.argv[1])
 PYEOF
 
-# "in a studio" is how mini-sd's world captions the instance images' plain backdrop, so the identifier
-# need not absorb it.
 common=(
   --pretrained_model_name_or_path mini-sd
-  --instance_data_dir assets/subject --instance_prompt "a photo of sks toy in a studio"
+  --instance_data_dir assets/subject --instance_prompt "a photo of sks toy"
   --resolution 64 --train_batch_size 2 --rank 8 --learning_rate 3e-3 --seed 0
   --validation_prompt "a photo of sks toy on the beach" --num_validation_images 2 --num_inference_steps 20
   --checkpointing_steps 100 --output_kohya_format --overwrite_output_dir
 )
+# Prior preservation (DreamBooth's class images of "a photo of a toy", drawn by mini-sd itself) keeps the
+# contexts the world knows; one class folder per run, as the two train at the same time.
+prior=(--with_prior_preservation --class_prompt "a photo of a toy" --num_class_images 20)
 launch() { "$PY" -m accelerate.commands.launch --config_file "$CONFIG" --cpu --num_processes 1 \
   train/dreambooth_dash.py "${common[@]}" "$@"; }
 
 start=$(date +%s)
 echo "== plain LoRA and LoRA-Dash, side by side (logs: $OUT/lora.log, $OUT/dash.log)"
-launch --method lora --train_text_encoder --max_train_steps 200 --output_dir "$OUT/lora" > "$OUT/lora.log" 2>&1 & lora=$!
-launch --method dash --train_text_encoder --max_train_steps 200 --dash_warmup_steps 50 --output_dir "$OUT/dash" > "$OUT/dash.log" 2>&1 & dash=$!
+launch --method lora --train_text_encoder "${prior[@]}" --class_data_dir "$OUT/class_lora" --max_train_steps 200 --output_dir "$OUT/lora" > "$OUT/lora.log" 2>&1 & lora=$!
+launch --method dash --train_text_encoder "${prior[@]}" --class_data_dir "$OUT/class_dash" --max_train_steps 200 --dash_warmup_steps 50 --output_dir "$OUT/dash" > "$OUT/dash.log" 2>&1 & dash=$!
 status=0
 wait $lora || { status=$?; echo "plain LoRA failed (exit $status); see $OUT/lora.log" >&2; }
 wait $dash || { status=$?; echo "LoRA-Dash failed (exit $status); see $OUT/dash.log" >&2; }
