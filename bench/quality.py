@@ -73,19 +73,20 @@ SIZES: dict[str, dict[str, Any]] = {
              "prompts": 2, "steps": 2, "long_steps": 3, "dash_warmup": 1, "batch": 1, "lr": 1e-3,
              "inference_steps": 2, "rank_sweep": (2,), "prior": False,
              "cs_methods": ("dash-r4",), "cs_seeds": (0,), "cs_steps": 2, "cs_limit": 1, "cs_beams": 1,
-             "cs_batch": 2, "cs_lr": 1e-3, "cs_train_on_inputs": False, "cs_eval_batch": 8, "cs_micro": 2, "cs_people": 8, "encoder_preset": "test"},
+             "cs_batch": 2, "cs_micro": 2, "cs_lr": 1e-3, "cs_train_on_inputs": False, "cs_eval_batch": 8,
+             "cs_people": 8, "encoder_preset": "test"},
     "cpu": {"subjects": ("toydog",), "methods": ("lora-r4", "lora-r12", "dash-r4-s8", "autolora-k12"),
             "train_seeds": (0, 1), "eval_seeds": (0, 1), "prompts": None, "steps": 60, "long_steps": 240,
             "dash_warmup": 15, "batch": 2, "lr": 1e-3, "inference_steps": 10, "rank_sweep": (1, 2, 4, 8, 12),
             "prior": False, "cs_methods": ("lora-r4", "dash-r4", "lora-r32"), "cs_seeds": (0, 1), "cs_steps": 30,
-            "cs_limit": 40, "cs_beams": 1, "cs_batch": 8, "cs_lr": 1e-3, "cs_train_on_inputs": False, "cs_eval_batch": 8,
-            "cs_micro": 4, "cs_people": 24, "encoder_preset": "cpu"},
+            "cs_limit": 40, "cs_beams": 1, "cs_batch": 8, "cs_micro": 4, "cs_lr": 1e-3, "cs_train_on_inputs": False,
+            "cs_eval_batch": 8, "cs_people": 24, "encoder_preset": "cpu"},
     "full": {"subjects": W.SUBJECTS, "methods": ("lora-r4", "lora-r12", "dash-r4-s8", "autolora-k12"),
              "train_seeds": (0, 1, 2), "eval_seeds": (0, 1, 2, 3), "prompts": None, "steps": 500, "long_steps": 2000,
              "dash_warmup": 100, "batch": 2, "lr": 5e-4, "inference_steps": 25, "rank_sweep": (1, 2, 4, 8, 12, 16),
              "prior": True, "cs_methods": ("lora-r4", "dash-r4", "lora-r32"), "cs_seeds": (0, 1, 2), "cs_steps": 600,
-             "cs_limit": None, "cs_beams": 1, "cs_batch": 16, "cs_lr": 3e-3, "cs_train_on_inputs": False, "cs_eval_batch": 32, "cs_micro": 16, "cs_people": 24,
-             "encoder_preset": "mini"},
+             "cs_limit": None, "cs_beams": 1, "cs_batch": 16, "cs_micro": 16, "cs_lr": 3e-3, "cs_train_on_inputs": False,
+             "cs_eval_batch": 32, "cs_people": 24, "encoder_preset": "mini"},
 }
 
 # DreamBooth methods: train/dreambooth_dash.py flags. The warm-up of LoRA-Dash is filled per size.
@@ -625,7 +626,8 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[s
     out.mkdir(parents=True, exist_ok=True)
     # Finished runs are reused by path: a folder holds the runs of one size only.
     marker = out / "quality_size.txt"
-    # Which subjects run is not a setting of the runs: folders of single-subject runs merge into one.
+    # Which subjects / commonsense methods and seeds run is not a setting of the runs: folders of
+    # single-subject or single-method runs merge into one.
     setting = " ".join([args.size, *(f"{k}={v}" for k, v in sorted(overrides.items())
                                      if k not in ("subjects", "cs_methods", "cs_seeds"))])
     if marker.is_file() and marker.read_text().strip() != setting:

@@ -104,6 +104,14 @@ def _shade(c: tuple[int, int, int], f: float) -> tuple[int, int, int]:
     return tuple(max(0, min(255, round(v * f))) for v in c)  # type: ignore[return-value]
 
 
+def _draw_studio(d: ImageDraw.ImageDraw, big: int, rng: random.Random) -> float:
+    """A plain backdrop and floor in random light / mid tones (as ``assets/subject``); returns the
+    floor line, 0.72 of the height (92 / 128 px there)."""
+    d.rectangle([0, 0, big, big], fill=tuple(rng.randint(195, 245) for _ in range(3)))
+    d.rectangle([0, round(big * 0.72), big, big], fill=tuple(rng.randint(100, 200) for _ in range(3)))
+    return 0.72
+
+
 def _draw_background(d: ImageDraw.ImageDraw, name: str, big: int, rng: random.Random) -> float:
     """Paint the background; return the horizon height as a fraction of the image."""
     horizon = rng.uniform(0.55, 0.65)
@@ -145,9 +153,7 @@ def _draw_background(d: ImageDraw.ImageDraw, name: str, big: int, rng: random.Ra
             d.ellipse([x - SS, y - SS, x + SS, y + SS], fill=(250, 250, 220))
         d.rectangle([0, h, big, big], fill=(36, 52, 50))
     elif name == "studio":  # version 2: the plain backdrop of assets/subject and subject_image
-        horizon = 0.72  # their floor line (92 / 128 px), in place of the horizon drawn above
-        d.rectangle([0, 0, big, big], fill=tuple(rng.randint(195, 245) for _ in range(3)))
-        d.rectangle([0, round(big * horizon), big, big], fill=tuple(rng.randint(100, 200) for _ in range(3)))
+        horizon = _draw_studio(d, big, rng)  # in place of the horizon drawn above
     elif name == "street":
         d.rectangle([0, 0, big, h], fill=(190, 210, 230))
         for _ in range(3):  # city blocks behind
@@ -236,6 +242,23 @@ def _draw_object(d: ImageDraw.ImageDraw, kind: str, colour: tuple[int, int, int]
 ORANGE = (245, 130, 30)
 
 
+class _Grid:
+    """A transparent ``px`` square for a sprite laid out on a 100x100 grid (the subjects' and the
+    version-2 toys'): ``box`` / ``pts`` turn grid coordinates into pixels, ``w`` is the ink width."""
+
+    def __init__(self, px: int) -> None:
+        self.im = Image.new("RGBA", (px, px), (0, 0, 0, 0))
+        self.draw = ImageDraw.Draw(self.im)
+        self.u = px / 100
+        self.w = max(1, round(2 * self.u))
+
+    def box(self, x0: float, y0: float, x1: float, y1: float) -> list[float]:
+        return [x0 * self.u, y0 * self.u, x1 * self.u, y1 * self.u]
+
+    def pts(self, *xy: float) -> list[tuple[float, float]]:
+        return [(xy[i] * self.u, xy[i + 1] * self.u) for i in range(0, len(xy), 2)]
+
+
 def _toy_accent(body: tuple[int, int, int], accent: str) -> tuple[int, int, int]:
     a = TOY_ACCENTS[accent]
     return _shade(body, a) if isinstance(a, float) else a
@@ -245,16 +268,8 @@ def _toy_sprite(species: str, pose: str, body: tuple[int, int, int], accent: tup
                 px: int) -> Image.Image:
     """A version-2 animal toy on a transparent ``px`` square, facing right, feet on y = 96 of a
     100x100 grid: the flat, ink-outlined style of ``_subject_sprite`` and ``assets/subject``."""
-    im = Image.new("RGBA", (px, px), (0, 0, 0, 0))
-    d = ImageDraw.Draw(im)
-    u = px / 100
-    w = max(1, round(2 * u))
-
-    def box(x0: float, y0: float, x1: float, y1: float) -> list[float]:
-        return [x0 * u, y0 * u, x1 * u, y1 * u]
-
-    def pts(*xy: float) -> list[tuple[float, float]]:
-        return [(xy[i] * u, xy[i + 1] * u) for i in range(0, len(xy), 2)]
+    g = _Grid(px)
+    im, d, u, w, box, pts = g.im, g.draw, g.u, g.w, g.box, g.pts
 
     def oval(x0: float, y0: float, x1: float, y1: float, fill: tuple[int, int, int], ink: bool = True) -> None:
         d.ellipse(box(x0, y0, x1, y1), fill=fill, outline=INK if ink else None, width=w)
@@ -549,16 +564,8 @@ SUBJECTS: tuple[str, ...] = ("toydog", "toyrobot", "toyduck")
 
 def _subject_sprite(name: str, px: int, tint: tuple[int, int, int] | None) -> Image.Image:
     """The subject on a transparent ``px`` square, facing right, laid out on a 100x100 grid."""
-    im = Image.new("RGBA", (px, px), (0, 0, 0, 0))
-    d = ImageDraw.Draw(im)
-    u = px / 100
-    w = max(1, round(2 * u))
-
-    def box(x0: float, y0: float, x1: float, y1: float) -> list[float]:
-        return [x0 * u, y0 * u, x1 * u, y1 * u]
-
-    def pts(*xy: float) -> list[tuple[float, float]]:
-        return [(xy[i] * u, xy[i + 1] * u) for i in range(0, len(xy), 2)]
+    g = _Grid(px)
+    im, d, u, w, box, pts = g.im, g.draw, g.u, g.w, g.box, g.pts
 
     def eyes(xs: tuple[float, float], y: float) -> None:
         for x in xs:
@@ -597,12 +604,12 @@ def _subject_sprite(name: str, px: int, tint: tuple[int, int, int] | None) -> Im
         d.ellipse(box(18, 50, 82, 92), fill=body, outline=INK, width=w)
         d.arc(box(26, 58, 60, 84), 160, 340, fill=_shade(body, 0.75), width=round(3 * u))
         d.ellipse(box(36, 12, 76, 52), fill=body, outline=INK, width=w)
-        d.polygon(pts(74, 30, 94, 34, 74, 40), fill=(245, 130, 30), outline=INK)
+        d.polygon(pts(74, 30, 94, 34, 74, 40), fill=ORANGE, outline=INK)
         d.rectangle(box(38, 8, 74, 16), fill=(40, 70, 160), outline=INK, width=w)  # blue sailor hat
         d.rectangle(box(46, 0, 66, 10), fill=(40, 70, 160), outline=INK, width=w)
         eyes((46, 60), 20)
         for x in (34, 56):
-            d.ellipse(box(x, 88, x + 16, 96), fill=(245, 130, 30), outline=INK, width=w)
+            d.ellipse(box(x, 88, x + 16, 96), fill=ORANGE, outline=INK, width=w)
     else:
         raise ValueError(f"unknown subject {name!r}; valid: {', '.join(SUBJECTS)}")
     return im
@@ -620,14 +627,7 @@ def subject_image(name: str, shot: int, background: str | None = None,
     big = size * SS
     im = Image.new("RGB", (big, big))
     d = ImageDraw.Draw(im, "RGBA")
-    if background is None:
-        back = tuple(rng.randint(195, 245) for _ in range(3))
-        d.rectangle([0, 0, big, big], fill=back)
-        floor = tuple(rng.randint(100, 200) for _ in range(3))
-        d.rectangle([0, round(big * 0.72), big, big], fill=floor)
-        horizon = 0.72
-    else:
-        horizon = _draw_background(d, background, big, rng)
+    horizon = _draw_studio(d, big, rng) if background is None else _draw_background(d, background, big, rng)
     scale = rng.uniform(0.45, 0.7)
     px = round(big * scale)
     sprite = _subject_sprite(name, px, COLOURS[tint] if tint else None)
@@ -702,7 +702,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--seed", type=int, default=0, help="world seed")
     p.add_argument("--split", choices=("train", "test"), default="train")
     p.add_argument("--world_version", type=int, choices=WORLD_VERSIONS, default=1,
-                   help="1: the world mini-sd was trained on; 2: varied animal toys and a studio backdrop")
+                   help="1: the first world; 2: adds varied animal toys and a studio backdrop (WORLD_V2.md)")
     p.add_argument("--subjects_out", default=None,
                    help="also write 5 instance images of each DreamBooth subject into SUBJECTS_OUT/<name>/")
     args = p.parse_args(argv)

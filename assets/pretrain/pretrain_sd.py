@@ -425,8 +425,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="initialisation and training draws")
     p.add_argument("--world_seed", type=int, default=0, help="which image world")
     p.add_argument("--world_version", type=int, choices=W.WORLD_VERSIONS, default=1,
-                   help="1: the world the shipped mini-sd learnt; 2: animal toys in many poses and a studio "
-                        "backdrop (WORLD_V2.md; e.g. with --init_from assets/models/mini-sd)")
+                   help="1: the first world; 2: adds animal toys in many poses and a studio backdrop "
+                        "(WORLD_V2.md; the shipped mini-sd ends with a version-2 continuation)")
     p.add_argument("--n_scenes", type=int, default=None, help="training scenes (default: the preset's)")
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--learning_rate", type=float, default=None)

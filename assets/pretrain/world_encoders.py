@@ -284,13 +284,14 @@ def chance(vocab: dict[str, list[str]]) -> dict[str, float]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     import _common as C
+    import image_world as W
 
     p = argparse.ArgumentParser(description="Train the world encoder (the miniature's DINO / CLIP-T stand-in).")
     p.add_argument("--output_dir", type=Path, required=True)
     p.add_argument("--preset", choices=sorted(PRESETS), default="mini")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world_seed", type=int, default=0)
-    p.add_argument("--world_version", type=int, choices=(1, 2), default=1,
+    p.add_argument("--world_version", type=int, choices=W.WORLD_VERSIONS, default=1,
                    help="image world version (image_world.py); 2 adds the studio background and varied toys")
     p.add_argument("--n_scenes", type=int, default=None)
     p.add_argument("--batch_size", type=int, default=None)
