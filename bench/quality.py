@@ -585,6 +585,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     o.add_argument("--learning_rate", type=float, default=None, help="DreamBooth learning rate")
     o.add_argument("--train_seeds", type=int, nargs="+", default=None)
     o.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=None)
+    o.add_argument("--rank_sweep", type=int, nargs="+", default=None,
+                   help="plain-LoRA ranks of the autolora section's sweep (one process per rank, merged like --subjects)")
     o.add_argument("--cs_methods", nargs="+", choices=sorted(CS_METHODS), default=None,
                    help="commonsense methods (one process per method, merged like --subjects)")
     o.add_argument("--cs_seeds", type=int, nargs="+", default=None, help="commonsense training seeds")
@@ -604,6 +606,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+# Overrides that choose which runs are made, not how a run is made: folders of runs split along
+# them (one process per subject, method, seed or sweep rank) merge into one.
+RUN_CHOICES = ("subjects", "methods", "train_seeds", "rank_sweep", "cs_methods", "cs_seeds")
+
+
+def run_setting(size_name: str, overrides: dict[str, Any]) -> str:
+    """The line ``quality_size.txt`` records: the size and the overrides that change a run."""
+    return " ".join([size_name, *(f"{k}={v}" for k, v in sorted(overrides.items()) if k not in RUN_CHOICES)])
+
+
 def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     from dashdiff.safeio import atomic_write
 
@@ -613,7 +625,8 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[s
     size = {**SIZES[args.size], "class_dir": out / "class_images"}
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.learning_rate),
                                    ("train_seeds", args.train_seeds), ("methods", args.methods),
-                                   ("subjects", args.subjects), ("cs_methods", args.cs_methods),
+                                   ("subjects", args.subjects), ("rank_sweep", args.rank_sweep),
+                                   ("cs_methods", args.cs_methods),
                                    ("cs_seeds", args.cs_seeds), ("cs_steps", args.cs_steps),
                                    ("cs_lr", args.cs_learning_rate)) if v is not None}
     size.update(overrides)
@@ -626,10 +639,7 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[s
     out.mkdir(parents=True, exist_ok=True)
     # Finished runs are reused by path: a folder holds the runs of one size only.
     marker = out / "quality_size.txt"
-    # Which subjects / commonsense methods and seeds run is not a setting of the runs: folders of
-    # single-subject or single-method runs merge into one.
-    setting = " ".join([args.size, *(f"{k}={v}" for k, v in sorted(overrides.items())
-                                     if k not in ("subjects", "cs_methods", "cs_seeds"))])
+    setting = run_setting(args.size, overrides)
     if marker.is_file() and marker.read_text().strip() != setting:
         raise SystemExit(f"quality.py: error: {out} holds a --size {marker.read_text().strip()} run; "
                          "use another --output_dir for --size " + setting)

@@ -222,6 +222,43 @@ def test_sd_init_from_continues_on_world_version_2_with_the_pipelines_vae(sd_run
     assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
 
 
+def test_sd_vae_decoder_only_keeps_the_encoder_and_the_latents(sd_runs, tmp_path):
+    """--stage vae --init_from P --decoder_only: the encoder (so the latents and the scaling factor
+    the pipeline's UNet was trained on) is P's, bit for bit; the decoder moves; a unet stage then
+    continues on that VAE and records both VAE stages."""
+    a, _ = sd_runs
+    out = tmp_path / "dec"
+    SD.main(["--output_dir", str(out), "--stage", "vae", "--preset", "test", "--max_steps", "2",
+             "--checkpoint_every", "100", "--init_from", str(a / "pipeline"), "--decoder_only",
+             "--world_version", "2", "--learning_rate", "1e-2"])
+    before, after = _weights(a / "pipeline" / "vae"), _weights(out / "vae" / "final")
+    assert before.keys() == after.keys()
+    frozen = [k for k in before if ":encoder." in k or ":quant_conv." in k]
+    moved = [k for k in before if ":decoder." in k or ":post_quant_conv." in k]
+    assert frozen and moved and len(frozen) + len(moved) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in moved)
+    first = json.loads((a / "pipeline" / "pretrain_info.json").read_text())["stages"]["vae"]
+    record = json.loads((out / "vae" / "final" / "pretrain_info.json").read_text())
+    assert record["scaling_factor"] == first["scaling_factor"]
+    assert record["config"]["decoder_only"] and record["continued"] == first
+    assert json.loads((out / "vae" / "final" / "config.json").read_text())["scaling_factor"] == first["scaling_factor"]
+    SD.main(["--output_dir", str(out), "--stage", "unet", "--preset", "test", "--max_steps", "1",
+             "--checkpoint_every", "100", "--no-samples", "--init_from", str(a / "pipeline"),
+             "--world_version", "2"])
+    info = json.loads((out / "pipeline" / "pretrain_info.json").read_text())
+    assert info["stages"]["vae"] == record and list(info["stages"]) == ["vae", "unet_1", "unet"]
+    shipped = _weights(out / "pipeline" / "vae")
+    assert all(torch.equal(shipped[k], after[k]) for k in after)
+
+
+def test_sd_decoder_only_needs_a_pipeline(capsys):
+    for argv in (["--stage", "vae", "--decoder_only"], ["--stage", "unet", "--decoder_only"]):
+        with pytest.raises(SystemExit):
+            SD.parse_args(["--output_dir", "x", *argv])
+        assert "--decoder_only needs --stage vae and --init_from PIPELINE" in capsys.readouterr().err
+
+
 def test_shipped_mini_sd_continues_on_world_version_2(tmp_path):
     """The GPU recipe of WORLD_V2.md at CPU size: one step from assets/models/mini-sd on v2 scenes."""
     shipped = ROOT / "assets" / "models" / "mini-sd"

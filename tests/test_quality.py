@@ -249,3 +249,16 @@ def test_commonsense_accuracy_moves_when_the_format_is_learned_and_not_otherwise
     assert evaluate("base", None) == 0.0
     assert evaluate("still", train("lr0", "1e-12", 2)) == 0.0
     assert evaluate("learned", train("lr5e-3", "5e-3", 60)) >= 0.55  # chance 0.33
+
+
+def test_folders_split_by_subject_method_seed_or_rank_share_one_setting():
+    """Runs split over processes along what is run (subjects, methods, seeds, sweep ranks) merge into
+    one folder; a change of how a run is made (steps, learning rate) does not."""
+    base = Q.run_setting("full", {"steps": 300, "lr": 1e-3})
+    for choice in ({"subjects": ["toydog"]}, {"methods": ["lora-r4"]}, {"train_seeds": [1]},
+                   {"rank_sweep": [8]}, {"cs_methods": ["dash-r4"]}, {"cs_seeds": [2]}):
+        assert Q.run_setting("full", {"steps": 300, "lr": 1e-3, **choice}) == base
+    assert Q.run_setting("full", {"steps": 301, "lr": 1e-3}) != base != Q.run_setting("full", {"steps": 300, "lr": 3e-3})
+    assert Q.run_setting("cpu", {"steps": 300, "lr": 1e-3}) != base
+    args = Q.parse_args(["--output_dir", "x", "--rank_sweep", "1", "16"])
+    assert args.rank_sweep == [1, 16]

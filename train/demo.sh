@@ -27,6 +27,7 @@ common=(
   --pretrained_model_name_or_path mini-sd
   --instance_data_dir assets/subject --instance_prompt "a photo of sks toy"
   --resolution 64 --train_batch_size 2 --rank 8 --learning_rate 3e-3 --seed 0
+  --lora_layers to_k,to_q,to_v,to_out.0,ff.net.0.proj,ff.net.2
   --validation_prompt "a photo of sks toy on the beach" --num_validation_images 2 --num_inference_steps 20
   --checkpointing_steps 100 --output_kohya_format --overwrite_output_dir
 )

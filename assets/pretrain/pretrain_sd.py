@@ -217,11 +217,23 @@ def run_vae(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     lr = args.learning_rate or preset["vae_lr"]
     cfg = _config(args, "vae", preset, steps, lr)
     images, _ = scene_cache(args.output_dir / "data", cfg["n_scenes"], args.world_seed, version=args.world_version)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        vae = build_vae(preset)
+    if args.init_from is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.init_from / "vae", torch_dtype=torch.float32)
+        cfg["init_from"] = args.init_from.name
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            vae = build_vae(preset)
+    if args.decoder_only:
+        # The encoder (and so every latent, the scaling factor and the UNet trained on them) stays
+        # as it is: only how latents are drawn back into pixels is taught the new scenes.
+        cfg["decoder_only"] = True
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
     vae.to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([q for q in vae.parameters() if q.requires_grad], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, C.lr_lambda(min(500, steps // 10 + 1), steps))
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -239,23 +251,29 @@ def run_vae(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
                                   scheduler=sched, loss_fn=loss_fn, config=cfg, max_steps=steps, device=device)
     info = {"steps": state.step, "seconds": round(state.seconds, 3), "chunks": state.chunks,
             "final_loss": C.mean_tail(state.losses), "device": C.device_info(device), "config": cfg}
+    if args.init_from is not None:  # the stage this one continued, so the record adds up
+        info["continued"] = _vae_record(args.init_from / "vae", args.init_from)
     if done:
         # Round to float16 now: the UNet stage then trains on exactly the VAE that ships (and the
         # folder it loads is small enough to travel with a checkpoint).
         vae.eval().half().float()
-        with torch.no_grad():  # SD's convention: scale latents to unit std for the UNet
-            x = _pixels(images, list(range(min(len(images), 512))), device)
-            std = float(vae.encode(x).latent_dist.sample(
-                generator=C.step_generator(args.seed, -1, "vae-std", device)).float().std())
-        vae.register_to_config(scaling_factor=1.0 / std)
-        info["scaling_factor"] = 1.0 / std
+        if args.decoder_only:  # same encoder, same latents: the UNet's scaling factor stays
+            scale = float(vae.config.scaling_factor)
+        else:
+            with torch.no_grad():  # SD's convention: scale latents to unit std for the UNet
+                x = _pixels(images, list(range(min(len(images), 512))), device)
+                std = float(vae.encode(x).latent_dist.sample(
+                    generator=C.step_generator(args.seed, -1, "vae-std", device)).float().std())
+            scale = 1.0 / std
+        vae.register_to_config(scaling_factor=scale)
+        info["scaling_factor"] = scale
 
         def write(tmp: Path) -> None:
             vae.half().save_pretrained(tmp)
             C.write_json_atomic(tmp / "pretrain_info.json", info)
 
         C.save_folder_atomic(folder / "final", write)
-        print(f"VAE done: {folder / 'final'} (scaling_factor {1.0 / std:.4f})")
+        print(f"VAE done: {folder / 'final'} (scaling_factor {scale:.4f})")
     return info
 
 
@@ -436,7 +454,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="unet stage: probability of leaving the colour word out of a caption, and, "
                         "independently, the background phrase (0 = whole captions, as mini-sd's first stage)")
     p.add_argument("--init_from", type=Path, default=None,
-                   help="unet stage: start the UNet and text encoder from this pipeline folder, not from scratch")
+                   help="start from this pipeline folder, not from scratch: the UNet and text encoder "
+                        "(unet stage) or its VAE (vae stage)")
+    p.add_argument("--decoder_only", action="store_true",
+                   help="vae stage with --init_from: train the decoder only (latents, scaling factor and "
+                        "the pipeline's UNet stay valid)")
     p.add_argument("--fixed_batch", action="store_true", help="train on one batch (a check that the loss falls)")
     p.add_argument("--samples", action=argparse.BooleanOptionalAction, default=True,
                    help="render samples.png at the end of the unet stage")
@@ -449,6 +471,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.init_from is not None and not (args.init_from / "unet" / "config.json").is_file():
         p.error(f"--init_from {args.init_from} is not a pipeline folder (no unet/config.json): pass the "
                 "folder a finished unet stage saved (OUTPUT_DIR/pipeline), e.g. assets/models/mini-sd")
+    if args.decoder_only and (args.stage != "vae" or args.init_from is None):
+        p.error("--decoder_only needs --stage vae and --init_from PIPELINE (the VAE whose decoder to train)")
     return args
 
 
