@@ -248,6 +248,8 @@ def test_sd_vae_decoder_only_keeps_the_encoder_and_the_latents(sd_runs, tmp_path
              "--world_version", "2"])
     info = json.loads((out / "pipeline" / "pretrain_info.json").read_text())
     assert info["stages"]["vae"] == record and list(info["stages"]) == ["vae", "unet_1", "unet"]
+    seconds = first["seconds"] + record["seconds"] + info["stages"]["unet_1"]["seconds"] + info["stages"]["unet"]["seconds"]
+    assert info["device_seconds_total"] == round(seconds, 1)
     shipped = _weights(out / "pipeline" / "vae")
     assert all(torch.equal(shipped[k], after[k]) for k in after)
 

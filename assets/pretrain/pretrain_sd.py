@@ -392,6 +392,11 @@ def _first_unet_stages(pipeline: Path) -> dict[str, Any]:
     return {str(k + 1): v for k, v in enumerate(unet)}
 
 
+def _stage_seconds(stage: dict[str, Any]) -> float:
+    """Seconds of a stage record and of the stages it continued (a decoder-only VAE nests its first VAE)."""
+    return stage["seconds"] + (_stage_seconds(stage["continued"]) if "continued" in stage else 0.0)
+
+
 def save_pipeline(args: argparse.Namespace, preset: dict[str, Any], vae: Any, unet: Any, text_encoder: Any,
                   tok: Any, stages: dict[str, Any], device: torch.device) -> Path:
     """Save the float16 pipeline to ``OUT/pipeline`` with ``pretrain_info.json`` and ``samples.png``."""
@@ -414,7 +419,7 @@ def save_pipeline(args: argparse.Namespace, preset: dict[str, Any], vae: Any, un
     pipe.to(torch.float16)
     info = {"model": "mini-sd", "preset": args.preset, "seed": args.seed, "world_seed": args.world_seed,
             "world_version": args.world_version,
-            "stages": stages, "device_seconds_total": round(sum(s["seconds"] for s in stages.values()), 1),
+            "stages": stages, "device_seconds_total": round(sum(_stage_seconds(s) for s in stages.values()), 1),
             "parameters": count_parameters(preset), "versions": C.versions(),
             "sample_prompts": prompts if samples else []}
 
