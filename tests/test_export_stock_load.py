@@ -31,6 +31,8 @@ from export_refs import assert_layer_close, header, make_realistic, ref_deltas, 
 from stock_load import render, unet_forward  # noqa: E402
 from te_adapters import add_te_adapter  # noqa: E402
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# The demo's layer set (train/demo.sh --lora_layers): the attention and the feed-forward layers.
+UNET_TARGETS_FF = [*UNET_TARGETS, "ff.net.0.proj", "ff.net.2"]
 # diffusers' own text-encoder targets; its kohya loader needs out_proj to recognise TE keys.
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -54,10 +56,10 @@ def world(tmp_path_factory):
         refs[sid] = {"unet": unet_forward(pipe, inputs, kind), "images": render(pipe), "delta": ref_deltas(pipe)}
         models[sid] = pipe
 
-    # 1. SD, LoRA-Dash on UNet + text encoder: uniform rank r+s. diffusers, kohya, merged.
+    # 1. SD, LoRA-Dash on UNet (attention + feed-forward) + text encoder: uniform rank r+s. diffusers, kohya, merged.
     sd = tiny_sd_pipeline(0)
     sd.save_pretrained(d / "sd_base")
-    sd.unet.add_adapter(dashdiff.LoraDashConfig(r=4, lora_alpha=8, target_modules=UNET_TARGETS, dash_directions=2,
+    sd.unet.add_adapter(dashdiff.LoraDashConfig(r=4, lora_alpha=8, target_modules=UNET_TARGETS_FF, dash_directions=2,
                                                 init_lora_weights="gaussian"))
     add_te_adapter(sd.text_encoder, dashdiff.LoraDashConfig(r=4, lora_alpha=8, target_modules=TE_TARGETS, dash_directions=2))
     make_realistic(sd)
