@@ -121,6 +121,12 @@ def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def world_version_config(version: int) -> dict[str, int]:
+    """A run config's image-world entry: none for version 1, so checkpoints written before world
+    versions existed still resume; any other version is recorded, so no run resumes as another."""
+    return {} if version == 1 else {"world_version": version}
+
+
 def lr_lambda(warmup: int, total: int, floor: float = 0.1) -> Callable[[int], float]:
     """Linear warmup, then cosine decay to ``floor`` x the peak learning rate at ``total``."""
 

@@ -203,11 +203,8 @@ def _autocast(args: argparse.Namespace, device: torch.device) -> contextlib.Abst
 def _config(args: argparse.Namespace, stage: str, preset: dict[str, Any], steps: int, lr: float) -> dict[str, Any]:
     cfg = {"stage": stage, "preset": args.preset, "seed": args.seed, "world_seed": args.world_seed,
            "batch_size": args.batch_size or preset["batch_size"], "n_scenes": args.n_scenes or preset["n_scenes"],
-           "max_steps": steps, "lr": lr, "fixed_batch": args.fixed_batch, "mixed_precision": args.mixed_precision}
-    # Only when not 1: checkpoints written before world versions existed still --resume (their
-    # config has no such key), and a version-2 run refuses to resume as version 1 and back.
-    if args.world_version != 1:
-        cfg["world_version"] = args.world_version
+           "max_steps": steps, "lr": lr, "fixed_batch": args.fixed_batch, "mixed_precision": args.mixed_precision,
+           **C.world_version_config(args.world_version)}
     return cfg
 
 

@@ -322,9 +322,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     arch = {"channels": list(preset["channels"]), "embed_dim": preset["embed_dim"],
             "context_dim": preset["context_dim"], "vocab": vocab, "image_size": 64, "input": "RGB in [-1, 1]"}
     cfg = {"preset": args.preset, "seed": args.seed, "world_seed": args.world_seed, "n_scenes": n,
-           "batch_size": batch, "max_steps": steps, "lr": lr}
-    if version != 1:  # absent for version 1, so runs started before the flag still resume
-        cfg["world_version"] = version
+           "batch_size": batch, "max_steps": steps, "lr": lr, **C.world_version_config(version)}
     workers = args.workers or min(16, os.cpu_count() or 1)
     images, labels = labelled_scenes(n, args.world_seed, "train", args.output_dir / "data", workers, version)
     with torch.random.fork_rng(devices=[]):
