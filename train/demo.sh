@@ -3,8 +3,10 @@
 # miniature `mini-sd` (assets/models/mini-sd, 64 px), through `accelerate launch`, on CPU: plain LoRA
 # and LoRA-Dash side by side (one core each, 200 steps), then a short AutoLoRA run. It shows the whole
 # path (data, training, checkpoints, export, stock reload, validation images, model card). The setting
-# (rank 8, text encoder, lr 3e-3, prior preservation; AutoLoRA searches the UNet only) was chosen on a
-# grid (BENCHMARKS.md, eighth round): the validation images draw an orange, white-bellied toy on the beach.
+# (rank 8 on the attention and feed-forward layers, text encoder, lr 3e-3, prior preservation; AutoLoRA
+# searches the UNet only) was chosen on grids (BENCHMARKS.md, eighth and ninth rounds): the validation
+# images draw the orange cat, with its ears, white belly and raised paw, on the beach. The feed-forward
+# layers matter because mini-sd's attention works at 8x8 and 4x4 latents only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
