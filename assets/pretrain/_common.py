@@ -121,6 +121,12 @@ def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def world_version_tag(version: int) -> str:
+    """A cache file's image-world prefix: none for version 1, so caches written before world versions
+    existed stay valid; ``"v<version>-"`` otherwise, so two versions never share a file."""
+    return "" if version == 1 else f"v{version}-"
+
+
 def world_version_config(version: int) -> dict[str, int]:
     """A run config's image-world entry: none for version 1, so checkpoints written before world
     versions existed still resume; any other version is recorded, so no run resumes as another."""

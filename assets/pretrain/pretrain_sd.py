@@ -161,7 +161,7 @@ def scene_cache(folder: Path, n: int, seed: int, workers: int | None = None,
     """Scenes 0..n-1 of world ``seed`` (world ``version``) as a uint8 (n, 64, 64, 3) array and captions,
     cached on disk (version 1 under its original name, so existing caches stay valid)."""
     W._check("train", version)
-    path = folder / (f"scenes-{seed}-{n}.npz" if version == 1 else f"scenes-v{version}-{seed}-{n}.npz")
+    path = folder / f"scenes-{C.world_version_tag(version)}{seed}-{n}.npz"
     if path.is_file():
         with np.load(path) as z:
             return z["images"], json.loads(str(z["captions"]))

@@ -231,8 +231,9 @@ def labelled_scenes(n: int, seed: int = 0, split: str = "train", cache: Path | N
                     workers: int = 1, version: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Scenes 0..n-1 of world ``version``: uint8 images (n, 64, 64, 3) and labels (n, 6) in head order
     (kind, colour, size, count, position, background); cached as ``cache/labelled-...npz`` if given."""
-    tag = "" if version == 1 else f"v{version}-"
-    path = cache / f"labelled-{tag}{split}-{seed}-{n}.npz" if cache else None
+    import _common as C
+
+    path = cache / f"labelled-{C.world_version_tag(version)}{split}-{seed}-{n}.npz" if cache else None
     if path is not None and path.is_file():
         with np.load(path) as z:
             return z["images"], z["labels"]
